@@ -1,0 +1,101 @@
+"""`rvc-serve` command line: local conversion and asset commands without Ray, plus service tools.
+
+Imports stay inside the commands so `rvc-serve convert` never loads Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from pipeline import audio as audio_io
+    from pipeline.convert import ConversionParams, Converter
+    from pipeline.index import load_index
+    from pipeline.synthesizer import load_voice
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    params = ConversionParams(index_rate=args.index_rate, rms_mix_rate=args.rms_mix_rate,
+                              filter_radius=args.filter_radius, protect=args.protect,
+                              f0_up_key=args.f0_up_key, f0_method=args.f0_method, seed=args.seed)
+    started = time.perf_counter()
+    voice = load_voice(args.model, device=args.device)
+    index = load_index(args.index) if args.index and params.index_rate > 0 else None
+    converter = Converter.from_paths(args.hubert, rmvpe_path=args.rmvpe, device=args.device)
+    audio = audio_io.load_audio(args.input)
+    with tqdm(total=None, unit="chunk", desc="converting", disable=args.quiet) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        out = converter.convert(audio, voice, index, params, progress=progress)
+    rate = audio_io.write_audio(args.output, audio_io.to_int16(out), voice.sample_rate)
+    if not args.quiet:
+        seconds = audio.shape[0] / audio_io.SAMPLE_RATE
+        wall = time.perf_counter() - started
+        print(f"{args.output}: {out.shape[0] / voice.sample_rate:.2f} s at {rate} Hz "
+              f"from {seconds:.2f} s of input in {wall:.1f} s (RTF {wall / max(seconds, 1e-9):.2f})")
+    return 0
+
+
+def _demo_assets(args: argparse.Namespace) -> int:
+    from pipeline.demo import write_demo_assets
+
+    paths = write_demo_assets(args.dir, seed=args.seed)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    print("note: this is a DEMO voice with random weights; its output is noise-like, not a real voice")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rvc-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    conv = sub.add_parser("convert", help="convert one file locally, without Ray")
+    conv.add_argument("input", type=Path)
+    conv.add_argument("-o", "--output", type=Path, required=True, help="output .wav, .flac or .mp3")
+    conv.add_argument("--model", type=Path, required=True, help="RVC voice .pth")
+    conv.add_argument("--index", type=Path, help="the voice's .index")
+    conv.add_argument("--hubert", type=Path, default=Path("data/hubert_base.pt"),
+                      help="hubert_base.pt (fairseq) or a transformers HuBERT directory")
+    conv.add_argument("--f0-method", default="crepe", choices=["crepe", "crepe-tiny", "rmvpe"])
+    conv.add_argument("--rmvpe", type=Path, help="rmvpe.pt, needed for --f0-method rmvpe")
+    conv.add_argument("--index-rate", type=float, default=0.76)
+    conv.add_argument("--rms-mix-rate", type=float, default=1.0)
+    conv.add_argument("--filter-radius", type=int, default=3)
+    conv.add_argument("--protect", type=float, default=0.33)
+    conv.add_argument("--f0-up-key", type=int, default=0)
+    conv.add_argument("--seed", type=int, default=0)
+    conv.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    conv.add_argument("-q", "--quiet", action="store_true")
+    conv.set_defaults(func=_convert)
+
+    demo = sub.add_parser("demo-assets", help="write the demo voice set (random weights) to DIR")
+    demo.add_argument("dir", type=Path)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo_assets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipeline.assets import AssetError
+    from pipeline.audio import AudioDecodeError
+
+    try:
+        return args.func(args)
+    except (AssetError, AudioDecodeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

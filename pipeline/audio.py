@@ -1,0 +1,184 @@
+"""Audio in and out: decode, down-mix, resample, the reference's input conditioning, encode.
+
+The reference decodes with the ffmpeg CLI; we decode with soundfile (libsndfile reads and
+writes wav, flac and mp3) and resample with soxr, so the 16 kHz signal differs from the
+reference's from the first sample on. Everything after the 16 kHz signal follows the reference.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+from scipy import signal
+
+SAMPLE_RATE = 16000  # what HuBERT and the pitch estimators take
+FORMATS = ("wav", "mp3", "flac")
+# libsndfile's MPEG encoder takes only these rates; others are resampled to the next one up.
+MP3_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+# Inputs we agree to decode: real recordings, not headers that declare absurd sizes.
+MIN_INPUT_RATE, MAX_INPUT_RATE, MAX_CHANNELS = 4000, 384000, 16
+_BLOCK_FRAMES = 1 << 16
+
+# 5th-order Butterworth high-pass at 48 Hz, applied forward and backward (the reference's).
+_HP_B, _HP_A = signal.butter(N=5, Wn=48, btype="high", fs=SAMPLE_RATE)
+
+
+class AudioDecodeError(ValueError):
+    """The bytes are not a wav, mp3 or flac file we can decode (wrong type, truncated, empty)."""
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The container named by a file's first bytes, or None. Looks at content, never names."""
+    if len(head) >= 12 and head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:3] == b"ID3":
+        return "mp3"
+    # A bare MPEG audio frame: 11 sync bits, layer III (bits 01), a valid bitrate index.
+    if len(head) >= 3 and head[0] == 0xFF and (head[1] & 0xE6) == 0xE2 and (head[2] >> 4) not in (0, 15):
+        return "mp3"
+    return None
+
+
+def sniff_and_probe(path: str | Path) -> str:
+    """Decide a file's type by its bytes and prove it decodes; returns 'wav', 'mp3' or 'flac'.
+
+    Reads the header, checks the declared shape is sane and that the declared data is present,
+    and decodes the first and the last block, so a truncated or corrupt file fails here.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        raise AudioDecodeError("empty file")
+    fmt = sniff_format(head)
+    if fmt is None:
+        raise AudioDecodeError("not a wav, mp3 or flac file")
+    if fmt == "wav":
+        _check_wav_data_present(path)
+    try:
+        with sf.SoundFile(path) as f:
+            _check_shape(f.samplerate, f.channels, f.frames)
+            first = f.read(min(f.frames, _BLOCK_FRAMES), dtype="float32", always_2d=True)
+            if f.frames > _BLOCK_FRAMES:
+                f.seek(f.frames - _BLOCK_FRAMES)
+                last = f.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
+            else:
+                last = first
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        raise AudioDecodeError(f"cannot decode {fmt}: {e}") from None
+    if len(first) == 0 or len(last) == 0:
+        raise AudioDecodeError(f"{fmt} file has no decodable audio")
+    if not (np.isfinite(first).all() and np.isfinite(last).all()):
+        raise AudioDecodeError(f"{fmt} file has non-finite samples")
+    return fmt
+
+
+def _check_shape(sample_rate: int, channels: int, frames: int) -> None:
+    if not MIN_INPUT_RATE <= sample_rate <= MAX_INPUT_RATE:
+        raise AudioDecodeError(f"unsupported sample rate {sample_rate} Hz")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioDecodeError(f"unsupported channel count {channels}")
+    if frames <= 0:
+        raise AudioDecodeError("no audio frames")
+
+
+def _check_wav_data_present(path: Path) -> None:
+    """libsndfile quietly reads a truncated wav; refuse one whose data chunk is cut short."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        riff = f.read(12)
+        if riff[:4] == b"RF64":
+            return  # 64-bit sizes live in a ds64 chunk; libsndfile checks those itself
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk = f.read(8)
+            chunk_id, chunk_len = chunk[:4], int.from_bytes(chunk[4:8], "little")
+            if chunk_id == b"data":
+                if chunk_len == 0:
+                    raise AudioDecodeError("wav data chunk is empty")
+                if pos + 8 + chunk_len > size:
+                    raise AudioDecodeError(
+                        f"truncated wav: data chunk declares {chunk_len} bytes, "
+                        f"{size - pos - 8} present")
+                return
+            pos += 8 + chunk_len + (chunk_len & 1)
+    raise AudioDecodeError("wav has no data chunk")
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode any supported file to mono float32 at `sample_rate`, block by block.
+
+    Multi-channel input is down-mixed to the mid signal (mean of the channels), as ffmpeg's
+    `-ac 1` does for stereo. Only the resampled mono signal is held, not the decoded file.
+    """
+    try:
+        with sf.SoundFile(path) as f:
+            _check_shape(f.samplerate, f.channels, f.frames)
+            resampler = None
+            if f.samplerate != sample_rate:
+                resampler = soxr.ResampleStream(f.samplerate, sample_rate, 1, dtype="float32",
+                                                quality="HQ")
+            pieces = []
+            for block in f.blocks(blocksize=_BLOCK_FRAMES, dtype="float32", always_2d=True):
+                mono = block.mean(axis=1, dtype=np.float32)
+                pieces.append(resampler.resample_chunk(mono) if resampler else mono)
+            if resampler is not None:
+                pieces.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise AudioDecodeError(f"cannot decode {path}: {e}") from None
+    audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+    if audio.size == 0:
+        raise AudioDecodeError(f"{path} has no audio")
+    if not np.isfinite(audio).all():
+        raise AudioDecodeError(f"{path} has non-finite samples")
+    return audio
+
+
+def peak_limit(audio: np.ndarray, peak: float = 0.95) -> np.ndarray:
+    """Scale down so |x| <= peak; quieter audio is left alone (the reference's vc_single)."""
+    m = np.abs(audio).max() / peak
+    return audio / m if m > 1 else audio
+
+
+def high_pass(audio: np.ndarray) -> np.ndarray:
+    """48 Hz zero-phase high-pass; float64 out, as in the reference."""
+    return signal.filtfilt(_HP_B, _HP_A, audio)
+
+
+def to_int16(audio: np.ndarray) -> np.ndarray:
+    """The reference's final step: normalise to 0.99 only if it clips, truncate to int16."""
+    scale = 32768.0
+    m = np.abs(audio).max() / 0.99 if audio.size else 0.0
+    if m > 1:
+        scale /= m
+    return (audio * scale).astype(np.int16)
+
+
+def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    if from_rate == to_rate:
+        return audio
+    return soxr.resample(audio, from_rate, to_rate, quality="VHQ")
+
+
+def write_audio(path: str | Path, audio: np.ndarray, sample_rate: int, fmt: str | None = None) -> int:
+    """Write mono audio (int16, or float in [-1, 1]) as wav, flac or mp3; returns the rate written.
+
+    MP3 supports only some rates: a 40 kHz voice is resampled to 44.1 kHz for it.
+    """
+    path = Path(path)
+    fmt = (fmt or path.suffix.lstrip(".")).lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"unsupported output format {fmt!r}; use one of {FORMATS}")
+    if fmt == "mp3" and sample_rate not in MP3_SAMPLE_RATES:
+        target = next(r for r in MP3_SAMPLE_RATES if r >= sample_rate)
+        floats = audio.astype(np.float32) / 32768.0 if audio.dtype == np.int16 else audio
+        audio, sample_rate = resample(floats, sample_rate, target), target
+    subtype = {"wav": "PCM_16", "flac": "PCM_16", "mp3": "MPEG_LAYER_III"}[fmt]
+    container = {"wav": "WAV", "flac": "FLAC", "mp3": "MP3"}[fmt]
+    sf.write(path, audio, sample_rate, subtype=subtype, format=container)
+    return sample_rate

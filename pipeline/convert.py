@@ -1,0 +1,261 @@
+"""One conversion, stage by stage, as the reference pipeline does it.
+
+    16 kHz mono → peak limit 0.95 → 48 Hz high-pass → reflect pad → f0 of the whole padded
+    signal → split at quiet points into chunks → per chunk: content features → index blend →
+    ×2 to 100 fps → protect → synthesizer → trim the padding → join → RMS mix.
+
+The stages are separate functions so the service can run them on separate replicas and the
+result is the same as `Converter.convert` for the same input, parameters and seed.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import audio as audio_io
+from .hubert import Hubert, content_features, load_hubert
+from .index import RetrievalIndex, blend
+from .pitch import PitchModels, estimate_pitch
+from .synthesizer import SynthNoise, Voice
+
+WINDOW = 160  # samples per f0 frame at 16 kHz (10 ms)
+SR = audio_io.SAMPLE_RATE
+MIN_INPUT_SAMPLES = WINDOW  # 10 ms: anything shorter has no frame to convert
+
+
+@dataclass(frozen=True)
+class ChunkingConfig:
+    """Seconds; the reference's fp32/CPU values. x_pad is the context each chunk gets on both
+    sides, chunks are cut near multiples of x_center at the quietest point within ±x_query,
+    and only inputs longer than x_max are cut at all."""
+
+    x_pad: int = 1
+    x_query: int = 6
+    x_center: int = 38
+    x_max: int = 41
+
+    def __post_init__(self) -> None:
+        if not (0 < self.x_pad and 0 < self.x_query < self.x_center <= self.x_max):
+            raise ValueError(f"invalid chunking {self}: need 0 < x_pad, 0 < x_query < x_center <= x_max")
+
+
+@dataclass(frozen=True)
+class ConversionParams:
+    index_rate: float = 0.76
+    rms_mix_rate: float = 1.0
+    filter_radius: int = 3
+    protect: float = 0.33
+    f0_up_key: int = 0
+    f0_method: str = "crepe"
+    seed: int = 0
+    sid: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "index_rate": 0 <= self.index_rate <= 1,
+            "rms_mix_rate": 0 <= self.rms_mix_rate <= 1,
+            "filter_radius": 0 <= self.filter_radius <= 7,
+            "protect": 0 <= self.protect <= 0.5,
+            "f0_up_key": -24 <= self.f0_up_key <= 24,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"out of range: {', '.join(bad)}")
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """A chunk of `audio_pad[start:end]` and its f0 frames `[f0_start:f0_end]` (None = to the end)."""
+
+    start: int
+    end: int | None
+    f0_start: int
+    f0_end: int | None
+
+
+@dataclass
+class PreparedInput:
+    audio_hp: np.ndarray  # [L] float64, high-passed input (the RMS mix reads its envelope)
+    audio_pad: np.ndarray  # [L + 2·t_pad] float64, reflect-padded
+    p_len: int  # f0 frames of audio_pad
+    chunks: list[ChunkSpec]
+    t_pad: int  # padding in 16 kHz samples
+
+
+def prepare_input(audio16k: np.ndarray, chunking: ChunkingConfig = ChunkingConfig()) -> PreparedInput:
+    if audio16k.ndim != 1:
+        raise ValueError(f"expected mono audio, got shape {audio16k.shape}")
+    if audio16k.shape[0] < MIN_INPUT_SAMPLES:
+        raise ValueError(f"input too short: {audio16k.shape[0]} samples at 16 kHz, need {MIN_INPUT_SAMPLES}")
+    audio_hp = audio_io.high_pass(audio_io.peak_limit(audio16k))
+    t_pad = SR * chunking.x_pad
+    audio_pad = np.pad(audio_hp, (t_pad, t_pad), mode="reflect")
+    chunks = []
+    start = 0
+    split = None
+    for point in split_points(audio_hp, chunking):
+        split = point // WINDOW * WINDOW
+        chunks.append(ChunkSpec(start, split + 2 * t_pad + WINDOW, start // WINDOW, (split + 2 * t_pad) // WINDOW))
+        start = split
+    if split is None:
+        chunks.append(ChunkSpec(0, None, 0, None))
+    else:
+        chunks.append(ChunkSpec(split, None, split // WINDOW, None))
+    return PreparedInput(audio_hp, audio_pad, audio_pad.shape[0] // WINDOW, chunks, t_pad)
+
+
+def split_points(audio_hp: np.ndarray, chunking: ChunkingConfig) -> list[int]:
+    """The reference's cut points: near every multiple of x_center, the first minimum of the
+    160-sample sum of |x| within ±x_query. Only the searched windows are summed, in the
+    reference's order, so the chosen points are identical at a fraction of the cost."""
+    n = audio_hp.shape[0]
+    if n + WINDOW <= SR * chunking.x_max:
+        return []
+    t_query, t_center = SR * chunking.x_query, SR * chunking.x_center
+    padded = np.pad(audio_hp, (WINDOW // 2, WINDOW // 2), mode="reflect")
+    points = []
+    for t in range(t_center, n, t_center):
+        lo, hi = t - t_query, min(t + t_query, n)
+        window_sum = np.zeros(hi - lo)
+        for i in range(WINDOW):
+            window_sum += np.abs(padded[lo + i:hi + i])
+        points.append(lo + int(np.argmin(window_sum)))
+    return points
+
+
+def dither_for(seed: int, frames: int) -> np.ndarray:
+    """crepe's ±20-cent triangular dither for a whole file, from our own seeded generator
+    (the reference draws it from numpy's global RNG). Frame i always gets the same draw, so
+    pieces of a file computed apart reproduce the whole-file track."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC4E9E]))
+    return rng.triangular(-20.0, 0.0, 20.0, frames)
+
+
+def chunk_noise(seed: int, chunk_index: int, device: torch.device | str = "cpu") -> SynthNoise:
+    """The synthesizer's random draws for one chunk, independent of which replica runs it."""
+    state = np.random.SeedSequence([seed, chunk_index]).generate_state(1, dtype=np.uint64)[0]
+    generator = torch.Generator(device=device).manual_seed(int(state) & (2**63 - 1))
+    return SynthNoise.from_generator(generator)
+
+
+def change_rms(source: np.ndarray, source_rate: int, target: np.ndarray, target_rate: int,
+               rate: float) -> np.ndarray:
+    """Impose the input's loudness envelope on the output by (rms_in / rms_out)^(1 − rate).
+
+    Envelopes are RMS over 1 s windows every 0.5 s (zero-padded, centred), each stretched
+    linearly to the output length, as the reference's `change_rms`."""
+    rms_in = torch.from_numpy(_frame_rms(source, source_rate // 2 * 2, source_rate // 2))
+    rms_out = torch.from_numpy(_frame_rms(target, target_rate // 2 * 2, target_rate // 2))
+    n = target.shape[0]
+    rms_in = F.interpolate(rms_in[None, None], size=n, mode="linear").squeeze()
+    rms_out = F.interpolate(rms_out[None, None], size=n, mode="linear").squeeze()
+    rms_out = torch.clamp_min(rms_out, 1e-6)
+    gain = torch.pow(rms_in, torch.tensor(1 - rate)) * torch.pow(rms_out, torch.tensor(rate - 1))
+    return (target * gain.numpy()).astype(target.dtype)
+
+
+def _frame_rms(y: np.ndarray, frame_length: int, hop_length: int) -> np.ndarray:
+    padded = np.pad(y, frame_length // 2)
+    frames = np.lib.stride_tricks.sliding_window_view(padded, frame_length)[::hop_length]
+    return np.sqrt(np.mean(np.abs(frames) ** 2, axis=-1))
+
+
+def finish_output(pieces: list[np.ndarray], prepared: PreparedInput, params: ConversionParams,
+                  sample_rate: int) -> np.ndarray:
+    """Join the trimmed chunk outputs and apply the RMS mix; float32 at the voice's rate."""
+    out = np.concatenate(pieces)
+    if params.rms_mix_rate != 1:
+        out = change_rms(prepared.audio_hp, SR, out, sample_rate, params.rms_mix_rate)
+    return out
+
+
+@dataclass
+class Converter:
+    """The models one conversion needs besides the voice: the content encoder and pitch models."""
+
+    hubert: Hubert
+    pitch_models: PitchModels
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    chunking: ChunkingConfig = ChunkingConfig()
+
+    @classmethod
+    def from_paths(cls, hubert_path: str | Path, rmvpe_path: str | Path | None = None,
+                   device: str | torch.device = "cpu", chunking: ChunkingConfig = ChunkingConfig()) -> "Converter":
+        device = torch.device(device)
+        return cls(load_hubert(hubert_path, device=device), PitchModels(device=device, rmvpe_path=rmvpe_path),
+                   device, chunking)
+
+    def prepare(self, audio16k: np.ndarray) -> PreparedInput:
+        return prepare_input(audio16k, self.chunking)
+
+    def pitch(self, prepared: PreparedInput, params: ConversionParams,
+              dither: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(coarse [p_len] int64, pitchf [p_len] float32) over the whole padded input."""
+        if dither is None:
+            dither = dither_for(params.seed, prepared.audio_pad.shape[0] // WINDOW + 1)
+        return estimate_pitch(prepared.audio_pad, prepared.p_len, params.f0_method, self.pitch_models,
+                              f0_up_key=params.f0_up_key, filter_radius=params.filter_radius, dither=dither)
+
+    @torch.inference_mode()
+    def features(self, chunk_audio: np.ndarray, version: str) -> torch.Tensor:
+        """Content features [T50, C] of one chunk of audio_pad (float64 → float32 as the reference)."""
+        wav = torch.from_numpy(np.ascontiguousarray(chunk_audio)).float().to(self.device)[None]
+        return content_features(self.hubert, wav, version)[0]
+
+    @torch.inference_mode()
+    def synthesize_chunk(self, voice: Voice, index: RetrievalIndex | None, feats: torch.Tensor,
+                         coarse: np.ndarray | None, pitchf: np.ndarray | None, chunk_samples: int,
+                         params: ConversionParams, noise: SynthNoise, trim: int) -> np.ndarray:
+        """Synthesize one chunk from its features [T50, C] and f0 slices; returns float32 audio
+        at the voice's rate with `trim` samples (the padding) cut from both ends."""
+        use_f0 = voice.f0 and coarse is not None and pitchf is not None
+        protect = use_f0 and params.protect < 0.5
+        feats0 = feats
+        if index is not None and params.index_rate != 0:
+            blended = blend(feats.cpu().numpy(), index, params.index_rate)
+            feats = torch.from_numpy(blended).to(self.device)
+        # nearest ×2: each 20 ms vector covers two 10 ms f0 frames
+        feats = feats.repeat_interleave(2, dim=0)
+        p_len = min(chunk_samples // WINDOW, feats.shape[0])
+        feats = feats[:p_len]
+        pitch = nsff0 = None
+        if use_f0:
+            pitch = torch.from_numpy(coarse[:p_len]).to(self.device)[None]
+            nsff0 = torch.from_numpy(pitchf[:p_len]).to(self.device)[None]
+        if protect:
+            feats0 = feats0.repeat_interleave(2, dim=0)[:p_len]
+            # the reference sets voiced frames (f0 > 0) to 1, then every f0 < 1 to protect
+            weight = torch.where(nsff0[0] < 1, params.protect, 1.0)[:, None]
+            feats = feats * weight + feats0 * (1 - weight)
+        out = voice.model.infer(feats[None], pitch, nsff0, sid=params.sid, noise=noise)[0, 0]
+        return out[trim:-trim].float().cpu().numpy()
+
+    def convert(self, audio16k: np.ndarray, voice: Voice, index: RetrievalIndex | None,
+                params: ConversionParams = ConversionParams(),
+                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Convert mono 16 kHz float audio; float32 output at `voice.sample_rate`."""
+        if index is not None and index.dim != voice.feature_dim:
+            raise ValueError(f"index has {index.dim}-d vectors, the {voice.version} voice uses {voice.feature_dim}")
+        prepared = self.prepare(audio16k)
+        coarse = pitchf = None
+        if voice.f0:
+            coarse, pitchf = self.pitch(prepared, params)
+        trim = voice.sample_rate * self.chunking.x_pad
+        pieces = []
+        for i, chunk in enumerate(prepared.chunks):
+            chunk_audio = prepared.audio_pad[chunk.start:chunk.end]
+            feats = self.features(chunk_audio, voice.version)
+            f0_slice = slice(chunk.f0_start, chunk.f0_end)
+            pieces.append(self.synthesize_chunk(
+                voice, index, feats,
+                coarse[f0_slice] if coarse is not None else None,
+                pitchf[f0_slice] if pitchf is not None else None,
+                chunk_audio.shape[0], params, chunk_noise(params.seed, i, self.device), trim))
+            if progress is not None:
+                progress(i + 1, len(prepared.chunks))
+        return finish_output(pieces, prepared, params, voice.sample_rate)

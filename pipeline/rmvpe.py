@@ -1,0 +1,365 @@
+"""RMVPE pitch estimator as RVC runs it: log-mel → U-Net → BiGRU → 360 pitch-bin saliences → Hz.
+
+Module and parameter names follow the reference's `E2E(n_blocks=4, n_gru=1, kernel_size=(2, 2))`
+so the published `rmvpe.pt` (a plain state dict, fp16) loads with strict=True. The decode is the
+reference's local weighted average of cents, vectorised, with the same float32/float64 steps.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import librosa
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.assets import AssetError, torch_load_checked
+
+SAMPLE_RATE = 16000
+HOP = 160
+N_FFT = 1024
+N_MELS = 128
+MEL_FMIN, MEL_FMAX = 30.0, 8000.0
+N_BINS = 360
+CENTS_PER_BIN = 20.0
+CENTS_BIN0 = 1997.3794084376191  # cents of bin 0 re 10 Hz
+THRESHOLD = 0.03
+# The U-Net halves the frame axis 5 times, so frames are zero-padded to a multiple of 2**5.
+N_LEVELS, N_INTER, N_BLOCKS, BASE_CHANNELS = 5, 4, 4, 16
+FRAME_MULTIPLE = 2**N_LEVELS
+BN_MOMENTUM = 0.01
+LOCAL_RADIUS = 4  # the decode averages the 9 bins around the peak
+
+
+class ResBlock(nn.Module):
+    """Two 3×3 conv-BN-ReLU layers plus a skip (1×1 conv when the width changes)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out, momentum=BN_MOMENTUM),
+            nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out, momentum=BN_MOMENTUM),
+            nn.ReLU(),
+        )
+        self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x) + self.shortcut(x)
+
+
+def res_blocks(c_in: int, c_out: int) -> nn.ModuleList:
+    """N_BLOCKS residual blocks; the first one changes the width."""
+    widths = [c_in] + [c_out] * N_BLOCKS
+    return nn.ModuleList(ResBlock(a, b) for a, b in zip(widths[:-1], widths[1:]))
+
+
+class ResStack(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = res_blocks(c_in, c_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.conv:
+            x = block(x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(1, momentum=BN_MOMENTUM)
+        widths = [1] + [BASE_CHANNELS * 2**i for i in range(N_LEVELS)]
+        self.layers = nn.ModuleList(ResStack(a, b) for a, b in zip(widths[:-1], widths[1:]))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """x [B, 1, T, 128] → deepest map [B, 256, T/32, 4] and the pre-pool map of each level."""
+        x = self.bn(x)
+        skips = []
+        for level in self.layers:
+            x = level(x)
+            skips.append(x)
+            x = F.avg_pool2d(x, 2)
+        return x, skips
+
+
+class Intermediate(nn.Module):
+    def __init__(self, c_in: int):
+        super().__init__()
+        widths = [c_in] + [2 * c_in] * N_INTER
+        self.layers = nn.ModuleList(ResStack(a, b) for a, b in zip(widths[:-1], widths[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for stack in self.layers:
+            x = stack(x)
+        return x
+
+
+class UpBlock(nn.Module):
+    """Transposed conv doubling both axes, then a residual stack over [upsampled, skip]."""
+
+    def __init__(self, c_in: int):
+        super().__init__()
+        c_out = c_in // 2
+        self.conv1 = nn.Sequential(
+            nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1, bias=False),
+            nn.BatchNorm2d(c_out, momentum=BN_MOMENTUM),
+            nn.ReLU(),
+        )
+        self.conv2 = res_blocks(2 * c_out, c_out)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        x = torch.cat([self.conv1(x), skip], dim=1)
+        for block in self.conv2:
+            x = block(x)
+        return x
+
+
+class Decoder(nn.Module):
+    def __init__(self, c_in: int):
+        super().__init__()
+        self.layers = nn.ModuleList(UpBlock(c_in // 2**i) for i in range(N_LEVELS))
+
+    def forward(self, x: Tensor, skips: list[Tensor]) -> Tensor:
+        for up, skip in zip(self.layers, reversed(skips)):
+            x = up(x, skip)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        deepest = BASE_CHANNELS * 2 ** (N_LEVELS - 1)
+        self.encoder = Encoder()
+        self.intermediate = Intermediate(deepest)
+        self.decoder = Decoder(2 * deepest)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, skips = self.encoder(x)
+        return self.decoder(self.intermediate(x), skips)
+
+
+class BiGRU(nn.Module):
+    def __init__(self, n_in: int, n_hidden: int):
+        super().__init__()
+        self.gru = nn.GRU(n_in, n_hidden, batch_first=True, bidirectional=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.gru(x)[0]
+
+
+class RmvpeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.unet = UNet()
+        self.cnn = nn.Conv2d(BASE_CHANNELS, 3, 3, padding=1)
+        # The reference's fc also holds Dropout and Sigmoid (no parameters); sigmoid is in forward.
+        self.fc = nn.Sequential(BiGRU(3 * N_MELS, 256), nn.Linear(512, N_BINS))
+
+    def forward(self, mel: Tensor) -> Tensor:
+        """mel [B, 128, T] with T a multiple of 32 → salience [B, T, 360] in (0, 1)."""
+        x = self.cnn(self.unet(mel.transpose(1, 2).unsqueeze(1)))  # [B, 3, T, 128]
+        return torch.sigmoid(self.fc(x.transpose(1, 2).flatten(2)))
+
+
+def mel_filterbank() -> Tensor:
+    """[128, 513] float32: librosa's HTK-spaced, Slaney-normalised triangles, as the reference."""
+    basis = librosa.filters.mel(
+        sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=MEL_FMIN, fmax=MEL_FMAX, htk=True
+    )
+    return torch.from_numpy(basis).float()
+
+
+def log_mel(audio: Tensor, mel_basis: Tensor, window: Tensor) -> Tensor:
+    """audio [L] float32 → log-mel [128, L // 160 + 1] float32 (centred, reflect-padded frames)."""
+    spec = torch.stft(
+        audio[None], N_FFT, hop_length=HOP, win_length=N_FFT, window=window,
+        center=True, return_complex=True,
+    )[0]
+    # sqrt(re² + im²) rather than abs(): abs uses hypot, which rounds differently from the reference.
+    magnitude = torch.sqrt(spec.real.pow(2) + spec.imag.pow(2))
+    return torch.log(torch.clamp(mel_basis @ magnitude, min=1e-5))
+
+
+def decode_f0(salience: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
+    """salience [T, 360] float32 → f0 [T] in Hz, 0 where the frame's peak is ≤ threshold.
+
+    Cents = salience-weighted mean over the 9 bins around the peak (bins beyond the edges count
+    as 0 salience at 0 cents). The products and their sum are float64, the weight sum float32,
+    as in the reference; the result is returned as float32.
+    """
+    salience = np.asarray(salience, dtype=np.float32)
+    cents_table = np.pad(CENTS_BIN0 + CENTS_PER_BIN * np.arange(N_BINS), LOCAL_RADIUS)
+    padded = np.pad(salience, ((0, 0), (LOCAL_RADIUS, LOCAL_RADIUS)))
+    # window start in padded coordinates = peak index (the peak sits at offset LOCAL_RADIUS)
+    bins = np.argmax(salience, axis=1)[:, None] + np.arange(2 * LOCAL_RADIUS + 1)  # [T, 9]
+    weights = np.take_along_axis(padded, bins, axis=1)  # [T, 9] float32
+    with np.errstate(invalid="ignore", divide="ignore"):  # all-zero frames are unvoiced below
+        cents = np.sum(weights * cents_table[bins], axis=1) / np.sum(weights, axis=1)
+    cents[salience.max(axis=1) <= threshold] = 0
+    f0 = 10 * 2 ** (cents / 1200)
+    f0[f0 == 10] = 0
+    return f0.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Rmvpe:
+    net: RmvpeNet  # float32, eval mode, on device
+    mel_basis: Tensor  # [128, 513] float32, on device
+    window: Tensor  # [1024] periodic Hann, on device
+    device: torch.device
+
+    @torch.inference_mode()
+    def salience(self, mel: Tensor) -> np.ndarray:
+        """mel [128, T] → salience [T, 360] float32."""
+        n_frames = mel.shape[-1]
+        n_pad = -n_frames % FRAME_MULTIPLE
+        mel = F.pad(mel.to(self.device, torch.float32), (0, n_pad))
+        return self.net(mel[None])[0, :n_frames].cpu().numpy()
+
+
+def rmvpe_f0(model: Rmvpe, audio16k: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
+    """audio [L] at 16 kHz → f0 [L // 160 + 1] float32 in Hz (0 = unvoiced), 100 frames/s."""
+    audio = torch.from_numpy(np.asarray(audio16k, dtype=np.float32)).to(model.device)
+    with torch.inference_mode():
+        mel = log_mel(audio, model.mel_basis, model.window)
+    return decode_f0(model.salience(mel), threshold)
+
+
+def load_rmvpe(path: str | Path, device: str | torch.device = "cpu") -> Rmvpe:
+    """Load `rmvpe.pt` (plain state dict, fp16 or fp32) into a float32 model on `device`."""
+    state = torch_load_checked(path, "RMVPE weights")
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise AssetError(f"{path}: RMVPE weights are not a state dict of tensors")
+    net = RmvpeNet()
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise AssetError(f"{path}: not RMVPE weights: {str(e).strip()[:500]}") from None
+    device = torch.device(device)
+    return Rmvpe(
+        net=net.float().eval().to(device),
+        mel_basis=mel_filterbank().to(device),
+        window=torch.hann_window(N_FFT, device=device),
+        device=device,
+    )
+
+
+def save_rmvpe(state_dict: Mapping[str, Tensor], path: str | Path) -> None:
+    """Write a state dict in `rmvpe.pt` layout (a plain dict of tensors)."""
+    torch.save(dict(state_dict), Path(path))
+
+
+# --- random weights for fixtures and demos -------------------------------------------------------
+
+_VOICED_FRACTION = 0.6
+_PEAK_LOGIT_SPREAD = 2.0  # std over frames of the largest logit; keeps few frames near threshold
+
+
+_CALIBRATION_FRAMES = 4 * FRAME_MULTIPLE  # no zero-padded frames to skew the statistics
+
+
+def _calibration_audio(gen: torch.Generator) -> Tensor:
+    """1.27 s of speech-like 16 kHz audio: two gliding harmonic notes, silent gaps, faint noise."""
+    n = (_CALIBRATION_FRAMES - 1) * HOP
+    t = torch.arange(n, dtype=torch.float64) / SAMPLE_RATE
+    f0 = 120 + 200 * t  # Hz
+    phase = 2 * math.pi * torch.cumsum(f0, 0) / SAMPLE_RATE
+    tone = sum(torch.sin(k * phase) / k for k in range(1, 6))
+    gate = ((t > 0.1) & (t < 0.55)) | ((t > 0.7) & (t < 1.15))
+    noise = 1e-3 * torch.randn(n, generator=gen, dtype=torch.float64)
+    return (0.3 * tone * gate + noise).float()
+
+
+def _fill_random(net: nn.Module, gen: torch.Generator) -> None:
+    """He-scaled convs before BatchNorm, variance-keeping 1×1 skips, torch-default GRU/Linear."""
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            module.weight.copy_(1 + 0.1 * torch.randn(n, generator=gen))
+            module.bias.copy_(0.1 * torch.randn(n, generator=gen))
+            module.running_mean.zero_()
+            module.running_var.fill_(1)
+            module.num_batches_tracked.zero_()
+        elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            w = module.weight
+            fan_in = w[0].numel() if isinstance(module, nn.Conv2d) else w[:, 0].numel()
+            gain = 2.0 if w.shape[-1] == 3 else 1.0
+            w.copy_(torch.randn(w.shape, generator=gen) * math.sqrt(gain / fan_in))
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, (nn.GRU, nn.Linear)):
+            bound = 1 / math.sqrt(module.hidden_size if isinstance(module, nn.GRU) else module.in_features)
+            for p in module.parameters(recurse=False):
+                p.copy_(torch.rand(p.shape, generator=gen) * 2 * bound - bound)
+
+
+def _round_fp16(net: nn.Module) -> None:
+    for t in net.state_dict().values():
+        if t.is_floating_point():
+            t.copy_(t.half())
+
+
+def _calibrate_batchnorm(net: RmvpeNet, mel: Tensor) -> Tensor:
+    """Set every BatchNorm's running stats to those of its input on `mel`, in forward order, so
+    the eval-mode net is normalised throughout. Returns the U-Net output [1, 16, T, 128]."""
+
+    def take_stats(bn: nn.BatchNorm2d, inputs: tuple[Tensor]) -> None:
+        x = inputs[0]
+        bn.running_mean.copy_(x.mean((0, 2, 3)).half())
+        bn.running_var.copy_(x.var((0, 2, 3), unbiased=False).half())
+
+    hooks = [m.register_forward_pre_hook(take_stats) for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        return net.unet(mel.transpose(1, 2).unsqueeze(1))
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def random_rmvpe_state_dict(seed: int) -> dict[str, Tensor]:
+    """Random fp16 RMVPE weights, deterministic in `seed`, shaped to give a usable pitch track.
+
+    Plain random weights give either no voiced frame or all of them, with every frame's peak near
+    the same value. So the BatchNorm statistics are measured on a synthetic signal, the output conv
+    is rescaled to unit-variance GRU inputs, and the last layer is scaled so the frames' peak logits
+    spread over ±2 and the 0.03 threshold falls in a gap between frames, ~60 % of frames above it.
+    The calibration runs a forward pass, so the last fp16 bit of a statistic may differ between
+    CPUs (float sums reorder); the same machine always gives the same weights.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):  # build without touching the global RNG
+        net = RmvpeNet()
+    net = net.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        _fill_random(net, gen)
+        _round_fp16(net)
+        audio = _calibration_audio(gen)
+        mel = log_mel(audio, mel_filterbank(), torch.hann_window(N_FFT))[None]  # [1, 128, 128]
+        features = _calibrate_batchnorm(net, mel)
+
+        out = net.cnn(features)  # [1, 3, T, 128]
+        mean, std = out.mean((0, 2, 3)), out.std((0, 2, 3))
+        net.cnn.weight.copy_((net.cnn.weight / std[:, None, None, None]).half())
+        net.cnn.bias.copy_(((net.cnn.bias - mean) / std).half())
+        hidden = net.fc[0](net.cnn(features).transpose(1, 2).flatten(2))[0]  # [T, 512]
+
+        linear = net.fc[1]
+        peaks = (hidden @ linear.weight.T).max(dim=1).values  # [T]
+        gain = _PEAK_LOGIT_SPREAD / peaks.std()
+        ranked = torch.sort(gain * peaks).values
+        # cut in the widest gap within ±5 % of the wanted quantile
+        n = len(ranked)
+        lo, hi = int((1 - _VOICED_FRACTION - 0.05) * n), int((1 - _VOICED_FRACTION + 0.05) * n)
+        k = lo + int(torch.argmax(ranked[lo + 1 : hi + 1] - ranked[lo:hi]))
+        cut = (ranked[k] + ranked[k + 1]) / 2
+        linear.weight.copy_((gain * linear.weight).half())
+        linear.bias.copy_(torch.full_like(linear.bias, math.log(THRESHOLD / (1 - THRESHOLD)) - cut).half())
+
+    return {k: (v.half() if v.is_floating_point() else v.clone()) for k, v in net.state_dict().items()}
