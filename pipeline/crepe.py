@@ -147,7 +147,7 @@ def _dither_cents(dither: np.ndarray | np.random.Generator, n_frames: int) -> Te
         if noise.shape != (n_frames,):
             raise ValueError(f"dither has shape {noise.shape}, expected ({n_frames},)")
     # torchcrepe adds the float64 draws after casting them to the float32 cents
-    return torch.from_numpy(noise).float()
+    return torch.tensor(noise, dtype=torch.float32)
 
 
 @torch.inference_mode()
@@ -179,8 +179,8 @@ def crepe_f0(
             for start in range(0, n_frames, batch_size)
         ]
     )  # [N, 360]
-    salience[:, : _bin(fmin, np.floor)] = -float("inf")
-    salience[:, _bin(fmax, np.ceil) :] = -float("inf")
+    salience[:, : _bin(fmin, torch.floor)] = -float("inf")
+    salience[:, _bin(fmax, torch.ceil) :] = -float("inf")
 
     # Whole batches are decoded side by side; a shorter last batch separately.
     n_whole = n_frames // batch_size * batch_size

@@ -26,6 +26,7 @@ _DEFAULT_CONV_LAYERS = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
 # Training-only tensors of a fairseq HuBERT checkpoint: accepted in the file, not needed here.
 _TRAINING_ONLY_KEYS = ("mask_emb", "label_embs_concat")
 _OUTPUT_LAYER = {"v1": 9, "v2": 12}
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 @dataclass(frozen=True)
@@ -272,9 +273,13 @@ def load_hubert(path: str | Path, device: str | torch.device = "cpu") -> Hubert:
 def _load_fairseq_file(path: Path) -> Hubert:
     if not path.is_file():
         raise AssetError(f"{path}: HuBERT checkpoint file not found")
+    with path.open("rb") as f:
+        if f.read(4) != _ZIP_MAGIC:
+            raise AssetError(f"{path}: not a torch checkpoint (torch.save writes a zip archive, "
+                             "this file is not one)")
     try:
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # noqa: BLE001 - not a zip checkpoint; torch_load_checked names the problem
+    except RuntimeError:  # a damaged archive; torch_load_checked below names the problem
         needed = []
     refused = sorted(n for n in needed if not n.startswith("fairseq.") and n != "argparse.Namespace")
     if refused:

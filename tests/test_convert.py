@@ -1,0 +1,195 @@
+"""Every conversion parameter's effect and the edges of the input, on the fixture voices."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from deployments.cli import main as cli_main
+from pipeline import audio as audio_io
+from pipeline.convert import ChunkingConfig, ConversionParams, Converter, prepare_input, split_points
+from pipeline.index import load_index
+from pipeline.synthesizer import load_voice
+
+FAST = dict(f0_method="crepe-tiny")
+
+
+@pytest.fixture(scope="module")
+def converter(fixture_set):
+    return Converter.from_paths(fixture_set["hubert"], rmvpe_path=fixture_set["rmvpe"])
+
+
+@pytest.fixture(scope="module")
+def voice(fixture_set):
+    return load_voice(fixture_set["voices"]["v2-40k-f0"]["pth"])
+
+
+@pytest.fixture(scope="module")
+def index(fixture_set):
+    return load_index(fixture_set["voices"]["v2-40k-f0"]["index"])
+
+
+@pytest.fixture(scope="module")
+def speech(fixture_set):
+    return sf.read(fixture_set["audio"]["speech_2s"], dtype="float32")[0]
+
+
+def _run(converter, voice, index, audio, **params):
+    return converter.convert(audio, voice, index, ConversionParams(**{**FAST, **params}))
+
+
+def expected_length(samples16k: int, sample_rate: int, x_pad: int = 1) -> int:
+    """The reference's output length for a single chunk (HuBERT drops the last 1–2 frames)."""
+    padded = samples16k + 2 * 16000 * x_pad
+    frames = padded // 160
+    hubert_frames = (padded - 400) // 320 + 1
+    p_len = min(frames, 2 * hubert_frames)
+    return p_len * sample_rate // 100 - 2 * sample_rate * x_pad
+
+
+def test_output_length_and_rate(converter, voice, index, speech):
+    out = _run(converter, voice, index, speech)
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    assert out.shape[0] == expected_length(speech.shape[0], 40000)
+    assert 0 < speech.shape[0] / 16000 - out.shape[0] / 40000 <= 0.021
+
+
+def test_seed_makes_conversion_reproducible(converter, voice, index, speech):
+    a = _run(converter, voice, index, speech, seed=5)
+    b = _run(converter, voice, index, speech, seed=5)
+    c = _run(converter, voice, index, speech, seed=6)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_index_rate_zero_equals_no_index(converter, voice, index, speech):
+    without = _run(converter, voice, None, speech)
+    np.testing.assert_array_equal(_run(converter, voice, index, speech, index_rate=0.0), without)
+    assert np.abs(_run(converter, voice, index, speech, index_rate=1.0) - without).max() > 1e-3
+
+
+def test_protect_acts_only_on_index_blended_features(converter, voice, index, speech):
+    # without retrieval there is nothing to protect from
+    np.testing.assert_array_equal(_run(converter, voice, None, speech, protect=0.0),
+                                  _run(converter, voice, None, speech, protect=0.5))
+    off = _run(converter, voice, index, speech, protect=0.5)
+    assert np.abs(_run(converter, voice, index, speech, protect=0.0) - off).max() > 1e-3
+
+
+def test_rms_mix_rate(converter, voice, index, speech):
+    own = _run(converter, voice, index, speech, rms_mix_rate=1.0)
+    imposed = _run(converter, voice, index, speech, rms_mix_rate=0.0)
+    assert np.abs(own - imposed).max() > 1e-3
+    # rate 0: the output's 0.5 s envelope follows the input's
+    def envelope(x, rate):
+        hop = rate // 2
+        return np.array([np.sqrt(np.mean(x[i:i + hop] ** 2)) for i in range(0, len(x) - hop, hop)])
+    env_in = envelope(speech.astype(np.float64), 16000)
+    env_out = envelope(imposed, 40000)
+    n = min(len(env_in), len(env_out))
+    ratio = env_out[:n] / np.maximum(env_in[:n], 1e-6)
+    assert ratio.std() / ratio.mean() < 0.35
+
+
+def test_filter_radius(converter, voice, index, speech):
+    base = _run(converter, voice, index, speech, filter_radius=0)
+    for r in (1, 2):
+        np.testing.assert_array_equal(_run(converter, voice, index, speech, filter_radius=r), base)
+    outs = {r: _run(converter, voice, index, speech, filter_radius=r) for r in (3, 7)}
+    assert np.abs(outs[3] - base).max() > 1e-4
+    assert np.abs(outs[7] - outs[3]).max() > 1e-4
+
+
+def test_f0_up_key_changes_output(converter, voice, index, speech):
+    assert np.abs(_run(converter, voice, index, speech, f0_up_key=12) - _run(converter, voice, index, speech)).max() > 1e-3
+
+
+@pytest.mark.parametrize("name,audio", [
+    ("silence", np.zeros(16000, np.float32)),
+    ("tenth_of_a_second", (0.3 * np.sin(np.arange(1600) / 8)).astype(np.float32)),
+    ("clipped", np.clip(3 * np.sin(np.arange(16000) / 12), -1.5, 1.5).astype(np.float32)),
+])
+def test_edge_inputs_convert_to_finite_audio(converter, voice, index, name, audio):
+    out = _run(converter, voice, index, audio)
+    assert np.isfinite(out).all()
+    assert out.shape[0] == expected_length(audio.shape[0], 40000)
+
+
+def test_too_short_input_is_a_clear_error(converter, voice, index):
+    with pytest.raises(ValueError, match="too short"):
+        _run(converter, voice, index, np.zeros(100, np.float32))
+
+
+def test_no_f0_voice_ignores_pitch(converter, fixture_set, speech):
+    voice = load_voice(fixture_set["voices"]["v2-48k-nof0"]["pth"])
+    out = converter.convert(speech, voice, None, ConversionParams(**FAST))
+    assert out.shape[0] == expected_length(speech.shape[0], 48000)
+
+
+def test_index_of_wrong_dimension_is_refused(converter, fixture_set, speech):
+    voice = load_voice(fixture_set["voices"]["v1-32k-f0"]["pth"])
+    wrong = load_index(fixture_set["voices"]["v2-40k-f0"]["index"])
+    with pytest.raises(ValueError, match="768-d"):
+        converter.convert(speech, voice, wrong, ConversionParams(**FAST))
+
+
+def test_split_points_match_brute_force_reference_sum():
+    rng = np.random.default_rng(0)
+    audio = rng.standard_normal(16000 * 9) * np.repeat(rng.uniform(0, 1, 90), 1600)
+    chunking = ChunkingConfig(x_pad=1, x_query=1, x_center=3, x_max=4)
+    padded = np.pad(audio, (80, 80), mode="reflect")
+    full_sum = np.zeros_like(audio)
+    for i in range(160):  # the reference's whole-signal sum
+        full_sum += np.abs(padded[i:i - 160])
+    expected = []
+    for t in range(16000 * 3, len(audio), 16000 * 3):
+        w = full_sum[t - 16000:t + 16000]
+        expected.append(t - 16000 + np.where(w == w.min())[0][0])
+    assert split_points(audio, chunking) == expected
+    prepared = prepare_input(audio.astype(np.float32), chunking)
+    assert len(prepared.chunks) == len(expected) + 1
+    assert all(c.start % 160 == 0 for c in prepared.chunks)
+
+
+def test_chunked_conversion_length(fixture_set, voice, index):
+    small = ChunkingConfig(x_pad=1, x_query=1, x_center=3, x_max=4)
+    converter = Converter.from_paths(fixture_set["hubert"], chunking=small)
+    audio = sf.read(fixture_set["audio"]["speech_7s"], dtype="float32")[0]
+    prepared = prepare_input(audio, small)
+    assert len(prepared.chunks) >= 3
+    out = converter.convert(audio, voice, index, ConversionParams(**FAST))
+    assert np.isfinite(out).all()
+    # each chunk's output ends 1-2 frames early: shorter than the input by 10-20 ms per chunk at most
+    missing = audio.shape[0] / 16000 - out.shape[0] / 40000
+    assert 0 < missing <= 0.021 * len(prepared.chunks)
+
+
+@pytest.mark.parametrize("rate,channels", [(48000, 2), (8000, 1), (44100, 1)])
+def test_cli_converts_other_rates_and_stereo(tmp_path, fixture_set, speech, rate, channels):
+    wav = audio_io.resample(speech, 16000, rate)
+    data = np.stack([wav, 0.5 * wav], axis=1) if channels == 2 else wav
+    src = tmp_path / "in.flac"
+    sf.write(src, data, rate)
+    dst = tmp_path / "out.mp3"
+    v = fixture_set["voices"]["v2-40k-f0"]
+    code = cli_main(["convert", str(src), "-o", str(dst), "--model", v["pth"], "--index", v["index"],
+                     "--hubert", fixture_set["hubert"], "--f0-method", "crepe-tiny", "-q"])
+    assert code == 0
+    out, sr = sf.read(dst)
+    assert sr == 44100 and abs(len(out) / sr - 2.0) < 0.1
+
+
+def test_cli_refuses_corrupt_input_and_model(tmp_path, fixture_set, capsys):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF....WAVEjunk")
+    v = fixture_set["voices"]["v2-40k-f0"]
+    code = cli_main(["convert", str(bad), "-o", str(tmp_path / "o.wav"), "--model", v["pth"],
+                     "--hubert", fixture_set["hubert"], "-q"])
+    assert code == 2 and "error:" in capsys.readouterr().err
+    bad_model = tmp_path / "model.pth"
+    bad_model.write_bytes(b"\x00" * 100)
+    code = cli_main(["convert", fixture_set["audio"]["speech_2s"], "-o", str(tmp_path / "o.wav"),
+                     "--model", str(bad_model), "--hubert", fixture_set["hubert"], "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.pth" in err
+    assert not (tmp_path / "o.wav").exists()
