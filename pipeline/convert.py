@@ -9,7 +9,9 @@ result is the same as `Converter.convert` for the same input, parameters and see
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,18 +209,20 @@ class Converter:
         wav = torch.from_numpy(np.ascontiguousarray(chunk_audio)).float().to(self.device)[None]
         return content_features(self.hubert, wav, version)[0]
 
+    def retrieve(self, feats: torch.Tensor, index: RetrievalIndex | None, params: ConversionParams) -> torch.Tensor:
+        """Blend content features [T50, C] with the voice's retrieved training features."""
+        if index is None or params.index_rate == 0:
+            return feats
+        return torch.from_numpy(blend(feats.cpu().numpy(), index, params.index_rate)).to(self.device)
+
     @torch.inference_mode()
-    def synthesize_chunk(self, voice: Voice, index: RetrievalIndex | None, feats: torch.Tensor,
+    def synthesize_chunk(self, voice: Voice, feats: torch.Tensor, feats0: torch.Tensor,
                          coarse: np.ndarray | None, pitchf: np.ndarray | None, chunk_samples: int,
                          params: ConversionParams, noise: SynthNoise, trim: int) -> np.ndarray:
-        """Synthesize one chunk from its features [T50, C] and f0 slices; returns float32 audio
-        at the voice's rate with `trim` samples (the padding) cut from both ends."""
+        """Synthesize one chunk from its index-blended features `feats` [T50, C], the features
+        before the blend `feats0` (for protect) and its f0 slices; returns float32 audio at the
+        voice's rate with `trim` samples (the padding) cut from both ends."""
         use_f0 = voice.f0 and coarse is not None and pitchf is not None
-        protect = use_f0 and params.protect < 0.5
-        feats0 = feats
-        if index is not None and params.index_rate != 0:
-            blended = blend(feats.cpu().numpy(), index, params.index_rate)
-            feats = torch.from_numpy(blended).to(self.device)
         # nearest ×2: each 20 ms vector covers two 10 ms f0 frames
         feats = feats.repeat_interleave(2, dim=0)
         p_len = min(chunk_samples // WINDOW, feats.shape[0])
@@ -227,35 +231,67 @@ class Converter:
         if use_f0:
             pitch = torch.from_numpy(coarse[:p_len]).to(self.device)[None]
             nsff0 = torch.from_numpy(pitchf[:p_len]).to(self.device)[None]
-        if protect:
-            feats0 = feats0.repeat_interleave(2, dim=0)[:p_len]
-            # the reference sets voiced frames (f0 > 0) to 1, then every f0 < 1 to protect
-            weight = torch.where(nsff0[0] < 1, params.protect, 1.0)[:, None]
-            feats = feats * weight + feats0 * (1 - weight)
+            if params.protect < 0.5:
+                feats0 = feats0.repeat_interleave(2, dim=0)[:p_len]
+                # the reference sets voiced frames (f0 > 0) to 1, then every f0 < 1 to protect
+                weight = torch.where(nsff0[0] < 1, params.protect, 1.0)[:, None]
+                feats = feats * weight + feats0 * (1 - weight)
         out = voice.model.infer(feats[None], pitch, nsff0, sid=params.sid, noise=noise)[0, 0]
         return out[trim:-trim].float().cpu().numpy()
 
     def convert(self, audio16k: np.ndarray, voice: Voice, index: RetrievalIndex | None,
                 params: ConversionParams = ConversionParams(),
-                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """Convert mono 16 kHz float audio; float32 output at `voice.sample_rate`."""
+                progress: Callable[[int, int], None] | None = None,
+                timings: dict[str, float] | None = None) -> np.ndarray:
+        """Convert mono 16 kHz float audio; float32 output at `voice.sample_rate`.
+
+        `progress(done, total)` is called after each chunk; `timings` (if given) accumulates
+        seconds per stage: prepare, pitch, features, retrieval, synthesis, finish."""
         if index is not None and index.dim != voice.feature_dim:
             raise ValueError(f"index has {index.dim}-d vectors, the {voice.version} voice uses {voice.feature_dim}")
-        prepared = self.prepare(audio16k)
+        clock = _StageClock(timings)
+        with clock("prepare"):
+            prepared = self.prepare(audio16k)
         coarse = pitchf = None
         if voice.f0:
-            coarse, pitchf = self.pitch(prepared, params)
+            with clock("pitch"):
+                coarse, pitchf = self.pitch(prepared, params)
         trim = voice.sample_rate * self.chunking.x_pad
         pieces = []
         for i, chunk in enumerate(prepared.chunks):
             chunk_audio = prepared.audio_pad[chunk.start:chunk.end]
-            feats = self.features(chunk_audio, voice.version)
+            with clock("features"):
+                feats0 = self.features(chunk_audio, voice.version)
+            with clock("retrieval"):
+                feats = self.retrieve(feats0, index, params)
             f0_slice = slice(chunk.f0_start, chunk.f0_end)
-            pieces.append(self.synthesize_chunk(
-                voice, index, feats,
-                coarse[f0_slice] if coarse is not None else None,
-                pitchf[f0_slice] if pitchf is not None else None,
-                chunk_audio.shape[0], params, chunk_noise(params.seed, i, self.device), trim))
+            with clock("synthesis"):
+                pieces.append(self.synthesize_chunk(
+                    voice, feats, feats0,
+                    coarse[f0_slice] if coarse is not None else None,
+                    pitchf[f0_slice] if pitchf is not None else None,
+                    chunk_audio.shape[0], params, chunk_noise(params.seed, i, self.device), trim))
             if progress is not None:
                 progress(i + 1, len(prepared.chunks))
-        return finish_output(pieces, prepared, params, voice.sample_rate)
+        with clock("finish"):
+            return finish_output(pieces, prepared, params, voice.sample_rate)
+
+
+class _StageClock:
+    """Adds each stage's wall time to a dict, synchronising CUDA so GPU time lands in its stage."""
+
+    def __init__(self, timings: dict[str, float] | None):
+        self.timings = timings
+
+    @contextmanager
+    def __call__(self, stage: str):
+        if self.timings is None:
+            yield
+            return
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - started
