@@ -94,7 +94,11 @@ def load_crepe(capacity: str, device: torch.device | str) -> Crepe:
 
 
 def _normalise(frames: Tensor) -> Tensor:
-    """Per-frame zero mean, unit (unbiased) std; silent frames become zeros via the 1e-10 floor."""
+    """Per-frame zero mean, unit (unbiased) std; silent frames become zeros via the 1e-10 floor.
+
+    torchcrepe's frames are laid out sample-major ([1024, B] in memory); callers pass the same
+    layout so the reductions sum in the same order and CPU results are bitwise equal.
+    """
     frames = frames - frames.mean(dim=1, keepdim=True)
     return frames / frames.std(dim=1, keepdim=True).clamp_min(1e-10)
 
@@ -175,7 +179,7 @@ def crepe_f0(
     windows = F.pad(audio, (WINDOW_SIZE // 2, WINDOW_SIZE // 2)).unfold(0, WINDOW_SIZE, HOP_LENGTH)
     salience = torch.cat(
         [
-            model(_normalise(windows[start : start + batch_size].contiguous()))
+            model(_normalise(windows[start : start + batch_size].T.contiguous().T))
             for start in range(0, n_frames, batch_size)
         ]
     )  # [N, 360]

@@ -355,7 +355,8 @@ def _read_transformers_weights(path: Path) -> dict[str, Tensor]:
 
 # The transformers HubertModel settings that equal fairseq HuBERT base semantics.
 _TRANSFORMERS_VARIANT = {"feat_extract_norm": "group", "do_stable_layer_norm": False,
-                         "feat_proj_layer_norm": True, "conv_bias": False, "hidden_act": "gelu"}
+                         "feat_proj_layer_norm": True, "conv_bias": False, "hidden_act": "gelu",
+                         "conv_pos_batch_norm": False, "layer_norm_eps": 1e-5}
 
 # transformers HubertModel name -> fairseq name (applied in order; unknown names pass through
 # and are then reported by the strict load)
