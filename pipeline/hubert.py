@@ -13,7 +13,7 @@ import ast
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -51,12 +51,12 @@ class HubertConfig:
             raise AssetError(f"HuBERT extractor_mode {cfg['extractor_mode']!r} is not supported")
         if cfg.get("conv_bias", False):
             raise AssetError("HuBERT with conv_bias=True is not supported")
-        values = {k: cfg[k] for k in asdict(cls()) if cfg.get(k) is not None}
+        values = {f.name: cfg[f.name] for f in fields(cls) if cfg.get(f.name) is not None}
         if "conv_feature_layers" in values:
             values["conv_feature_layers"] = parse_conv_layers(values["conv_feature_layers"])
         config = cls(**values)
         if config.final_dim <= 0:  # fairseq: final_dim 0 means "same as the encoder"
-            config = cls(**{**asdict(config), "final_dim": config.encoder_embed_dim})
+            config = replace(config, final_dim=config.encoder_embed_dim)
         return config
 
     def to_fairseq(self) -> dict:
@@ -85,11 +85,11 @@ def parse_conv_layers(spec: str | list | tuple) -> tuple[tuple[int, int, int], .
                 return left + right
         elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
             left, count = value(node.left), ast.literal_eval(node.right)
-            if isinstance(left, list) and type(count) is int and 0 <= count <= 64:
+            if isinstance(left, list) and type(count) is int and 0 <= len(left) * count <= 64:
                 return left * count
         else:
             return ast.literal_eval(node)
-        raise ValueError("only list + list and list * small int are allowed")
+        raise ValueError("only list + list and list * int (up to 64 layers) are allowed")
 
     try:
         layers = value(ast.parse(spec, mode="eval").body) if isinstance(spec, str) else spec
@@ -128,7 +128,8 @@ class _WeightNormConv1d(nn.Conv1d):
         g_key, v_key = prefix + "weight_g", prefix + "weight_v"
         if g_key in state_dict and v_key in state_dict:
             g, v = state_dict.pop(g_key).float(), state_dict.pop(v_key).float()
-            state_dict[prefix + "weight"] = v * (g / v.norm(dim=(0, 1), keepdim=True))
+            # the kernel torch.nn.utils.weight_norm (fairseq's) runs, so the fold is exact
+            state_dict[prefix + "weight"] = torch._weight_norm(v, g, 2)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -171,9 +172,13 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # [B, T, C]
         B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        a = F.scaled_dot_product_attention(q, k, v)  # [B, H, T, C/H], scale 1/sqrt(C/H) as fairseq
+        head_dim = C // self.heads
+        # Plain matmul with q scaled first, in fairseq's order: on CPU this is bitwise equal to
+        # transformers' eager HuBERT, which the oracle runs as the reference's encoder;
+        # scaled_dot_product_attention differs by ~1e-6.
+        q, k, v = (t.view(B, T, self.heads, head_dim).transpose(1, 2)
+                   for t in (self.q_proj(x) * head_dim**-0.5, self.k_proj(x), self.v_proj(x)))
+        a = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v  # [B, H, T, head_dim]
         return self.out_proj(a.transpose(1, 2).reshape(B, T, C))
 
 
@@ -387,20 +392,19 @@ def _fairseq_key(key: str) -> str:
 def _from_state_dict(path: Path, cfg: dict, state: dict) -> Hubert:
     """Model from a fairseq-named state dict (fp16 or fp32) and fairseq model cfg."""
     try:
-        config = HubertConfig.from_fairseq(cfg)
+        model = Hubert(HubertConfig.from_fairseq(cfg))
     except AssetError as e:
         raise AssetError(f"{path}: {e}") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:
         raise AssetError(f"{path}: bad HuBERT config: {e}") from None
     if not all(isinstance(v, Tensor) for v in state.values()):
         raise AssetError(f"{path}: HuBERT state dict holds non-tensor values")
     state = {k: v.float() for k, v in state.items() if k not in _TRAINING_ONLY_KEYS}
-    model = Hubert(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         problem = " ".join(str(e).split())
-        raise AssetError(f"{path}: weights do not match a HuBERT {config}: {problem[:600]}") from None
+        raise AssetError(f"{path}: weights do not match the HuBERT config: {problem[:600]}") from None
     return model
 
 
