@@ -35,15 +35,26 @@ _BN_EPS = 0.0010000000474974513
 
 
 def _log_transition() -> np.ndarray:
-    """log of CREPE's viterbi transition matrix, computed as librosa does (float64, + float32 tiny)."""
+    """log of CREPE's viterbi transition matrix [from, to], computed as librosa does (float64,
+    + float32 tiny)."""
     distance = np.abs(np.arange(PITCH_BINS)[:, None] - np.arange(PITCH_BINS)[None, :])
     transition = np.maximum(12 - distance, 0)
     transition = transition / transition.sum(axis=1, keepdims=True)
     return np.log(transition + np.finfo(np.float32).tiny)
 
 
-# [from, to]; librosa starts from a uniform state distribution.
 _LOG_TRANSITION = _log_transition()
+# Moves of more than _REACH bins have probability 0, i.e. the one value log(tiny) in log space.
+_REACH = 11
+_LOG_FAR = float(_LOG_TRANSITION[0, -1])
+# [to j, offset m]: log-probability of the move (j - _REACH + m) -> j; 0 where that bin does not
+# exist (its value is padded with -inf).
+_bins = np.arange(PITCH_BINS)
+_from = _bins[:, None] - _REACH + np.arange(2 * _REACH + 1)[None, :]
+_LOG_NEAR = np.where(
+    (_from >= 0) & (_from < PITCH_BINS), _LOG_TRANSITION[_from.clip(0, PITCH_BINS - 1), _bins[:, None]], 0.0
+)
+# librosa starts from a uniform state distribution.
 _LOG_INIT = np.log(np.full(PITCH_BINS, 1 / PITCH_BINS) + np.finfo(np.float32).tiny)
 
 
@@ -123,17 +134,29 @@ def viterbi(log_prob: Tensor) -> Tensor:
     """Most likely bin sequence under CREPE's transition prior, as librosa.sequence.viterbi.
 
     log_prob: [B, T, 360] float32 (log of per-frame bin probabilities). Returns [B, T] int64.
-    Accumulates in float64 and breaks ties towards the lowest bin, like librosa, so the path is
-    the same; all B sequences are decoded at once on log_prob's device.
+    Same float64 sums and same tie-breaking (lowest bin) as librosa, so the same path; all B
+    sequences are decoded at once on log_prob's device.
+
+    librosa maximises over all 360 predecessors. Only the 23 within reach have a non-zero
+    transition; every other one scores value + log(tiny), so the best far move starts from the
+    overall best bin, unless that bin is within reach, and then its near move beats every far one.
     """
     device = log_prob.device
-    trans_to_from = torch.from_numpy(_LOG_TRANSITION.T.copy()).to(device)  # [to, from]
+    log_near = torch.from_numpy(_LOG_NEAR).to(device)  # [360, 23]
+    bins = torch.arange(PITCH_BINS, device=device)
     value = log_prob[:, 0].double() + torch.from_numpy(_LOG_INIT).to(device)  # [B, 360]
     pointers = []
     for t in range(1, log_prob.shape[1]):
-        best, pointer = (value[:, None, :] + trans_to_from).max(dim=-1)  # over "from"
-        value = log_prob[:, t].double() + best
-        pointers.append(pointer)
+        padded = F.pad(value, (_REACH, _REACH), value=-float("inf"))
+        near_best, offset = (padded.unfold(-1, 2 * _REACH + 1, 1) + log_near).max(dim=-1)  # [B, 360]
+        near_from = bins - _REACH + offset
+        far_best, far_from = (value + _LOG_FAR).max(dim=-1, keepdim=True)  # [B, 1], first index
+        # far_from is the lowest bin with that score; it wins a tie only if it is below the near one
+        far = ((far_from - bins).abs() > _REACH) & (
+            (far_best > near_best) | ((far_best == near_best) & (far_from < near_from))
+        )
+        value = log_prob[:, t].double() + torch.where(far, far_best, near_best)
+        pointers.append(torch.where(far, far_from, near_from))
     state = value.argmax(dim=-1)  # [B]
     path = [state]
     for pointer in reversed(pointers):

