@@ -85,9 +85,9 @@ def bench_ours(fx: dict, inputs: dict[float, Path], f0_method: str, device: str,
 def bench_reference(fx: dict, source: Path, inputs: dict[float, Path], args: argparse.Namespace,
                     work: Path) -> dict:
     """The reference on the same files, through the oracle's bench_reference.py."""
-    from tests.goldens.make_goldens import write_oracle_layout
+    from tests.goldens.make_goldens import oracle_layout
 
-    layout = write_oracle_layout(fx, work / "oracle-fixtures")
+    layout = oracle_layout(fx, work / "oracle-fixtures")
     out_json = work / "reference.json"
     cmd = [args.oracle_python, "-W", "ignore", str(Path(args.oracle) / "bench_reference.py"),
            "--ref", args.ref, "--fixtures", str(layout), "--voice", "v2-40k-f0",
