@@ -1,0 +1,751 @@
+"""RVC voice synthesizer (VITS-style text encoder → prior → reverse flow → NSF-HiFi-GAN) and its
+`.pth` voice files.
+
+Module and parameter names reproduce the reference's state-dict keys exactly (`emb_g`, `enc_p`,
+`flow.flows.{0,2,4,6}`, `dec`, weight norm as `weight_g`/`weight_v`), so real voice files load
+with strict checking; the training-only posterior encoder `enc_q` is not built. A file pipeline
+synthesizes one chunk at a time at its full length, so the reference's padding masks are all ones
+and are left out here (multiplying by one changes nothing).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.assets import AssetError, torch_load_checked
+
+LRELU_SLOPE = 0.1
+PRIOR_NOISE_SCALE = 0.66666  # the reference's sampling temperature of the prior
+SINE_AMP = 0.1
+NSF_NOISE_STD = 0.003  # voiced; unvoiced samples get SINE_AMP / 3
+ATTENTION_WINDOW = 10  # relative positions −10..10 have an embedding
+FLOW_KERNEL, FLOW_LAYERS, FLOW_COUPLINGS = 5, 3, 4
+FEATURE_DIM = {"v1": 256, "v2": 768}
+_RATE_NAMES = {"32k": 32000, "40k": 40000, "48k": 48000}
+_APPLIO_WEIGHT_NORM = {".parametrizations.weight.original0": ".weight_g",
+                       ".parametrizations.weight.original1": ".weight_v"}
+
+
+@dataclass(frozen=True)
+class SynthesizerConfig:
+    """The 18-element `config` list of a voice file, in file order."""
+
+    spec_channels: int  # only used by the training-time posterior encoder
+    segment_size: int  # training only
+    inter_channels: int
+    hidden_channels: int
+    filter_channels: int
+    n_heads: int
+    n_layers: int
+    kernel_size: int
+    p_dropout: float
+    resblock: str  # "1" or "2"
+    resblock_kernel_sizes: tuple[int, ...]
+    resblock_dilation_sizes: tuple[tuple[int, ...], ...]
+    upsample_rates: tuple[int, ...]
+    upsample_initial_channel: int
+    upsample_kernel_sizes: tuple[int, ...]
+    spk_embed_dim: int
+    gin_channels: int
+    sample_rate: int
+
+    @classmethod
+    def from_list(cls, config: list | tuple) -> SynthesizerConfig:
+        if not isinstance(config, (list, tuple)) or len(config) != 18:
+            raise AssetError(f"config must be a list of 18 values, got {config!r:.200}")
+        c = list(config)
+        try:
+            sample_rate = _RATE_NAMES[c[17]] if isinstance(c[17], str) else int(c[17])
+            parsed = cls(
+                *(int(v) for v in c[:8]), float(c[8]), str(c[9]),
+                tuple(int(v) for v in c[10]), tuple(tuple(int(d) for d in ds) for ds in c[11]),
+                tuple(int(v) for v in c[12]), int(c[13]), tuple(int(v) for v in c[14]),
+                int(c[15]), int(c[16]), sample_rate)
+        except (TypeError, ValueError, KeyError) as e:
+            raise AssetError(f"config has a value of the wrong type ({e}): {config!r:.200}") from None
+        if parsed.resblock not in ("1", "2"):
+            raise AssetError(f"config resblock must be '1' or '2', got {parsed.resblock!r}")
+        return parsed
+
+    @property
+    def upsample_factor(self) -> int:
+        """Output samples per 10 ms frame."""
+        return math.prod(self.upsample_rates)
+
+
+# ---------------------------------------------------------------------------------------------
+# weight norm under the legacy names that voice files use
+# ---------------------------------------------------------------------------------------------
+
+def _weight_norm(module: nn.Module) -> nn.Module:
+    """Store `module.weight` as `weight_g` (norm over all dims but 0) and `weight_v`, recomputed
+    before every forward: the layout of the reference's `torch.nn.utils.weight_norm` (deprecated
+    in torch, and with a different key layout in its replacement)."""
+    weight = module.weight.detach()
+    del module.weight
+    # g is always loaded from a file; 1 keeps a fresh module valid without a norm on meta tensors
+    module.weight_g = nn.Parameter(weight.new_ones((weight.shape[0],) + (1,) * (weight.dim() - 1)))
+    module.weight_v = nn.Parameter(weight)
+    module._weight_norm_hook = module.register_forward_pre_hook(_set_normed_weight)
+    return module
+
+
+def _normed_weight(module: nn.Module) -> Tensor:
+    # the kernel torch's weight-norm hooks use, so folded and per-forward weights agree bitwise
+    return torch._weight_norm(module.weight_v, module.weight_g, 0)
+
+
+def _set_normed_weight(module: nn.Module, _inputs) -> None:
+    module.weight = _normed_weight(module)
+
+
+def _fold_weight_norm(module: nn.Module) -> None:
+    weight = _normed_weight(module).detach()
+    module._weight_norm_hook.remove()
+    del module._weight_norm_hook, module.weight_g, module.weight_v
+    module.__dict__.pop("weight", None)
+    module.weight = nn.Parameter(weight, requires_grad=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# text encoder (enc_p)
+# ---------------------------------------------------------------------------------------------
+
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    # without nn.Embedding's random init: on meta tensors it imports sympy (seconds, first call)
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of [B, C, T]."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.gamma = nn.Parameter(torch.ones(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.layer_norm(x.transpose(1, -1), self.gamma.shape, self.gamma, self.beta, self.eps)
+        return x.transpose(1, -1)
+
+
+class RelativeSelfAttention(nn.Module):
+    """Multi-head self-attention with learned relative-position terms for keys and values
+    (offsets within ±window, one table shared by all heads)."""
+
+    def __init__(self, channels: int, n_heads: int, window: int = ATTENTION_WINDOW):
+        super().__init__()
+        self.n_heads, self.window = n_heads, window
+        head_dim = channels // n_heads
+        self.conv_q = nn.Conv1d(channels, channels, 1)
+        self.conv_k = nn.Conv1d(channels, channels, 1)
+        self.conv_v = nn.Conv1d(channels, channels, 1)
+        self.conv_o = nn.Conv1d(channels, channels, 1)
+        self.emb_rel_k = nn.Parameter(torch.zeros(1, 2 * window + 1, head_dim))
+        self.emb_rel_v = nn.Parameter(torch.zeros(1, 2 * window + 1, head_dim))
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, C, T]
+        b, c, t = x.shape
+        w = self.window
+
+        def heads(y: Tensor) -> Tensor:  # [B, C, T] -> [B, H, T, C/H]
+            return y.view(b, self.n_heads, c // self.n_heads, t).transpose(2, 3)
+
+        q = heads(self.conv_q(x)) / math.sqrt(c // self.n_heads)
+        k, v = heads(self.conv_k(x)), heads(self.conv_v(x))
+        scores = q @ k.transpose(-2, -1)  # [B, H, T, T]
+        # Only offsets within the window carry a relative term: add them diagonal by diagonal
+        # instead of building the reference's [T, 2T−1] relative matrices (same values).
+        offsets = range(-min(w, t - 1), min(w, t - 1) + 1)
+        rel_logits = q @ self.emb_rel_k.transpose(-2, -1)  # [B, H, T, 2w+1]
+        for o in offsets:
+            rows = slice(max(0, -o), t - max(0, o))
+            scores.diagonal(o, -2, -1).add_(rel_logits[..., rows, o + w])
+        p = torch.softmax(scores, dim=-1)
+        rel_p = p.new_zeros(b, self.n_heads, t, 2 * w + 1)  # p regrouped by offset
+        for o in offsets:
+            rel_p[..., max(0, -o):t - max(0, o), o + w] = p.diagonal(o, -2, -1)
+        out = p @ v + rel_p @ self.emb_rel_v  # [B, H, T, C/H]
+        return self.conv_o(out.transpose(2, 3).reshape(b, c, t))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, channels: int, filter_channels: int, kernel_size: int):
+        super().__init__()
+        self.conv_1 = nn.Conv1d(channels, filter_channels, kernel_size, padding="same")
+        self.conv_2 = nn.Conv1d(filter_channels, channels, kernel_size, padding="same")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv_2(torch.relu(self.conv_1(x)))
+
+
+class Encoder(nn.Module):
+    """Post-LN transformer encoder on [B, C, T]."""
+
+    def __init__(self, config: SynthesizerConfig):
+        super().__init__()
+        h = config.hidden_channels
+        self.attn_layers = nn.ModuleList(RelativeSelfAttention(h, config.n_heads) for _ in range(config.n_layers))
+        self.norm_layers_1 = nn.ModuleList(ChannelLayerNorm(h) for _ in range(config.n_layers))
+        self.ffn_layers = nn.ModuleList(FeedForward(h, config.filter_channels, config.kernel_size)
+                                        for _ in range(config.n_layers))
+        self.norm_layers_2 = nn.ModuleList(ChannelLayerNorm(h) for _ in range(config.n_layers))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for attn, norm_1, ffn, norm_2 in zip(self.attn_layers, self.norm_layers_1, self.ffn_layers, self.norm_layers_2):
+            x = norm_1(x + attn(x))
+            x = norm_2(x + ffn(x))
+        return x
+
+
+class TextEncoder(nn.Module):
+    """Content features (+ coarse pitch) → prior mean and log-scale, each [B, inter, T]."""
+
+    def __init__(self, config: SynthesizerConfig, feature_dim: int, f0: bool):
+        super().__init__()
+        self.emb_phone = nn.Linear(feature_dim, config.hidden_channels)
+        if f0:
+            self.emb_pitch = _embedding(256, config.hidden_channels)
+        self.encoder = Encoder(config)
+        self.proj = nn.Conv1d(config.hidden_channels, 2 * config.inter_channels, 1)
+
+    def forward(self, phone: Tensor, pitch: Tensor | None) -> tuple[Tensor, Tensor]:
+        x = self.emb_phone(phone)  # [B, T, H]
+        if pitch is not None:
+            x = x + self.emb_pitch(pitch)
+        x = F.leaky_relu(x * math.sqrt(x.shape[-1]), LRELU_SLOPE)
+        stats = self.proj(self.encoder(x.transpose(1, 2)))
+        m, logs = stats.chunk(2, dim=1)
+        return m, logs
+
+
+# ---------------------------------------------------------------------------------------------
+# flow
+# ---------------------------------------------------------------------------------------------
+
+class WaveNet(nn.Module):
+    """Gated dilated-conv stack with speaker conditioning (the reference's `WN`, dilation 1)."""
+
+    def __init__(self, channels: int, kernel_size: int, n_layers: int, gin_channels: int):
+        super().__init__()
+        self.channels = channels
+        self.cond_layer = _weight_norm(nn.Conv1d(gin_channels, 2 * channels * n_layers, 1))
+        self.in_layers = nn.ModuleList(
+            _weight_norm(nn.Conv1d(channels, 2 * channels, kernel_size, padding=kernel_size // 2))
+            for _ in range(n_layers))
+        # the last layer only feeds the skip sum
+        self.res_skip_layers = nn.ModuleList(
+            _weight_norm(nn.Conv1d(channels, 2 * channels if i < n_layers - 1 else channels, 1))
+            for i in range(n_layers))
+
+    def forward(self, x: Tensor, g: Tensor) -> Tensor:
+        c = self.channels
+        cond = self.cond_layer(g).split(2 * c, dim=1)  # per layer [B, 2C, 1]
+        skip = torch.zeros_like(x)
+        last = len(self.in_layers) - 1
+        for i, (in_layer, res_skip_layer) in enumerate(zip(self.in_layers, self.res_skip_layers)):
+            a = in_layer(x) + cond[i]
+            y = res_skip_layer(torch.tanh(a[:, :c]) * torch.sigmoid(a[:, c:]))
+            if i < last:
+                x = x + y[:, :c]
+                skip = skip + y[:, c:]
+            else:
+                skip = skip + y
+        return skip
+
+
+class Coupling(nn.Module):
+    """Mean-only affine coupling: the second half of the channels is shifted by a function of the
+    first half."""
+
+    def __init__(self, channels: int, hidden_channels: int, gin_channels: int):
+        super().__init__()
+        self.half = channels // 2
+        self.pre = nn.Conv1d(self.half, hidden_channels, 1)
+        self.enc = WaveNet(hidden_channels, FLOW_KERNEL, FLOW_LAYERS, gin_channels)
+        self.post = nn.Conv1d(hidden_channels, self.half, 1)
+
+    def reverse(self, x: Tensor, g: Tensor) -> Tensor:
+        x0, x1 = x.split(self.half, dim=1)
+        return torch.cat([x0, x1 - self.post(self.enc(self.pre(x0), g))], dim=1)
+
+
+class Flip(nn.Module):
+    """Channel reversal between couplings (no parameters; it takes the odd `flows` slots)."""
+
+    def reverse(self, x: Tensor, g: Tensor) -> Tensor:
+        return torch.flip(x, [1])
+
+
+class Flow(nn.Module):
+    def __init__(self, config: SynthesizerConfig):
+        super().__init__()
+        self.flows = nn.ModuleList()
+        for _ in range(FLOW_COUPLINGS):
+            self.flows.append(Coupling(config.inter_channels, config.hidden_channels, config.gin_channels))
+            self.flows.append(Flip())
+
+    def reverse(self, z: Tensor, g: Tensor) -> Tensor:
+        for flow in reversed(self.flows):
+            z = flow.reverse(z, g)
+        return z
+
+
+# ---------------------------------------------------------------------------------------------
+# decoder (dec)
+# ---------------------------------------------------------------------------------------------
+
+class ResBlock1(nn.Module):
+    def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...]):
+        super().__init__()
+        self.convs1 = nn.ModuleList(
+            _weight_norm(nn.Conv1d(channels, channels, kernel_size, dilation=d, padding="same")) for d in dilations)
+        self.convs2 = nn.ModuleList(
+            _weight_norm(nn.Conv1d(channels, channels, kernel_size, padding="same")) for _ in dilations)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for c1, c2 in zip(self.convs1, self.convs2):
+            x = x + c2(F.leaky_relu(c1(F.leaky_relu(x, LRELU_SLOPE)), LRELU_SLOPE))
+        return x
+
+
+class ResBlock2(nn.Module):
+    def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...]):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            _weight_norm(nn.Conv1d(channels, channels, kernel_size, dilation=d, padding="same"))
+            for d in dilations[:2])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv in self.convs:
+            x = x + conv(F.leaky_relu(x, LRELU_SLOPE))
+        return x
+
+
+def sine_excitation(f0: Tensor, upp: int, sample_rate: int) -> tuple[Tensor, Tensor]:
+    """Sine at f0 held for `upp` samples per frame, and the voicing mask, each [B, T·upp].
+
+    The phase of sample k = 1..upp of frame t is offset_t + k·f0_t/sr, where offset_t is the sum
+    of the earlier frames' increments upp·f0/sr; increments are wrapped to [−0.5, 0.5) and sums
+    to (−1, 1), so the float32 phase keeps its precision on long inputs (the reference's SineGen
+    since Nov 2024)."""
+    b, t = f0.shape
+    ramp = (f0 / sample_rate)[..., None] * torch.arange(1, upp + 1, dtype=f0.dtype, device=f0.device)
+    increments = torch.fmod(ramp[:, :-1, -1] + 0.5, 1.0) - 0.5  # [B, T−1] per-frame phase steps
+    offsets = F.pad(increments.cumsum(dim=1).fmod(1.0), (1, 0))  # [B, T]
+    phase = (ramp + offsets[..., None]).reshape(b, t * upp)
+    sine = torch.sin(phase * (2 * math.pi)) * SINE_AMP
+    voiced = (f0 > 0).repeat_interleave(upp, dim=1)
+    return sine, voiced
+
+
+class SineSource(nn.Module):
+    """NSF source (one harmonic): voiced sine plus Gaussian noise, merged by a 1→1 linear layer."""
+
+    def __init__(self, sample_rate: int):
+        super().__init__()
+        self.sample_rate = sample_rate
+        self.l_linear = nn.Linear(1, 1)
+
+    def forward(self, f0: Tensor, upp: int, noise: SynthNoise) -> Tensor:  # [B, T] Hz -> [B, 1, T·upp]
+        sine, voiced = sine_excitation(f0.float(), upp, self.sample_rate)
+        eps = noise.source(sine[..., None])  # [B, T·upp, 1]
+        amplitude = torch.where(voiced, NSF_NOISE_STD, SINE_AMP / 3)
+        excitation = (torch.where(voiced, sine, 0.0) + amplitude * eps[..., 0])[..., None]
+        excitation = excitation.to(self.l_linear.weight.dtype)
+        return torch.tanh(self.l_linear(excitation)).transpose(1, 2)
+
+
+class Generator(nn.Module):
+    """HiFi-GAN decoder; with `nsf` it is the reference's GeneratorNSF, which adds a strided conv
+    of the sine source to every upsampling stage."""
+
+    def __init__(self, config: SynthesizerConfig, nsf: bool):
+        super().__init__()
+        rates, channels = config.upsample_rates, config.upsample_initial_channel
+        block = ResBlock1 if config.resblock == "1" else ResBlock2
+        self.upp, self.nsf = config.upsample_factor, nsf
+        if nsf:
+            self.m_source = SineSource(config.sample_rate)
+            self.noise_convs = nn.ModuleList()
+        self.conv_pre = nn.Conv1d(config.inter_channels, channels, 7, padding=3)
+        self.ups = nn.ModuleList()
+        self.resblocks = nn.ModuleList()
+        for i, (rate, kernel) in enumerate(zip(rates, config.upsample_kernel_sizes)):
+            c_in, c_out = channels >> i, channels >> (i + 1)
+            self.ups.append(_weight_norm(nn.ConvTranspose1d(c_in, c_out, kernel, rate, padding=(kernel - rate) // 2)))
+            if nsf:  # bring the source from the output rate down to this stage's rate
+                stride = math.prod(rates[i + 1:])
+                self.noise_convs.append(nn.Conv1d(1, c_out, 2 * stride, stride, padding=stride // 2)
+                                        if i + 1 < len(rates) else nn.Conv1d(1, c_out, 1))
+            for k, d in zip(config.resblock_kernel_sizes, config.resblock_dilation_sizes):
+                self.resblocks.append(block(c_out, k, d))
+        self.conv_post = nn.Conv1d(c_out, 1, 7, padding=3, bias=False)
+        self.cond = nn.Conv1d(config.gin_channels, channels, 1)
+
+    def forward(self, z: Tensor, g: Tensor, f0: Tensor | None = None, noise: SynthNoise | None = None) -> Tensor:
+        source = self.m_source(f0, self.upp, noise) if self.nsf else None  # [B, 1, T·upp]
+        x = self.conv_pre(z) + self.cond(g)
+        per_stage = len(self.resblocks) // len(self.ups)
+        for i, up in enumerate(self.ups):
+            x = up(F.leaky_relu(x, LRELU_SLOPE))
+            if source is not None:
+                x = x + self.noise_convs[i](source)
+            blocks = self.resblocks[i * per_stage:(i + 1) * per_stage]
+            xs = blocks[0](x)
+            for rb in blocks[1:]:
+                xs += rb(x)
+            x = xs / per_stage
+        # the reference uses torch's default slope (0.01) here, not LRELU_SLOPE
+        return torch.tanh(self.conv_post(F.leaky_relu(x, 0.01)))  # [B, 1, T·upp]
+
+
+# ---------------------------------------------------------------------------------------------
+# random draws
+# ---------------------------------------------------------------------------------------------
+
+class SynthNoise(ABC):
+    """The synthesizer's random draws, requested in the reference's order: the prior noise, then
+    (f0 voices only) SineGen's phase draw, which has no effect on the output, and the NSF noise."""
+
+    @abstractmethod
+    def prior(self, like: Tensor) -> Tensor:
+        """ε ~ N(0, 1) shaped like the prior mean [B, inter, T] (scaled by the caller)."""
+
+    @abstractmethod
+    def source(self, like: Tensor) -> Tensor:
+        """ε ~ N(0, 1) shaped like the sine [B, T·upp, 1]."""
+
+    @staticmethod
+    def from_generator(generator: torch.Generator) -> SynthNoise:
+        """Draw lazily from `generator`, on its device, in the reference's order. A CPU generator
+        seeded with s gives the draws of a CPU reference `infer` called right after
+        `torch.manual_seed(s)`, wherever the model runs; one on the model's device avoids a copy."""
+        return GeneratorNoise(generator)
+
+    @staticmethod
+    def injected(prior: Tensor, source: Tensor | None = None) -> SynthNoise:
+        """Given draws, e.g. recorded from a reference run: prior [1, inter, T], source [1, T·upp, 1]."""
+        return InjectedNoise(prior, source)
+
+    @staticmethod
+    def zeros() -> SynthNoise:
+        """No noise at all: the prior mean and a clean sine (deterministic output)."""
+        return ZeroNoise()
+
+
+class GeneratorNoise(SynthNoise):
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def _randn(self, like: Tensor) -> Tensor:
+        eps = torch.randn(like.shape, generator=self.generator, device=self.generator.device, dtype=like.dtype)
+        return eps.to(like.device)
+
+    def prior(self, like: Tensor) -> Tensor:
+        return self._randn(like)
+
+    def source(self, like: Tensor) -> Tensor:
+        # the reference's random initial phase, zeroed for the fundamental; drawn to keep the stream aligned
+        torch.rand((1, 1, 1), generator=self.generator, device=self.generator.device)
+        return self._randn(like)
+
+
+class InjectedNoise(SynthNoise):
+    def __init__(self, prior: Tensor, source: Tensor | None):
+        self._prior, self._source = prior, source
+
+    @staticmethod
+    def _fit(noise: Tensor | None, like: Tensor, what: str) -> Tensor:
+        if noise is None:
+            raise ValueError(f"no injected {what} noise was given")
+        if noise.shape != like.shape:
+            raise ValueError(f"injected {what} noise has shape {tuple(noise.shape)}, needed {tuple(like.shape)}")
+        return noise.to(like)
+
+    def prior(self, like: Tensor) -> Tensor:
+        return self._fit(self._prior, like, "prior")
+
+    def source(self, like: Tensor) -> Tensor:
+        return self._fit(self._source, like, "source")
+
+
+class ZeroNoise(SynthNoise):
+    def prior(self, like: Tensor) -> Tensor:
+        return torch.zeros_like(like)
+
+    def source(self, like: Tensor) -> Tensor:
+        return torch.zeros_like(like)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole synthesizer
+# ---------------------------------------------------------------------------------------------
+
+class Synthesizer(nn.Module):
+    """The inference part of the reference's SynthesizerTrnMs{256,768}NSFsid[_nono]."""
+
+    def __init__(self, config: SynthesizerConfig, feature_dim: int, f0: bool):
+        super().__init__()
+        self.config, self.feature_dim, self.f0 = config, feature_dim, f0
+        self.enc_p = TextEncoder(config, feature_dim, f0)
+        self.dec = Generator(config, nsf=f0)
+        self.flow = Flow(config)
+        self.emb_g = _embedding(config.spk_embed_dim, config.gin_channels)
+
+    def fold_weight_norm(self) -> Synthesizer:
+        """Replace every weight-normed layer's g·v/‖v‖ by its plain weight, computed once."""
+        for module in self.modules():
+            if hasattr(module, "_weight_norm_hook"):
+                _fold_weight_norm(module)
+        return self
+
+    def infer(self, phone: Tensor, pitch: Tensor | None, nsff0: Tensor | None, sid: int = 0, *,
+              noise: SynthNoise) -> Tensor:
+        """phone [1, T, feature_dim] float at 100 fps; pitch [1, T] coarse 1..255 (long) and nsff0
+        [1, T] Hz (0 = unvoiced) for f0 voices, None otherwise → audio [1, 1, T·upsample_factor]."""
+        if phone.dim() != 3 or phone.shape[-1] != self.feature_dim:
+            raise ValueError(f"phone must be [1, T, {self.feature_dim}], got {tuple(phone.shape)}")
+        if self.f0:
+            if pitch is None or nsff0 is None:
+                raise ValueError("this voice is pitch-conditioned: pitch and nsff0 are required")
+            if pitch.shape != phone.shape[:2] or nsff0.shape != phone.shape[:2]:
+                raise ValueError(f"pitch {tuple(pitch.shape)} and nsff0 {tuple(nsff0.shape)} must be "
+                                 f"{tuple(phone.shape[:2])}")
+        elif pitch is not None or nsff0 is not None:
+            raise ValueError("this voice has no pitch input: pass pitch=None and nsff0=None")
+        if not 0 <= sid < self.emb_g.num_embeddings:
+            raise ValueError(f"sid {sid} out of range: the voice has {self.emb_g.num_embeddings} speaker(s)")
+        g = self.emb_g.weight[sid][None, :, None]  # [1, gin, 1]
+        m_p, logs_p = self.enc_p(phone, pitch)
+        z_p = m_p + torch.exp(logs_p) * noise.prior(m_p) * PRIOR_NOISE_SCALE
+        z = self.flow.reverse(z_p, g)
+        return self.dec(z, g, nsff0, noise)
+
+
+@dataclass
+class Voice:
+    """A loaded voice: the synthesizer (weight norm folded, eval mode) and its file metadata."""
+
+    model: Synthesizer
+    config: SynthesizerConfig
+    version: str  # "v1" (256-d features) or "v2" (768-d)
+    info: str
+
+    @property
+    def f0(self) -> bool:
+        return self.model.f0
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model.feature_dim
+
+    @property
+    def upsample_factor(self) -> int:
+        return self.config.upsample_factor
+
+
+# ---------------------------------------------------------------------------------------------
+# voice files
+# ---------------------------------------------------------------------------------------------
+
+def load_voice(path: str | Path, device: str | torch.device = "cpu") -> Voice:
+    """Load an RVC voice `.pth` (reference or Applio layout); AssetError if it is missing,
+    unreadable or not a voice the reference could run."""
+    ckpt = torch_load_checked(path, "voice")
+    try:
+        return voice_from_checkpoint(ckpt, device)
+    except AssetError as e:
+        raise AssetError(f"{path}: {e}") from None
+
+
+def voice_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu", fold: bool = True) -> Voice:
+    """Build a voice from a loaded voice-file dict, checking every key and shape. `fold=False`
+    keeps the per-forward weight norm of the reference (only to check the fold)."""
+    if not isinstance(ckpt, dict) or not {"weight", "config"} <= ckpt.keys():
+        found = sorted(map(str, ckpt.keys())) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise AssetError(f"not an RVC voice: needs the keys 'weight' and 'config', found {found}")
+    vocoder = ckpt.get("vocoder", "HiFi-GAN")
+    if vocoder != "HiFi-GAN":
+        raise AssetError(f"unsupported vocoder {vocoder!r}: only HiFi-GAN voices can be run")
+    version = ckpt.get("version", "v1")
+    if version not in FEATURE_DIM:
+        raise AssetError(f"unsupported voice version {version!r} (expected 'v1' or 'v2')")
+    f0 = ckpt.get("f0", 1)
+    if f0 not in (0, 1):  # Applio stores a bool, which compares equal
+        raise AssetError(f"f0 flag must be 0 or 1, got {f0!r}")
+    weights = _normalized_weights(ckpt["weight"])
+    config = SynthesizerConfig.from_list(ckpt["config"])
+    if "emb_g.weight" in weights:  # the reference trusts the speaker table over config[15]
+        config = dataclasses.replace(config, spk_embed_dim=weights["emb_g.weight"].shape[0])
+    with torch.device("meta"):  # shapes only: no memory, no draws from the global RNG
+        model = Synthesizer(config, FEATURE_DIM[version], bool(f0))
+    _check_keys(model, weights)
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.requires_grad_(False).eval()
+    if fold:
+        model.fold_weight_norm()
+    return Voice(model.to(device), config, version, str(ckpt.get("info", "")))
+
+
+def _normalized_weights(weight: object) -> dict[str, Tensor]:
+    """float32 tensors under the reference's names, without the training-only `enc_q`."""
+    if not isinstance(weight, dict):
+        raise AssetError(f"'weight' must be a dict of tensors, got {type(weight).__name__}")
+    out = {}
+    for key, value in weight.items():
+        key = str(key)
+        if not isinstance(value, Tensor):
+            raise AssetError(f"weight {key!r} is a {type(value).__name__}, not a tensor")
+        if key.startswith("enc_q."):
+            continue
+        for applio, legacy in _APPLIO_WEIGHT_NORM.items():
+            key = key.replace(applio, legacy)
+        out[key] = value.float() if value.is_floating_point() else value
+    return out
+
+
+def _check_keys(model: nn.Module, weights: dict[str, Tensor]) -> None:
+    expected = model.state_dict()
+    problems = []
+    for what, keys in (("missing", sorted(expected.keys() - weights.keys())),
+                       ("unexpected", sorted(weights.keys() - expected.keys()))):
+        if keys:
+            more = f" and {len(keys) - 8} more" if len(keys) > 8 else ""
+            problems.append(f"{what} keys {', '.join(keys[:8])}{more}")
+    wrong = [f"{k} {list(weights[k].shape)} (expected {list(v.shape)})"
+             for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+    if wrong:
+        more = f" and {len(wrong) - 8} more" if len(wrong) > 8 else ""
+        problems.append(f"wrong shapes {', '.join(wrong[:8])}{more}")
+    if problems:
+        raise AssetError("weights do not match the voice's config: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# random voices (demo assets, test fixtures)
+# ---------------------------------------------------------------------------------------------
+
+# (version, rate) → (filter_length, upsample_rates, upsample_kernel_sizes), from the reference's
+# configs/{v1,v2}/*.json (v2 40k uses the v1 file)
+_LAYOUTS = {
+    ("v1", 32000): (1024, [10, 4, 2, 2, 2], [16, 16, 4, 4, 4]),
+    ("v1", 40000): (2048, [10, 10, 2, 2], [16, 16, 4, 4]),
+    ("v1", 48000): (2048, [10, 6, 2, 2, 2], [16, 16, 4, 4, 4]),
+    ("v2", 32000): (1024, [10, 8, 2, 2], [20, 16, 4, 4]),
+    ("v2", 40000): (2048, [10, 10, 2, 2], [16, 16, 4, 4]),
+    ("v2", 48000): (2048, [12, 10, 2, 2], [24, 20, 4, 4]),
+}
+_CALIBRATION_FRAMES = 32
+_PRE_TANH_RMS = 0.5
+
+
+def random_voice_checkpoint(seed: int, version: str, sample_rate: int, f0: bool) -> dict:
+    """A voice-file dict as the reference's training writes it (`process_ckpt.savee`: fp16
+    weights without `enc_q`, legacy weight-norm names, 18-value config), with random weights
+    from `seed` shaped so the output is audible, unclipped and depends on features, f0, speaker
+    and noise. Deterministic; the global RNG is not used. Its last step calibrates `conv_post` on a
+    forward pass, so a CPU with other float rounding may differ in a last fp16 bit there."""
+    if (version, sample_rate) not in _LAYOUTS:
+        raise ValueError(f"no reference layout for {version} at {sample_rate} Hz")
+    filter_length, rates, kernels = _LAYOUTS[(version, sample_rate)]
+    config = [filter_length // 2 + 1, 32, 192, 192, 768, 2, 6, 3, 0, "1", [3, 7, 11], [[1, 3, 5]] * 3,
+              rates, 512, kernels, 109, 256, sample_rate]
+    synth_config = SynthesizerConfig.from_list(config)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Synthesizer(synth_config, FEATURE_DIM[version], f0).state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for key, shape in shapes.items():
+        if key.endswith(".weight_g"):
+            continue  # drawn with its weight_v
+        if key.endswith(".weight_v"):
+            v = _random_weight(key, shape, generator, synth_config)
+            g = torch.linalg.vector_norm(v, dim=tuple(range(1, v.dim())), keepdim=True)
+            weights[key[:-1] + "g"] = g * (1 + 0.1 * torch.randn(g.shape, generator=generator))
+            weights[key] = v
+        else:
+            weights[key] = _random_weight(key, shape, generator, synth_config)
+    weights = {k: weights[k].half() for k in shapes}
+    weights["dec.conv_post.weight"] = _calibrated_conv_post(weights, config, version, f0, generator)
+    return {"weight": weights, "config": config, "info": "0epoch", "sr": f"{sample_rate // 1000}k",
+            "f0": int(f0), "version": version}
+
+
+def _random_weight(key: str, shape: torch.Size, generator: torch.Generator, config: SynthesizerConfig) -> Tensor:
+    def normal(std: float) -> Tensor:
+        return torch.randn(shape, generator=generator) * std
+
+    fan_in = math.prod(shape[1:])
+    if key.endswith(".gamma"):
+        return 1 + normal(0.1)
+    if key.endswith(".beta"):
+        return normal(0.1)
+    if ".emb_rel_" in key:
+        return normal(shape[-1] ** -0.5)
+    if key == "emb_g.weight":  # at N(0, 1) the speaker would drown the content
+        return normal(0.5)
+    if key == "enc_p.emb_pitch.weight":
+        return normal(1.0)
+    if key == "dec.m_source.l_linear.weight":
+        return 2 + normal(0.2)  # sine amplitude 0.1 → about 0.2 before the tanh
+    if key == "enc_p.proj.bias":  # log-scale half biased to −1: a prior narrow enough for content to matter
+        bias = normal(0.05)
+        bias[shape[0] // 2:] -= 1
+        return bias
+    if key.endswith(".bias"):
+        return normal(0.05)
+    if key.startswith("dec.ups."):  # ConvTranspose1d [in, out, k]: each output sums in·k/stride taps
+        stride = config.upsample_rates[int(key.split(".")[2])]
+        return normal(math.sqrt(2 / (shape[0] * shape[2] / stride)))
+    if key.startswith("dec.resblocks."):
+        return normal(0.5 / math.sqrt(fan_in))
+    if key.startswith("dec.noise_convs."):  # the source is ~0.2 in amplitude: make it count
+        return normal(3 / math.sqrt(fan_in))
+    if key.startswith("flow.") and ".post." in key:  # zero at training init; small so the flow acts
+        return normal(0.2 / math.sqrt(fan_in))
+    return normal(1 / math.sqrt(fan_in))
+
+
+@torch.no_grad()  # not inference_mode: the result goes into a checkpoint callers may edit
+def _calibrated_conv_post(weights: dict[str, Tensor], config: list, version: str, f0: bool,
+                          generator: torch.Generator) -> Tensor:
+    """conv_post's input comes from a LeakyReLU, so it is mostly positive and random weights give
+    a large DC. Remove the DC its input causes on a fixed pitched input (least change to the
+    weight), then scale to a pre-tanh RMS of 0.5."""
+    voice = voice_from_checkpoint({"weight": weights, "config": config, "version": version, "f0": int(f0)})
+    t = _CALIBRATION_FRAMES
+    phone = torch.randn(1, t, voice.feature_dim, generator=generator)
+    pitch = nsff0 = None
+    if f0:  # a 110 → 330 Hz glide with an unvoiced gap
+        nsff0 = 110 * 3 ** torch.linspace(0, 1, t)[None]
+        nsff0[:, t // 2:t // 2 + t // 8] = 0
+        # any plausible coarse pitch will do for calibration (log scale over 50..1100 Hz)
+        pitch = torch.where(nsff0 > 0, 1 + 254 * torch.log(nsff0 / 50) / math.log(1100 / 50), 1).round().long()
+    captured = []
+    hook = voice.model.dec.conv_post.register_forward_hook(lambda m, i, o: captured.append(i[0]))
+    voice.model.infer(phone, pitch, nsff0, noise=SynthNoise.from_generator(generator))
+    hook.remove()
+    x = captured[0]  # [1, C, N], after the final LeakyReLU
+    w = weights["dec.conv_post.weight"].float()  # [1, C, 7]
+    mean = x.mean(dim=-1)[0][:, None].expand_as(w[0])  # output DC = <w, mean>
+    w = w - (w * mean).sum() / (mean * mean).sum() * mean
+    rms = F.conv1d(x, w, padding=3).pow(2).mean().sqrt()
+    return (w * (_PRE_TANH_RMS / rms)).half()
+
+
+def save_voice(ckpt: dict, path: str | Path) -> None:
+    """Write a voice-file dict the way the reference does (`torch.save`)."""
+    torch.save(ckpt, path)

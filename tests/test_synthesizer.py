@@ -1,0 +1,305 @@
+import io
+import math
+
+import pytest
+import torch
+
+from pipeline.assets import AssetError
+from pipeline.synthesizer import (
+    SynthesizerConfig, SynthNoise, load_voice, random_voice_checkpoint, save_voice, sine_excitation,
+    voice_from_checkpoint)
+
+T = 20  # frames (10 ms each): enough for the attention window and every upsampling stage
+# every rate/version layout; f0 and no-f0 voices both covered without building all 12
+COMBOS = [("v1", 32000, True), ("v1", 40000, False), ("v1", 48000, False),
+          ("v2", 32000, True), ("v2", 40000, True), ("v2", 48000, False)]
+_CACHE = {}
+
+
+def checkpoint(version: str, sample_rate: int, f0: bool, seed: int = 0) -> dict:
+    """Random voices are costly to make: build each once per session (callers must not mutate)."""
+    key = (seed, version, sample_rate, f0)
+    if key not in _CACHE:
+        _CACHE[key] = random_voice_checkpoint(seed, version, sample_rate, f0)
+    return _CACHE[key]
+
+
+def inputs(feature_dim: int, f0: bool = True, frames: int = T, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    phone = torch.randn(1, frames, feature_dim, generator=g)
+    if not f0:
+        return phone, None, None
+    nsff0 = torch.linspace(120, 260, frames)[None]
+    nsff0[:, frames // 2:frames // 2 + 4] = 0
+    pitch = torch.where(nsff0 > 0, (nsff0 / 3).round(), 1).long()
+    return phone, pitch, nsff0
+
+
+@torch.inference_mode()
+def synthesize(voice, phone, pitch, nsff0, noise=None, sid=0):
+    return voice.model.infer(phone, pitch, nsff0, sid, noise=noise or SynthNoise.zeros())
+
+
+@pytest.fixture(scope="module")
+def v2_ckpt():
+    return checkpoint("v2", 40000, True)
+
+
+@pytest.fixture(scope="module")
+def v2_voice(v2_ckpt):
+    return voice_from_checkpoint(v2_ckpt)
+
+
+def with_changes(ckpt: dict, **changes) -> dict:
+    out = {**ckpt, "weight": dict(ckpt["weight"])}
+    out.update(changes)
+    return out
+
+
+# --- the file format ------------------------------------------------------------------------------
+
+def test_random_checkpoint_has_the_reference_file_layout(v2_ckpt):
+    assert list(v2_ckpt) == ["weight", "config", "info", "sr", "f0", "version"]
+    assert v2_ckpt["sr"] == "40k" and v2_ckpt["f0"] == 1 and v2_ckpt["version"] == "v2"
+    assert v2_ckpt["config"][0] == 1025 and checkpoint("v1", 32000, True)["config"][0] == 513
+    assert len(v2_ckpt["config"]) == 18 and v2_ckpt["config"][12] == [10, 10, 2, 2]
+    w = v2_ckpt["weight"]
+    assert len(w) == 457 and sum(t.numel() for t in w.values()) == 27_537_346
+    assert all(t.dtype == torch.float16 for t in w.values())
+    assert not any("enc_q" in k or "parametrizations" in k for k in w)
+    shapes = {
+        "emb_g.weight": (109, 256), "enc_p.emb_phone.weight": (192, 768), "enc_p.emb_pitch.weight": (256, 192),
+        "enc_p.encoder.attn_layers.5.emb_rel_k": (1, 21, 96), "enc_p.proj.weight": (384, 192, 1),
+        "flow.flows.6.enc.cond_layer.weight_v": (1152, 256, 1), "flow.flows.0.post.weight": (96, 192, 1),
+        "dec.m_source.l_linear.weight": (1, 1), "dec.ups.0.weight_g": (512, 1, 1),
+        "dec.ups.0.weight_v": (512, 256, 16), "dec.noise_convs.0.weight": (256, 1, 80),
+        "dec.noise_convs.3.weight": (32, 1, 1), "dec.resblocks.11.convs2.2.weight_v": (32, 32, 11),
+        "dec.conv_post.weight": (1, 32, 7),
+    }
+    for key, shape in shapes.items():
+        assert tuple(w[key].shape) == shape, key
+    assert "dec.conv_post.bias" not in w and not any(k.startswith("flow.flows.1.") for k in w)
+
+
+def test_random_checkpoint_is_deterministic_and_leaves_the_global_rng_alone():
+    state = torch.get_rng_state()
+    a = random_voice_checkpoint(0, "v1", 40000, False)
+    assert torch.equal(state, torch.get_rng_state())
+    b = checkpoint("v1", 40000, False, seed=0)
+
+    def serialized(ckpt):
+        buf = io.BytesIO()
+        torch.save(ckpt, buf)
+        return buf.getvalue()
+
+    assert serialized(a) == serialized(b)
+    c = random_voice_checkpoint(1, "v1", 40000, False)
+    assert not torch.equal(a["weight"]["emb_g.weight"], c["weight"]["emb_g.weight"])
+
+
+def test_config_parses_the_list_and_rate_names(v2_ckpt):
+    config = SynthesizerConfig.from_list(v2_ckpt["config"])
+    assert config.sample_rate == 40000 and config.upsample_factor == 400
+    assert config.resblock_dilation_sizes == ((1, 3, 5),) * 3
+    named = SynthesizerConfig.from_list(v2_ckpt["config"][:-1] + ["48k"])
+    assert named.sample_rate == 48000
+    with pytest.raises(AssetError, match="18 values"):
+        SynthesizerConfig.from_list(v2_ckpt["config"][:-1])
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+def test_load_voice_round_trip_and_metadata(tmp_path, v2_ckpt, v2_voice):
+    path = tmp_path / "voice.pth"
+    save_voice(v2_ckpt, path)
+    voice = load_voice(path)
+    assert (voice.version, voice.f0, voice.sample_rate, voice.feature_dim, voice.upsample_factor) == \
+        ("v2", True, 40000, 768, 400)
+    assert voice.info == "0epoch" and voice.config.spk_embed_dim == 109
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in voice.model.parameters())
+    x = inputs(768)
+    assert torch.equal(synthesize(voice, *x), synthesize(v2_voice, *x))
+
+
+def test_speaker_count_comes_from_the_table_not_the_config(v2_ckpt):
+    ckpt = with_changes(v2_ckpt, config=v2_ckpt["config"][:15] + [3] + v2_ckpt["config"][16:])
+    assert voice_from_checkpoint(ckpt).config.spk_embed_dim == 109
+
+
+def test_applio_layout_loads_strictly_to_the_same_voice(v2_ckpt, v2_voice):
+    renamed = {k.replace(".weight_g", ".parametrizations.weight.original0")
+                .replace(".weight_v", ".parametrizations.weight.original1"): v
+               for k, v in v2_ckpt["weight"].items()}
+    assert sum(".parametrizations." in k for k in renamed) == 2 * 104
+    applio = with_changes(v2_ckpt, weight=renamed, f0=True, vocoder="HiFi-GAN", epoch=3, author="x")
+    x = inputs(768)
+    assert torch.equal(synthesize(voice_from_checkpoint(applio), *x), synthesize(v2_voice, *x))
+
+
+def test_folded_weight_norm_equals_per_forward_weight_norm(v2_ckpt, v2_voice):
+    unfolded = voice_from_checkpoint(v2_ckpt, fold=False)
+    keys = unfolded.model.state_dict().keys()
+    assert keys == {k for k in v2_ckpt["weight"]}  # exactly the reference's names
+    assert not any(k.endswith((".weight_g", ".weight_v")) for k in v2_voice.model.state_dict())
+    x = inputs(768)
+    noise = SynthNoise.from_generator
+    a = synthesize(unfolded, *x, noise(torch.Generator().manual_seed(3)))
+    b = synthesize(v2_voice, *x, noise(torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_missing_unexpected_and_misshaped_weights_are_named(v2_ckpt):
+    weight = dict(v2_ckpt["weight"])
+    weight["dec.conv_post.weight_x"] = weight.pop("dec.conv_post.weight")
+    missing_and_unexpected = r"missing keys dec\.conv_post\.weight;.*unexpected keys dec\.conv_post\.weight_x"
+    with pytest.raises(AssetError, match=missing_and_unexpected):
+        voice_from_checkpoint(with_changes(v2_ckpt, weight=weight))
+    # a v2 file labelled v1: the 768-d input layer does not fit a 256-d voice
+    misshaped = r"wrong shapes enc_p\.emb_phone\.weight \[192, 768\] \(expected \[192, 256\]\)"
+    with pytest.raises(AssetError, match=misshaped):
+        voice_from_checkpoint(with_changes(v2_ckpt, version="v1"))
+    # an f0 file labelled no-f0: the NSF source and pitch table are left over
+    with pytest.raises(AssetError, match=r"unexpected keys dec\.m_source\.l_linear\.bias"):
+        voice_from_checkpoint(with_changes(v2_ckpt, f0=0))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"vocoder": "RefineGAN"}, "unsupported vocoder 'RefineGAN'"),
+    ({"version": "v3"}, "unsupported voice version 'v3'"),
+    ({"f0": 2}, "f0 flag must be 0 or 1"),
+    ({"config": [1, 2, 3]}, "config must be a list of 18 values"),
+])
+def test_unsupported_metadata_is_rejected(v2_ckpt, changes, message):
+    with pytest.raises(AssetError, match=message):
+        voice_from_checkpoint(with_changes(v2_ckpt, **changes))
+
+
+def test_bad_files_raise_asset_errors_naming_the_file(tmp_path, v2_ckpt):
+    with pytest.raises(AssetError, match="not found"):
+        load_voice(tmp_path / "absent.pth")
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(AssetError, match="notes.pth"):
+        load_voice(text)
+    small = tmp_path / "small.pth"
+    torch.save({"weight": {"emb_g.weight": torch.zeros(4096)}, "config": v2_ckpt["config"]}, small)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(small.read_bytes()[: small.stat().st_size // 2])
+    with pytest.raises(AssetError, match="truncated.pth: cannot load voice"):
+        load_voice(truncated)
+    no_weight = tmp_path / "no_weight.pth"
+    torch.save({"config": v2_ckpt["config"], "info": "x"}, no_weight)
+    with pytest.raises(AssetError, match=r"no_weight.pth: not an RVC voice: needs the keys 'weight' and 'config'"):
+        load_voice(no_weight)
+
+
+def test_loading_does_not_touch_the_global_rng(v2_ckpt):
+    state = torch.get_rng_state()
+    voice = voice_from_checkpoint(v2_ckpt)
+    synthesize(voice, *inputs(768), SynthNoise.from_generator(torch.Generator().manual_seed(0)))
+    assert torch.equal(state, torch.get_rng_state())
+
+
+# --- inference ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version, sample_rate, f0", COMBOS)
+def test_output_has_one_frame_of_samples_per_10ms_for_every_layout(version, sample_rate, f0):
+    voice = voice_from_checkpoint(checkpoint(version, sample_rate, f0))
+    assert voice.upsample_factor == sample_rate // 100
+    out = synthesize(voice, *inputs(voice.feature_dim, f0),
+                     SynthNoise.from_generator(torch.Generator().manual_seed(0)))
+    assert out.shape == (1, 1, T * sample_rate // 100)
+    assert torch.isfinite(out).all() and out.abs().max() < 1
+    assert 0.05 < out.pow(2).mean().sqrt() < 0.8
+
+
+def test_no_f0_voice_runs_without_pitch():
+    voice = voice_from_checkpoint(checkpoint("v2", 48000, False))
+    assert not voice.f0 and not hasattr(voice.model.dec, "m_source")
+    phone = inputs(768, f0=False)[0]
+    assert synthesize(voice, phone, None, None).shape == (1, 1, T * 480)
+    with pytest.raises(ValueError, match="no pitch input"):
+        synthesize(voice, *inputs(768))
+
+
+def test_same_seed_same_output_other_seed_other_output(v2_voice):
+    x = inputs(768)
+
+    def run(seed):
+        return synthesize(v2_voice, *x, SynthNoise.from_generator(torch.Generator().manual_seed(seed)))
+
+    assert torch.equal(run(1), run(1))
+    assert (run(1) - run(2)).abs().max() > 0.05
+
+
+def test_zero_noise_is_deterministic_and_differs_from_noisy_output(v2_voice):
+    x = inputs(768)
+    assert torch.equal(synthesize(v2_voice, *x), synthesize(v2_voice, *x))
+    noisy = synthesize(v2_voice, *x, SynthNoise.from_generator(torch.Generator().manual_seed(0)))
+    assert (noisy - synthesize(v2_voice, *x)).abs().max() > 0.05
+
+
+def test_generator_draws_prior_then_phase_then_source(v2_voice):
+    """The draw order of the reference: injecting the same stream reproduces the generator run."""
+    x = inputs(768)
+    g = torch.Generator().manual_seed(9)
+    prior = torch.randn(1, 192, T, generator=g)
+    torch.rand(1, 1, 1, generator=g)  # SineGen's initial phase (no effect on the output)
+    source = torch.randn(1, T * 400, 1, generator=g)
+    injected = synthesize(v2_voice, *x, SynthNoise.injected(prior, source))
+    drawn = synthesize(v2_voice, *x, SynthNoise.from_generator(torch.Generator().manual_seed(9)))
+    assert torch.equal(injected, drawn)
+    with pytest.raises(ValueError, match="shape"):
+        synthesize(v2_voice, *x, SynthNoise.injected(prior[:, :, :-1], source))
+
+
+def test_output_follows_features_pitch_and_speaker(v2_voice):
+    phone, pitch, nsff0 = inputs(768, frames=40)
+    base = synthesize(v2_voice, phone, pitch, nsff0)
+
+    def change(**kw):
+        args = {"phone": phone, "pitch": pitch, "nsff0": nsff0, **kw}
+        out = synthesize(v2_voice, args["phone"], args["pitch"], args["nsff0"], sid=kw.get("sid", 0))
+        return float((out - base).pow(2).mean().sqrt() / base.pow(2).mean().sqrt())
+
+    assert change(phone=inputs(768, frames=40, seed=1)[0]) > 0.1
+    assert change(nsff0=nsff0 * 1.5) > 0.1
+    assert change(pitch=torch.clamp(pitch + 40, max=255)) > 0.1
+    assert change(sid=3) > 0.1
+
+
+def test_speaker_id_out_of_range_is_an_error(v2_voice):
+    with pytest.raises(ValueError, match="sid 109 out of range"):
+        synthesize(v2_voice, *inputs(768), sid=109)
+    with pytest.raises(ValueError, match="out of range"):
+        synthesize(v2_voice, *inputs(768), sid=-1)
+
+
+def test_pitch_inputs_are_required_and_checked(v2_voice):
+    phone, pitch, nsff0 = inputs(768)
+    with pytest.raises(ValueError, match="pitch and nsff0 are required"):
+        synthesize(v2_voice, phone, None, None)
+    with pytest.raises(ValueError, match="must be"):
+        synthesize(v2_voice, phone, pitch[:, :-1], nsff0)
+    with pytest.raises(ValueError, match=r"phone must be \[1, T, 768\]"):
+        synthesize(v2_voice, phone[..., :256], pitch, nsff0)
+
+
+# --- the NSF sine -------------------------------------------------------------------------------
+
+def test_sine_phase_is_continuous_and_starts_one_step_in():
+    sr, upp, frames, hz = 40000, 400, 300, 197.3
+    sine, voiced = sine_excitation(torch.full((1, frames), hz), upp, sr)
+    n = torch.arange(1, frames * upp + 1, dtype=torch.float64)
+    expected = 0.1 * torch.sin(2 * math.pi * ((hz * n / sr) % 1.0))
+    torch.testing.assert_close(sine[0].double(), expected, atol=2e-5, rtol=0)
+    assert voiced.all()
+
+
+def test_sine_voicing_follows_f0_per_frame():
+    f0 = torch.tensor([[0.0, 100.0, 0.0, 220.0]])
+    sine, voiced = sine_excitation(f0, 4, 1000)
+    assert voiced[0].tolist() == [False] * 4 + [True] * 4 + [False] * 4 + [True] * 4
+    # the phase keeps running through unvoiced frames (f0 = 0 adds nothing): frame 3 starts at 0.4
+    phase = 0.4 + 0.22 * torch.arange(1, 5)
+    torch.testing.assert_close(sine[0, 12:], 0.1 * torch.sin(2 * math.pi * phase), atol=1e-6, rtol=0)
