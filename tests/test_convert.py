@@ -7,6 +7,7 @@ import soundfile as sf
 
 from deployments.cli import main as cli_main
 from pipeline import audio as audio_io
+from pipeline.demo import synthetic_speech
 from pipeline.convert import ChunkingConfig, ConversionParams, Converter, prepare_input, split_points
 from pipeline.index import load_index
 from pipeline.synthesizer import load_voice
@@ -30,8 +31,9 @@ def index(fixture_set):
 
 
 @pytest.fixture(scope="module")
-def speech(fixture_set):
-    return sf.read(fixture_set["audio"]["speech_2s"], dtype="float32")[0]
+def speech():
+    # not one of the inputs whose near-twins the fixture indexes hold: retrieval matters here
+    return synthetic_speech(1.5, sample_rate=16000, seed=77)
 
 
 def _run(converter, voice, index, audio, **params):
@@ -176,7 +178,7 @@ def test_cli_converts_other_rates_and_stereo(tmp_path, fixture_set, speech, rate
                      "--hubert", fixture_set["hubert"], "--f0-method", "crepe-tiny", "-q"])
     assert code == 0
     out, sr = sf.read(dst)
-    assert sr == 44100 and abs(len(out) / sr - 2.0) < 0.1
+    assert sr == 44100 and abs(len(out) / sr - 1.5) < 0.1
 
 
 def test_cli_refuses_corrupt_input_and_model(tmp_path, fixture_set, capsys):

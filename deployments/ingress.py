@@ -1,0 +1,257 @@
+"""The HTTP ingress: the job API of the contract, on Ray Serve. It owns HTTP only.
+
+Create runs the contract's checks in its order — key (403), rate limit (429), size (413),
+parameters (422), file type by content (402), model (404) — then stores the upload durably,
+hands the job to the job actor and answers RUNNING. It never runs a model.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from ray import serve
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from pipeline.audio import AudioDecodeError, sniff_and_probe
+
+from .jobs import RETRYABLE, get_or_create, job_tracker, limiter_name, one_line_error
+from .logs import get_logger
+from .openapi import openapi_document
+from .params import CREATE_PARAMS, PAGE_PARAMS, missing, parse_query
+from .ratelimit import RateLimiter
+from .registry import get_voice, list_voices, models_page
+from .results import RESULT_ROUTE, URL_LIFETIME_S, LocalResultStore, check_key, signed_url, verify
+from .settings import AppSettings, load_api_keys, url_secret
+from .store import FAILED, SUCCESS, Job, format_timestamp
+from .uploads import MAX_BODY_BYTES, PayloadTooLarge, receive_upload
+
+FORBIDDEN = {"message": "Forbidden"}
+NOT_FOUND = {"message": "Not found"}
+INVALID_FILE = {"message": "Invalid file type, use: ['audio/x-wav', 'audio/mpeg', 'audio/flac']"}
+MEDIA_TYPES = {".mp3": "audio/mpeg", ".flac": "audio/flac", ".wav": "audio/x-wav"}
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    async def __init__(self, settings: AppSettings, conversion) -> None:
+        self.settings = settings
+        self.conversion = conversion
+        self.keys = load_api_keys(settings)
+        self.secret = url_secret(settings)
+        # Fixed at start, as in the pitch replicas: rmvpe is offered if rmvpe.pt was there then.
+        self.f0_methods = settings.f0_methods
+        self.results = LocalResultStore(settings.results_dir)
+        settings.uploads_dir.mkdir(parents=True, exist_ok=True)
+        app_name = serve.get_replica_context().app_name
+        self.limiter = get_or_create(RateLimiter, limiter_name(app_name))
+        self.tracker = await job_tracker(app_name, settings, conversion)
+        self.log = get_logger()
+        self.registry = CollectorRegistry()
+        self.requests = Counter("rvc_http_requests_total", "HTTP requests by route, method and status code.",
+                                ["route", "method", "code"], registry=self.registry)
+        self.latency = Histogram("rvc_http_request_duration_seconds", "HTTP request latency by route.",
+                                 ["route"], registry=self.registry)
+
+    def __serve_build_asgi_app__(self) -> Starlette:
+        routes = [
+            ("/v1/inferences-vc", self.create_job, ["POST"]),
+            ("/v1/inferences-vc/{inferenceId}", self.get_job, ["GET"]),
+            ("/v1/models-vc", self.list_models, ["GET"]),
+            (RESULT_ROUTE + "/{inferenceId}/{name}", self.get_result, ["GET", "HEAD"]),
+            ("/healthz", self.healthz, ["GET"]),
+            ("/readyz", self.readyz, ["GET"]),
+            ("/metrics", self.metrics, ["GET"]),
+            ("/openapi.json", self.openapi, ["GET"]),
+            # Unknown /v1 paths answer after the key check, so they reveal nothing either.
+            ("/v1/{rest:path}", self.v1_not_found, ["GET", "POST", "PUT", "PATCH", "DELETE"]),
+        ]
+        return Starlette(routes=[Route(path, self._measured(path, handler), methods=methods)
+                                 for path, handler, methods in routes],
+                         exception_handlers={Exception: _internal_error})
+
+    def _measured(self, route: str, handler):
+        async def endpoint(request: Request) -> Response:
+            start = time.perf_counter()
+            code = "500"
+            try:
+                response = await handler(request)
+                code = str(response.status_code)
+                return response
+            finally:
+                self.requests.labels(route, request.method, code).inc()
+                self.latency.labels(route).observe(time.perf_counter() - start)
+        return endpoint
+
+    async def _gate(self, request: Request) -> tuple[str, dict[str, str]] | Response:
+        """Key check then rate limit: (tenant, rate-limit headers) or the refusal to send."""
+        tenant = self.keys.tenant(request.headers.get("x-api-key"))
+        if tenant is None:
+            return JSONResponse(FORBIDDEN, 403)
+        decision = await self.limiter.hit.remote(tenant, self.settings.rate_limit_per_minute)
+        if not decision.allowed:
+            return JSONResponse({"error": "Rate limit exceeded."}, 429, headers=decision.headers())
+        return tenant, decision.headers()
+
+    async def create_job(self, request: Request) -> Response:
+        gate = await self._gate(request)
+        if isinstance(gate, Response):
+            return gate
+        tenant, headers = gate
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return JSONResponse({"message": "Payload Too Large"}, 413, headers=headers)
+        try:
+            upload = await receive_upload(request.headers.get("content-type"), request.stream(),
+                                          self.settings.uploads_dir)
+        except PayloadTooLarge:
+            return JSONResponse({"message": "Payload Too Large"}, 413, headers=headers)
+        except ClientDisconnect:
+            return Response(status_code=400)
+        try:
+            return await self._accept(request, tenant, headers, upload.path)
+        finally:
+            if upload.path is not None:
+                upload.path.unlink(missing_ok=True)
+
+    async def _accept(self, request: Request, tenant: str, headers: dict[str, str], upload) -> Response:
+        values, errors = parse_query(CREATE_PARAMS, request.query_params, self.f0_methods)
+        if upload is None:
+            errors.append(missing(["body", "audioInfer"]))
+        if errors:
+            return JSONResponse({"detail": errors}, 422, headers=headers)
+        try:
+            fmt = await asyncio.to_thread(sniff_and_probe, upload)
+        except AudioDecodeError:
+            return JSONResponse(INVALID_FILE, 402, headers=headers)
+        model_id = values.pop("model_id")
+        if get_voice(self.settings.voices_dir, model_id) is None:
+            return JSONResponse({"message": "Model not found"}, 404, headers=headers)
+
+        inference_id = uuid.uuid4().hex
+        stored_upload = self.settings.uploads_dir / f"{inference_id}.{fmt}"
+        os.rename(upload, stored_upload)
+        _fsync_dir(self.settings.uploads_dir)
+        job = Job(inference_id=inference_id, tenant=tenant, model_id=model_id,
+                  params={**values, "seed": self.settings.seed}, upload_path=str(stored_upload))
+        try:
+            job = await self.tracker.submit.remote(job)
+        except Exception as exc:  # noqa: BLE001 - no job id was given out: drop the upload
+            stored_upload.unlink(missing_ok=True)
+            if isinstance(exc, RETRYABLE):
+                return JSONResponse({"message": "Service Unavailable"}, 503, headers=headers)
+            raise
+        self.log.info("job accepted", extra={"inference_id": inference_id, "model_id": model_id,
+                                             "tenant": tenant[:12], "format": fmt,
+                                             "bytes": stored_upload.stat().st_size})
+        return JSONResponse(self._job_view(job, request), 200, headers=headers)
+
+    async def get_job(self, request: Request) -> Response:
+        gate = await self._gate(request)
+        if isinstance(gate, Response):
+            return gate
+        tenant, headers = gate
+        job = await self.tracker.get.remote(request.path_params["inferenceId"], tenant)
+        if job is None:
+            return JSONResponse(NOT_FOUND, 404, headers=headers)
+        return JSONResponse(self._job_view(job, request), 200, headers=headers)
+
+    async def list_models(self, request: Request) -> Response:
+        gate = await self._gate(request)
+        if isinstance(gate, Response):
+            return gate
+        _, headers = gate
+        values, errors = parse_query(PAGE_PARAMS, request.query_params)
+        if errors:
+            return JSONResponse({"detail": errors}, 422, headers=headers)
+        voices = await asyncio.to_thread(list_voices, self.settings.voices_dir)
+        body = models_page(voices, values["page"], values["per_page"], self._base_url(request))
+        return JSONResponse(body, 200, headers=headers)
+
+    async def v1_not_found(self, request: Request) -> Response:
+        gate = await self._gate(request)
+        if isinstance(gate, Response):
+            return gate
+        return JSONResponse(NOT_FOUND, 404, headers=gate[1])
+
+    async def get_result(self, request: Request) -> Response:
+        """A signed result URL: no API key, 403 when forged, altered or expired."""
+        inference_id, name = request.path_params["inferenceId"], request.path_params["name"]
+        try:
+            key = check_key(f"{inference_id}/{name}")
+        except ValueError:
+            return JSONResponse(FORBIDDEN, 403)
+        if not verify(self.secret, key, request.query_params.get("expires"),
+                      request.query_params.get("signature"), time.time()):
+            return JSONResponse(FORBIDDEN, 403)
+        path = self.results.local_path(key)
+        if path is None:
+            return JSONResponse(NOT_FOUND, 404)
+        return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
+                            filename=f"{inference_id}{path.suffix}")
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        """Ready when the job actor answers, every stage has a live replica with its models
+        loaded, and at least one voice is registered."""
+        try:
+            await asyncio.wait_for(asyncio.gather(self.tracker.ping.remote(), self.conversion.ready.remote()), 10)
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            return JSONResponse({"status": "not ready", "reason": one_line_error(exc) or "timeout"}, 503)
+        voices = await asyncio.to_thread(list_voices, self.settings.voices_dir)
+        if not voices:
+            return JSONResponse({"status": "not ready", "reason": "no voice model registered"}, 503)
+        return JSONResponse({"status": "ready", "voices": len(voices)})
+
+    async def metrics(self, request: Request) -> Response:
+        """This replica's HTTP metrics plus the job actor's job, stage and voice-cache metrics."""
+        text = generate_latest(self.registry)
+        try:
+            text += await asyncio.wait_for(_resolve(self.tracker.metrics_text.remote()), 5)
+        except Exception as exc:  # noqa: BLE001 - serve what we have
+            self.log.warning("job metrics unavailable", extra={"error": one_line_error(exc)})
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_document(self.f0_methods))
+
+    def _base_url(self, request: Request) -> str:
+        return self.settings.public_base_url or str(request.base_url).rstrip("/")
+
+    def _job_view(self, job: Job, request: Request) -> dict:
+        view = {"inferenceId": job.inference_id, "modelId": job.model_id, "status": job.status, "type": "VC",
+                "inferenceUrl": None, "jobStartTime": format_timestamp(job.created_us),
+                "jobEndTime": None if job.ended_us is None else format_timestamp(job.ended_us)}
+        if job.status == SUCCESS:
+            key = job.results["mp3"]
+            view["inferenceUrl"] = (self.results.external_url(key, URL_LIFETIME_S)
+                                    or signed_url(self.secret, self._base_url(request), key, time.time()))
+        elif job.status == FAILED:
+            view["error"] = job.error
+        return view
+
+
+async def _resolve(awaitable):
+    return await awaitable
+
+
+def _fsync_dir(path) -> None:
+    """Make a rename in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    get_logger().error("request failed", exc_info=exc, extra={"path": request.url.path})
+    return JSONResponse({"message": "Internal Server Error"}, 500)

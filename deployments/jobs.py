@@ -1,0 +1,221 @@
+"""The job actor: owns every job's state through the JobStore and runs jobs to an end.
+
+`JobTracker` runs as an async, named, detached Ray actor (restarted by Ray when it dies). On
+start it reloads the store and runs every job still RUNNING again, so an accepted job is never
+lost. Each job goes through the `Conversion` deployment with a per-attempt timeout; it ends
+SUCCESS with its result keys or FAILED with a one-line error. A job whose attempt died with a
+process (job actor, replica) or met a full queue is tried again, up to `job_attempts` times.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+from pathlib import Path
+
+import ray
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+from .logs import get_logger
+from .settings import AppSettings
+from .store import FAILED, RUNNING, SUCCESS, Job, SQLiteJobStore
+
+NAMESPACE = "rvc"
+# Failures of the machinery, not of the job: the same job may well succeed on another try.
+RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError, BackPressureError,
+             DeploymentUnavailableError, ReplicaUnavailableError)
+RETRY_DELAY_S = 1.0
+
+
+def tracker_name(app_name: str) -> str:
+    return f"rvc-jobs-{app_name}"
+
+
+def limiter_name(app_name: str) -> str:
+    return f"rvc-ratelimit-{app_name}"
+
+
+def get_or_create(cls: type, name: str, *args) -> ray.actor.ActorHandle:
+    """The named detached actor, created with `args` if it does not exist yet. Ray restarts it
+    when it dies and retries calls that were in flight."""
+    return ray.remote(cls).options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+                                   max_restarts=-1, max_task_retries=-1, num_cpus=0).remote(*args)
+
+
+async def job_tracker(app_name: str, settings: AppSettings, conversion) -> ray.actor.ActorHandle:
+    """The application's job actor, replaced by a fresh one if it runs with other settings (a
+    redeploy changed them). Its RUNNING jobs are not lost: the new actor runs them again."""
+    for _ in range(5):
+        handle = get_or_create(JobTracker, tracker_name(app_name), settings, conversion)
+        try:
+            if await handle.configured_with.remote() == settings:
+                return handle
+            ray.kill(handle, no_restart=True)
+        except RayActorError:
+            pass  # another replica replaced it just now
+        await asyncio.sleep(0.2)
+    raise RuntimeError("could not start the job actor")
+
+
+def kill_actors(app_name: str) -> None:
+    """Remove an application's job and rate-limit actors (they outlive `serve.delete`)."""
+    for name in (tracker_name(app_name), limiter_name(app_name)):
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            pass
+
+
+def one_line_error(exc: BaseException, data_dir: Path | None = None) -> str:
+    """The reason a job failed, for the client: the root cause's first line, no server paths."""
+    cause = getattr(exc, "cause", None) or exc
+    lines = str(cause).strip().splitlines()
+    text = lines[0] if lines else type(cause).__name__
+    if data_dir is not None:
+        text = text.replace(f"{data_dir}/", "")
+    return text[:300]
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, RETRYABLE) or isinstance(getattr(exc, "cause", None), RETRYABLE)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.finished = Counter("rvc_jobs_finished_total", "Jobs ended, by final status.", ["status"], registry=r)
+        self.duration = Histogram("rvc_job_duration_seconds", "Job time from acceptance to its end.", ["status"],
+                                  buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800), registry=r)
+        self.waiting = Gauge("rvc_jobs_queued", "Jobs accepted and waiting for a conversion slot.", registry=r)
+        self.running = Gauge("rvc_jobs_in_progress", "Jobs being converted now.", registry=r)
+        self.retries = Counter("rvc_job_retries_total", "Job attempts run again after a machinery failure.",
+                               registry=r)
+        self.stage = Histogram("rvc_stage_latency_seconds", "Latency of one stage call, as the conversion saw it.",
+                               ["stage"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+                               registry=r)
+        self.voice_cache = Counter("rvc_voice_cache_events_total", "Voice cache lookups on synthesis replicas.",
+                                   ["event"], registry=r)
+        for event in ("hit", "miss", "eviction"):
+            self.voice_cache.labels(event)
+        for status in (SUCCESS, FAILED):
+            self.finished.labels(status)
+
+
+class JobTracker:
+    """Run with `get_or_create(JobTracker, tracker_name(app), settings, conversion_handle)`."""
+
+    def __init__(self, settings: AppSettings, conversion) -> None:
+        self.settings = settings
+        self.conversion = conversion
+        self.store = SQLiteJobStore(settings.db_path)
+        self.log = get_logger()
+        self.metrics = _Metrics()
+        self.slots = asyncio.Semaphore(settings.max_concurrent_jobs)
+        self.tasks: dict[str, asyncio.Task] = {}
+        resumed = self.store.running()
+        for job in resumed:
+            self._schedule(job.inference_id)
+        self.log.info("job tracker started", extra={"resumed_jobs": len(resumed)})
+
+    async def configured_with(self) -> AppSettings:
+        return self.settings
+
+    async def ping(self) -> bool:
+        return True
+
+    async def submit(self, job: Job) -> Job:
+        """Store the job durably and start it; returns the stored job (an earlier one with the
+        same id if this call is a retry)."""
+        stored = await asyncio.to_thread(self.store.create, job)
+        if stored.status == RUNNING:
+            self._schedule(stored.inference_id)
+        return stored
+
+    async def get(self, inference_id: str, tenant: str) -> Job | None:
+        """The job if it exists and belongs to `tenant`."""
+        job = await asyncio.to_thread(self.store.get, inference_id)
+        if job is None or not hmac.compare_digest(job.tenant, tenant):
+            return None
+        return job
+
+    async def metrics_text(self) -> bytes:
+        return generate_latest(self.metrics.registry)
+
+    def _schedule(self, inference_id: str) -> None:
+        if inference_id in self.tasks:
+            return
+        task = asyncio.get_running_loop().create_task(self._run(inference_id))
+        self.tasks[inference_id] = task
+        task.add_done_callback(lambda _: self.tasks.pop(inference_id, None))
+
+    async def _run(self, inference_id: str) -> None:
+        with self.metrics.waiting.track_inprogress():
+            await self.slots.acquire()
+        try:
+            with self.metrics.running.track_inprogress():
+                while await self._attempt(inference_id):
+                    self.metrics.retries.inc()
+                    await asyncio.sleep(RETRY_DELAY_S)
+        except Exception:  # noqa: BLE001 - a bug here must not leave the job RUNNING forever
+            self.log.exception("job runner failed", extra={"inference_id": inference_id})
+            await self._finish(inference_id, FAILED, error="internal error")
+        finally:
+            self.slots.release()
+
+    async def _attempt(self, inference_id: str) -> bool:
+        """Run one attempt; True when it should be tried again."""
+        extra = {"inference_id": inference_id}
+        job = await asyncio.to_thread(self.store.get, inference_id)
+        if job is None or job.status != RUNNING:
+            return False
+        attempt = await asyncio.to_thread(self.store.start_attempt, inference_id)
+        if attempt > self.settings.job_attempts:
+            await self._finish(inference_id, FAILED,
+                               error=f"interrupted {attempt - 1} times (service restarts or crashes)")
+            return False
+        self.log.info("job attempt started", extra={**extra, "attempt": attempt, "model_id": job.model_id})
+        request = {"inference_id": job.inference_id, "model_id": job.model_id, "upload_path": job.upload_path,
+                   "params": job.params}
+        response = self.conversion.convert.remote(request)
+        try:
+            result = await asyncio.wait_for(_resolve(response), self.settings.job_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            await self._finish(inference_id, FAILED, error=f"timed out after {self.settings.job_timeout_s:g} s")
+            return False
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the job's one-line error
+            if _retryable(exc) and attempt < self.settings.job_attempts:
+                self.log.warning("job attempt interrupted, will retry",
+                                 extra={**extra, "attempt": attempt, "error": one_line_error(exc)})
+                return True
+            self.log.warning("job failed", extra={**extra, "error": one_line_error(exc)})
+            await self._finish(inference_id, FAILED, error=one_line_error(exc, self.settings.data_dir))
+            return False
+        self._record_stats(result.get("stats", {}))
+        await self._finish(inference_id, SUCCESS, results=result["results"])
+        return False
+
+    async def _finish(self, inference_id: str, status: str, *, error: str | None = None,
+                      results: dict[str, str] | None = None) -> None:
+        if not await asyncio.to_thread(self.store.finish, inference_id, status, error=error, results=results):
+            return
+        job = await asyncio.to_thread(self.store.get, inference_id)
+        self.metrics.finished.labels(status).inc()
+        self.metrics.duration.labels(status).observe((job.ended_us - job.created_us) / 1e6)
+        Path(job.upload_path).unlink(missing_ok=True)
+        self.log.info("job finished", extra={"inference_id": inference_id, "status": status, "error": error,
+                                             "seconds": round((job.ended_us - job.created_us) / 1e6, 3)})
+
+    def _record_stats(self, stats: dict) -> None:
+        for stage, latencies in stats.get("latency", {}).items():
+            for seconds in latencies:
+                self.metrics.stage.labels(stage).observe(seconds)
+        for event, count in stats.get("voice_cache", {}).items():
+            if count:
+                self.metrics.voice_cache.labels(event).inc(count)
+
+
+async def _resolve(response):
+    return await response

@@ -1,0 +1,87 @@
+"""Where conversion outputs live, and the signed URLs that hand them out.
+
+`ResultStore` is the interface an object store can implement later (it would return its own
+presigned URLs from `external_url`). The default `LocalResultStore` keeps files under one
+directory; the ingress streams them on a route whose URL is signed with HMAC-SHA256 over the
+result key and the expiry time, so the URL needs no API key and cannot be altered or extended.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlencode
+
+URL_LIFETIME_S = 5 * 3600
+RESULT_ROUTE = "/results"
+# A key is "<inferenceId>/<file name>": two safe path segments, never "..", never absolute.
+_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}/[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+
+
+def check_key(key: str) -> str:
+    if not _KEY_RE.fullmatch(key) or ".." in key:
+        raise ValueError(f"invalid result key {key!r}")
+    return key
+
+
+class ResultStore(Protocol):
+    def writer(self, key: str) -> AbstractContextManager[Path]:
+        """A context manager yielding a local path to write the result to; the result appears
+        under `key` atomically when the block exits without error, and not at all otherwise."""
+
+    def local_path(self, key: str) -> Path | None:
+        """The file of a stored result, if this store keeps results on the local disk."""
+
+    def external_url(self, key: str, expires_in_s: int) -> str | None:
+        """A URL the store itself signs (object stores), or None: the service signs its own."""
+
+
+class LocalResultStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @contextmanager
+    def writer(self, key: str) -> Iterator[Path]:
+        final = self.root / check_key(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # Same directory, so the rename is atomic; keep the suffix, writers pick formats by it.
+        tmp = final.with_name(f".tmp-{secrets.token_hex(6)}-{final.name}")
+        try:
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def local_path(self, key: str) -> Path | None:
+        path = self.root / check_key(key)
+        return path if path.is_file() else None
+
+    def external_url(self, key: str, expires_in_s: int) -> str | None:
+        return None
+
+
+def signature(secret: bytes, key: str, expires: int) -> str:
+    return hmac.new(secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def signed_url(secret: bytes, base_url: str, key: str, now: float, lifetime_s: int = URL_LIFETIME_S) -> str:
+    """`<base_url>/results/<key>?expires=<unix s>&signature=<hex>`, valid for `lifetime_s`."""
+    expires = int(now) + lifetime_s
+    query = urlencode({"expires": expires, "signature": signature(secret, check_key(key), expires)})
+    return f"{base_url.rstrip('/')}{RESULT_ROUTE}/{key}?{query}"
+
+
+def verify(secret: bytes, key: str, expires: str | None, sig: str | None, now: float) -> bool:
+    """True when the signature matches the key and expiry and the expiry is in the future."""
+    if not expires or not sig or not expires.isdigit():
+        return False
+    expected = signature(secret, key, int(expires))
+    return hmac.compare_digest(expected, sig) and int(expires) > now

@@ -1,0 +1,250 @@
+"""The service's typed settings: the application builder's args plus the operator's secrets.
+
+Builder args come from `serve_config.yaml` (`applications[].args`) or `serve run ... key=value`
+(where every value arrives as a string, hence the coercing pydantic model). Unknown keys are
+errors: Ray itself would silently ignore a misspelt option.
+
+Secrets never travel in the args: API keys come from `RVC_API_KEYS` (comma-separated) and/or
+the file named by `RVC_API_KEYS_FILE` (one per line) and are held only as SHA-256 hashes; the
+URL-signing secret comes from `RVC_URL_SECRET` or is generated once into the data directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ENV_DATA_DIR = "RVC_DATA_DIR"
+ENV_API_KEYS = "RVC_API_KEYS"
+ENV_API_KEYS_FILE = "RVC_API_KEYS_FILE"
+ENV_RATE_LIMIT = "RVC_RATE_LIMIT_PER_MINUTE"
+ENV_URL_SECRET = "RVC_URL_SECRET"
+ENV_PUBLIC_URL = "RVC_PUBLIC_URL"
+
+URL_SECRET_FILE = "url-secret"
+DEMO_KEY_FILE = "demo-api-key"
+# GPU share each model stage asks for when the cluster has GPUs and the stage says "auto":
+# the three stages of one job fit on one GPU.
+AUTO_GPU_SHARE = {"features": 0.25, "pitch": 0.25, "synthesis": 0.5}
+
+
+class StageSettings(BaseModel):
+    """Replicas and resources of one deployment (Serve autoscaling between min and max)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    max_ongoing_requests: int = Field(4, ge=1)
+    # Requests waiting for a replica beyond this are refused at once (-1: unbounded).
+    max_queued_requests: int = Field(32, ge=-1)
+    num_cpus: float = Field(0.1, ge=0)
+    # "auto": AUTO_GPU_SHARE of a GPU for the model stages when the cluster has GPUs, else 0.
+    num_gpus: float | Literal["auto"] = "auto"
+    # How long a replica being stopped (downscale, redeploy) may finish its requests.
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> "StageSettings":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+    def deployment_options(self, stage: str, cluster_has_gpu: bool) -> dict:
+        """Keyword arguments for `Deployment.options()`."""
+        gpus = self.num_gpus
+        if gpus == "auto":
+            gpus = AUTO_GPU_SHARE.get(stage, 0.0) if cluster_has_gpu else 0.0
+        return {
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            },
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": gpus},
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "graceful_shutdown_wait_loop_s": max(0.1, min(0.5, self.graceful_shutdown_timeout_s)),
+        }
+
+
+# Per-stage defaults; a stage given in the args overrides only the keys it names.
+STAGE_DEFAULTS: dict[str, dict] = {
+    "ingress": {"target_ongoing_requests": 8, "max_ongoing_requests": 32, "max_queued_requests": 64,
+                "num_gpus": 0},
+    "conversion": {"max_queued_requests": 16, "num_gpus": 0},
+    "features": {"num_cpus": 0.25},
+    "pitch": {"num_cpus": 0.25},
+    "synthesis": {"num_cpus": 0.25, "max_ongoing_requests": 2},
+}
+
+
+class StagesSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ingress: StageSettings = StageSettings(**STAGE_DEFAULTS["ingress"])
+    conversion: StageSettings = StageSettings(**STAGE_DEFAULTS["conversion"])
+    features: StageSettings = StageSettings(**STAGE_DEFAULTS["features"])
+    pitch: StageSettings = StageSettings(**STAGE_DEFAULTS["pitch"])
+    synthesis: StageSettings = StageSettings(**STAGE_DEFAULTS["synthesis"])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _over_defaults(cls, data):
+        if isinstance(data, dict):
+            data = {name: {**STAGE_DEFAULTS[name], **value} if name in STAGE_DEFAULTS and isinstance(value, dict)
+                    else value for name, value in data.items()}
+        return data
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+class AppSettings(BaseModel):
+    """Builder args of the application (see serve_config.yaml). Defaults read the environment."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+    data_dir: Path = Field(default_factory=lambda: Path(_env(ENV_DATA_DIR, "./data")))
+    api_keys_file: Path | None = Field(default_factory=lambda: _env(ENV_API_KEYS_FILE))
+    rate_limit_per_minute: int = Field(default_factory=lambda: _env(ENV_RATE_LIMIT, "60"), ge=1)
+    public_base_url: str | None = Field(default_factory=lambda: _env(ENV_PUBLIC_URL),
+                                        pattern=r"^https?://[^\s]+$")
+    # Content encoder and optional rmvpe weights; default: <data_dir>/hubert_base.pt, rmvpe.pt.
+    hubert_path: Path | None = None
+    rmvpe_path: Path | None = None
+    job_timeout_s: float = Field(900.0, gt=0)
+    # A job interrupted this many times (job actor or replica crashes) is failed, not re-run.
+    job_attempts: int = Field(3, ge=1)
+    max_concurrent_jobs: int = Field(4, ge=1)
+    voices_per_replica: int = Field(4, ge=1)
+    seed: int = 0
+    # Overrides of pipeline.convert.ChunkingConfig (x_pad, x_query, x_center, x_max; seconds).
+    # `rvc-serve convert` uses the defaults: change them and outputs differ from it.
+    chunking: dict[str, int] = Field(default_factory=dict)
+    stages: StagesSettings = StagesSettings()
+
+    @field_validator("data_dir", "api_keys_file", "hubert_path", "rmvpe_path")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        # Replicas may start in another working directory than the builder.
+        return None if path is None else path.expanduser().resolve()
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _no_trailing_slash(cls, url: str | None) -> str | None:
+        return None if url is None else url.rstrip("/")
+
+    @property
+    def voices_dir(self) -> Path:
+        return self.data_dir / "voices"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+    @property
+    def hubert(self) -> Path:
+        return self.hubert_path or self.data_dir / "hubert_base.pt"
+
+    @property
+    def rmvpe(self) -> Path | None:
+        """The rmvpe weights if they exist: rmvpe is offered only when it is there."""
+        path = self.rmvpe_path or self.data_dir / "rmvpe.pt"
+        return path if path.is_file() else None
+
+    @property
+    def f0_methods(self) -> tuple[str, ...]:
+        return ("crepe", "crepe-tiny", "rmvpe") if self.rmvpe is not None else ("crepe", "crepe-tiny")
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ApiKeys:
+    """The operator's API keys as SHA-256 hashes; the hash of a key is its tenant id."""
+
+    def __init__(self, hashes: frozenset[str]):
+        if not hashes:
+            raise ValueError("no API keys configured")
+        self._hashes = tuple(sorted(hashes))
+
+    def tenant(self, presented: str | None) -> str | None:
+        """The tenant of a presented key, or None. Compares against every hash in constant time."""
+        if not presented:
+            return None
+        digest = hash_key(presented)
+        found = None
+        for stored in self._hashes:
+            if hmac.compare_digest(digest, stored):
+                found = stored
+        return found
+
+
+def configured_api_keys(settings: AppSettings, environ: dict[str, str] | None = None) -> list[str]:
+    """The raw keys from `RVC_API_KEYS` and `settings.api_keys_file` (blank lines and # comments
+    skipped). Empty when the operator configured none."""
+    environ = os.environ if environ is None else environ
+    keys = [k.strip() for k in environ.get(ENV_API_KEYS, "").split(",")]
+    if settings.api_keys_file is not None:
+        for line in settings.api_keys_file.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            keys.append(line)
+    return [k for k in keys if k]
+
+
+def load_api_keys(settings: AppSettings, environ: dict[str, str] | None = None) -> ApiKeys:
+    """The operator's keys, or when there are none, the demo key kept in the data directory."""
+    keys = configured_api_keys(settings, environ) or [demo_api_key(settings.data_dir)]
+    return ApiKeys(frozenset(hash_key(k) for k in keys))
+
+
+def demo_api_key(data_dir: Path) -> str:
+    """A key generated once for a local run without configured keys (file mode 0600)."""
+    return read_or_create_secret(data_dir / DEMO_KEY_FILE, lambda: "rvc-demo-" + secrets.token_urlsafe(24))
+
+
+def url_secret(settings: AppSettings, environ: dict[str, str] | None = None) -> bytes:
+    environ = os.environ if environ is None else environ
+    value = environ.get(ENV_URL_SECRET, "").strip()
+    if not value:
+        value = read_or_create_secret(settings.data_dir / URL_SECRET_FILE, lambda: secrets.token_hex(32))
+    return value.encode()
+
+
+def read_or_create_secret(path: Path, make) -> str:
+    """Read a one-line secret file, creating it (0600) if missing. Several replicas may race to
+    create it: the file is written aside and linked into place, so exactly one value wins."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(make() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()

@@ -1,0 +1,151 @@
+"""Durable job records: the `JobStore` interface and its embedded SQLite implementation.
+
+The job actor is the only writer. SQLite runs in WAL mode with `synchronous=FULL`, so a job
+is on disk when `create` returns: a crash of any process after that cannot lose it.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+RUNNING, SUCCESS, FAILED = "RUNNING", "SUCCESS", "FAILED"
+
+
+def now_us() -> int:
+    """Wall-clock time in integer microseconds since the epoch (exact in SQLite, unlike floats)."""
+    return time.time_ns() // 1000
+
+
+def format_timestamp(us: int) -> str:
+    """The contract's timestamp: UTC, `YYYY-MM-DD HH:MM:SS.ffffff +00:00`."""
+    moment = datetime.fromtimestamp(us // 1_000_000, tz=timezone.utc).replace(microsecond=us % 1_000_000)
+    return moment.strftime("%Y-%m-%d %H:%M:%S.%f +00:00")
+
+
+@dataclass
+class Job:
+    inference_id: str
+    tenant: str  # SHA-256 of the API key that created the job
+    model_id: str
+    params: dict[str, Any]  # ConversionParams fields
+    upload_path: str
+    created_us: int = field(default_factory=now_us)
+    status: str = RUNNING
+    ended_us: int | None = None
+    error: str | None = None
+    results: dict[str, str] | None = None  # format → result-store key
+    attempts: int = 0
+
+
+class JobStore(Protocol):
+    def create(self, job: Job) -> Job:
+        """Store a new RUNNING job durably; a job with the same id already stored is kept and
+        returned instead, so a retried create is harmless."""
+
+    def get(self, inference_id: str) -> Job | None: ...
+
+    def start_attempt(self, inference_id: str) -> int:
+        """Count one more attempt at running the job; returns the new count."""
+
+    def finish(self, inference_id: str, status: str, *, error: str | None = None,
+               results: dict[str, str] | None = None) -> bool:
+        """Move a RUNNING job to SUCCESS or FAILED (sets the end time); False if it was not RUNNING."""
+
+    def running(self) -> list[Job]:
+        """Every RUNNING job, oldest first."""
+
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    inference_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    model_id TEXT NOT NULL,
+    params TEXT NOT NULL,
+    upload_path TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_us INTEGER NOT NULL,
+    ended_us INTEGER,
+    error TEXT,
+    results TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_us);
+"""
+_COLUMNS = ("inference_id", "tenant", "model_id", "params", "upload_path", "status", "created_us",
+            "ended_us", "error", "results", "attempts")
+
+
+class SQLiteJobStore:
+    """A JobStore in one SQLite file. Thread-safe (one connection behind a lock)."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def create(self, job: Job) -> Job:
+        row = (job.inference_id, job.tenant, job.model_id, json.dumps(job.params), job.upload_path, job.status,
+               job.created_us, job.ended_us, job.error,
+               None if job.results is None else json.dumps(job.results), job.attempts)
+        with self._lock:
+            self._db.execute(f"INSERT OR IGNORE INTO jobs ({', '.join(_COLUMNS)}) "
+                             f"VALUES ({', '.join('?' * len(_COLUMNS))})", row)
+            return self._get(job.inference_id)
+
+    def get(self, inference_id: str) -> Job | None:
+        with self._lock:
+            return self._get(inference_id)
+
+    def start_attempt(self, inference_id: str) -> int:
+        with self._lock:
+            cur = self._db.execute("UPDATE jobs SET attempts = attempts + 1 WHERE inference_id = ? "
+                                   "RETURNING attempts", (inference_id,))
+            row = cur.fetchone()
+        if row is None:
+            raise KeyError(inference_id)
+        return row[0]
+
+    def finish(self, inference_id: str, status: str, *, error: str | None = None,
+               results: dict[str, str] | None = None) -> bool:
+        if status not in (SUCCESS, FAILED):
+            raise ValueError(f"a job finishes as {SUCCESS} or {FAILED}, not {status!r}")
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE jobs SET status = ?, ended_us = ?, error = ?, results = ? "
+                "WHERE inference_id = ? AND status = ?",
+                (status, now_us(), error, None if results is None else json.dumps(results), inference_id, RUNNING))
+            return cur.rowcount == 1
+
+    def running(self) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE status = ? "
+                                    "ORDER BY created_us", (RUNNING,)).fetchall()
+        return [_job(row) for row in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _get(self, inference_id: str) -> Job | None:
+        row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE inference_id = ?",
+                               (inference_id,)).fetchone()
+        return None if row is None else _job(row)
+
+
+def _job(row: tuple) -> Job:
+    values = dict(zip(_COLUMNS, row))
+    values["params"] = json.loads(values["params"])
+    values["results"] = None if values["results"] is None else json.loads(values["results"])
+    return Job(**values)

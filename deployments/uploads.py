@@ -1,0 +1,134 @@
+"""Receiving the `audioInfer` upload: streamed to disk, counted, cut off at the size limit.
+
+The request body is never held in memory: python-multipart's streaming parser hands the file
+part's bytes over as they arrive and they go straight into a file. The contract's limit is on
+the file (50 × 1024 × 1024 bytes); the body as a whole may add a little multipart framing.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+MAX_FILE_BYTES = 50 * 1024 * 1024
+# Boundaries, part headers and any small extra fields around the file.
+MAX_BODY_BYTES = MAX_FILE_BYTES + 64 * 1024
+FILE_FIELD = b"audioInfer"
+
+
+class PayloadTooLarge(Exception):
+    pass
+
+
+@dataclass
+class Upload:
+    path: Path | None  # the complete file part on disk; None when the body had no such part
+    size: int = 0
+
+
+class _FilePart:
+    """Multipart callbacks that write the first `audioInfer` part to `path`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file: BinaryIO | None = None
+        self.writing = False
+        self.complete = False
+        self.size = 0
+        self._headers: dict[bytes, bytes] = {}
+        self._field = bytearray()
+        self._value = bytearray()
+
+    def callbacks(self) -> dict:
+        return {"on_part_begin": self._part_begin, "on_header_field": self._header_field,
+                "on_header_value": self._header_value, "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
+                "on_part_end": self._part_end}
+
+    def _part_begin(self) -> None:
+        self._headers = {}
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[bytes(self._field).strip().lower()] = bytes(self._value).strip()
+        self._field.clear()
+        self._value.clear()
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition"))
+        if options.get(b"name") == FILE_FIELD and self.file is None:
+            self.file = open(self.path, "wb")
+            self.writing = True
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.writing:
+            self.size += end - start
+            if self.size > MAX_FILE_BYTES:
+                raise PayloadTooLarge
+            self.file.write(data[start:end])
+
+    def _part_end(self) -> None:
+        if self.writing:
+            self.writing = False
+            self.complete = True
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+
+
+async def receive_upload(content_type: str | None, body: AsyncIterator[bytes], dest_dir: Path) -> Upload:
+    """Stream a multipart body, writing its `audioInfer` part to a new file in `dest_dir`.
+
+    Raises PayloadTooLarge as soon as the file part or the body passes its limit (the partial
+    file is removed). A body that is not multipart, is malformed, or ends before the file part
+    does gives `Upload(None)`. The caller owns (and removes) the returned file.
+    """
+    mime, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    part = _FilePart(dest_dir / f".upload-{secrets.token_hex(8)}")
+    parser = None
+    if mime == b"multipart/form-data" and boundary:
+        try:
+            parser = MultipartParser(boundary, part.callbacks())
+        except FormParserError:
+            parser = None
+    received = 0
+    try:
+        async for chunk in body:
+            received += len(chunk)
+            if received > MAX_BODY_BYTES:
+                raise PayloadTooLarge
+            if parser is not None:
+                try:
+                    parser.write(chunk)
+                except FormParserError:
+                    # Keep counting: an oversized body is a 413 even when it is also malformed.
+                    parser = None
+        if parser is not None:
+            try:
+                parser.finalize()
+            except FormParserError:
+                parser = None
+    except BaseException:
+        part.close()
+        part.path.unlink(missing_ok=True)
+        raise
+    part.close()
+    if parser is None or not part.complete:
+        part.path.unlink(missing_ok=True)
+        return Upload(None)
+    return Upload(part.path, part.size)

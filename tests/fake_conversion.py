@@ -1,0 +1,51 @@
+"""A stand-in for the `Conversion` deployment, for service tests that need no models.
+
+Its behaviour is picked by the voice's model id, so one app serves every scenario:
+`*-fail` raises, `*-slow` takes 3 s, `*-hang` outlives the job timeout; anything else writes
+a short tone as the job's MP3 and FLAC at once. Every call is appended to `<data>/calls.log`
+(replicas are other processes) so tests can count attempts.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import soundfile as sf
+from ray import serve
+
+from deployments.results import LocalResultStore
+from deployments.settings import AppSettings
+
+TONE_SECONDS = 0.5
+
+
+@serve.deployment
+class FakeConversion:
+    def __init__(self, settings: AppSettings) -> None:
+        self.settings = settings
+        self.results = LocalResultStore(settings.results_dir)
+
+    async def ready(self) -> bool:
+        return True
+
+    async def convert(self, request: dict) -> dict:
+        model_id, inference_id = request["model_id"], request["inference_id"]
+        with open(self.settings.data_dir / "calls.log", "a") as log:
+            log.write(f"{inference_id} {model_id}\n")
+        if model_id.endswith("-fail"):
+            raise ValueError("synthetic failure: the input could not be converted\nsecond line")
+        if model_id.endswith("-slow"):
+            await asyncio.sleep(3)
+        if model_id.endswith("-hang"):
+            await asyncio.sleep(600)
+        rate = 44100
+        tone = (0.2 * np.sin(2 * np.pi * 330 * np.arange(int(TONE_SECONDS * rate)) / rate)).astype(np.float32)
+        keys = {}
+        for fmt, container, subtype in (("mp3", "MP3", "MPEG_LAYER_III"), ("flac", "FLAC", "PCM_16")):
+            key = f"{inference_id}/output.{fmt}"
+            with self.results.writer(key) as path:
+                sf.write(path, tone, rate, format=container, subtype=subtype)
+            keys[fmt] = key
+        return {"results": keys,
+                "stats": {"latency": {"load": [0.01], "synthesis": [0.02]},
+                          "voice_cache": {"hit": 1, "miss": 0, "eviction": 0}}}

@@ -1,0 +1,101 @@
+"""Shared pieces of the service tests: one local Ray + Serve per test session, apps on it.
+
+Ray is started once per pytest process (2 CPUs, no dashboard, small object store) however
+many test modules ask for it, and stopped at the end of the session. Each app gets its own
+name and route prefix and is deleted (with its job actors) after use.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+_state: dict = {}
+
+# Every stage of a test app: one replica, no CPU reserved (2 cores are shared), fast stop.
+TEST_STAGE = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0, "num_gpus": 0,
+              "graceful_shutdown_timeout_s": 0.5}
+TEST_STAGES = {name: dict(TEST_STAGE) for name in ("ingress", "conversion", "features", "pitch", "synthesis")}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_url():
+    """Base URL of the Serve HTTP proxy on 127.0.0.1 (Ray started on first use)."""
+    import ray
+    from ray import serve
+
+    if "url" not in _state:
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=192 * 1024 * 1024,
+                 log_to_driver=False, ignore_reinit_error=True)
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
+        _state["url"] = f"http://127.0.0.1:{port}"
+    yield _state["url"]
+    if _state.pop("url", None) is not None:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def run_app(app, name: str) -> None:
+    from ray import serve
+
+    serve.run(app, name=name, route_prefix=f"/{name}")
+
+
+def delete_app(name: str) -> None:
+    from ray import serve
+
+    from deployments.jobs import kill_actors
+
+    serve.delete(name)
+    kill_actors(name)
+
+
+def write_keys(path: Path, *keys: str) -> Path:
+    path.write_text("# test keys\n" + "\n".join(keys) + "\n")
+    return path
+
+
+def register_fake_voice(data_dir: Path, model_id: str, created_at: str = "2024-01-01 00:00:00.000000 +00:00") -> None:
+    """A registry entry without real weights: the ingress and fake conversions only read meta."""
+    d = data_dir / "voices" / model_id
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "model.pth").write_bytes(b"not loaded by these tests")
+    (d / "meta.json").write_text(json.dumps({"modelId": model_id, "name": model_id, "version": "v2",
+                                             "sampleRate": 40000, "f0": True, "createdAt": created_at}))
+
+
+def wav_bytes(seconds: float = 0.5, rate: int = 16000, path: Path | None = None) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    audio = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    target = path or Path(os.environ.get("TMPDIR", "/tmp")) / f"rvc-test-{os.getpid()}-{time.time_ns()}.wav"
+    sf.write(target, audio, rate, subtype="PCM_16")
+    data = target.read_bytes()
+    if path is None:
+        target.unlink()
+    return data
+
+
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"condition not met within {timeout_s} s")

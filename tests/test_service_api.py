@@ -1,0 +1,432 @@
+"""The HTTP contract over real HTTP, against the ingress and job actor on a real local Ray Serve.
+
+The conversion itself is a stand-in (tests/fake_conversion.py), so these tests need no models;
+tests/test_service_e2e.py runs the real stages.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+
+from deployments.results import signature
+from deployments.settings import URL_SECRET_FILE, AppSettings
+from deployments.uploads import MAX_FILE_BYTES
+from tests.service_support import (TEST_STAGES, delete_app, register_fake_voice, run_app, serve_url,  # noqa: F401
+                                   wait_for, wav_bytes, write_keys)
+
+KEY_A, KEY_B = "key-alpha-0123456789", "key-beta-0123456789"
+VOICES = ("voice-a", "voice-b", "voice-fail", "voice-hang", "voice-slow")
+FORBIDDEN = {"message": "Forbidden"}
+INVALID_FILE = {"message": "Invalid file type, use: ['audio/x-wav', 'audio/mpeg', 'audio/flac']"}
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6} \+00:00")
+JOB_KEYS = {"inferenceId", "modelId", "status", "type", "inferenceUrl", "jobStartTime", "jobEndTime"}
+
+
+def _app(tmp_path_factory, base_url: str, name: str, **overrides) -> SimpleNamespace:
+    from deployments.app import ingress_app
+    from tests.fake_conversion import FakeConversion
+
+    data = tmp_path_factory.mktemp(name)
+    for voice in VOICES:
+        register_fake_voice(data, voice)
+    stages = {**TEST_STAGES, **overrides.pop("stages", {})}
+    settings = AppSettings(data_dir=data, api_keys_file=write_keys(data / "keys.txt", KEY_A, KEY_B),
+                           stages=stages, **overrides)
+    run_app(ingress_app(settings, FakeConversion.options(ray_actor_options={"num_cpus": 0}).bind(settings)), name)
+    client = httpx.Client(base_url=f"{base_url}/{name}", timeout=60)
+    return SimpleNamespace(name=name, base=f"{base_url}/{name}", data=data, client=client, settings=settings)
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory, serve_url):
+    # A killed conversion replica is replaced (and the call retried by Serve) within the timeout.
+    app = _app(tmp_path_factory, serve_url, "api", rate_limit_per_minute=1000, job_timeout_s=60)
+    yield app
+    app.client.close()
+    delete_app(app.name)
+
+
+def _post(svc, query: dict | None, audio: bytes | None = None, key: str | None = KEY_A, filename: str = "in.wav",
+          content_type: str = "audio/wav") -> httpx.Response:
+    headers = {"x-api-key": key} if key else {}
+    files = {"audioInfer": (filename, audio, content_type)} if audio is not None else None
+    if files is None:  # still a multipart request, just without the file part
+        files = {"other": ("x.txt", b"x", "text/plain")}
+    return svc.client.post("/v1/inferences-vc", params=query, files=files, headers=headers)
+
+
+def _job(svc, inference_id: str, key: str = KEY_A) -> httpx.Response:
+    return svc.client.get(f"/v1/inferences-vc/{inference_id}", headers={"x-api-key": key})
+
+
+def _wait_status(svc, inference_id: str, timeout_s: float = 30) -> dict:
+    def finished():
+        body = _job(svc, inference_id).json()
+        return body if body["status"] != "RUNNING" else None
+    return wait_for(finished, timeout_s)
+
+
+def _calls(svc) -> list[str]:
+    log = svc.data / "calls.log"
+    return log.read_text().split() if log.exists() else []
+
+
+def _raw_post(base: str, path: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, dict, bytes]:
+    """A POST that declares its own Content-Length and sends only `body` of it."""
+    url = urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        conn.putrequest("POST", url.path + path)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        if body:
+            conn.send(body)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def _rate_headers(response) -> bool:
+    return {"x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"} <= set(response.headers)
+
+
+# --- 403 first ---------------------------------------------------------------------------------
+
+def test_403_before_anything_else(svc):
+    for key in (None, "wrong-key", KEY_A + "x"):
+        for response in (
+            _post(svc, {"indexRate": "bad"}, b"not audio", key=key),  # would be 422
+            _post(svc, {"modelId": "voice-a"}, wav_bytes(), key=key),  # would be 200
+            svc.client.get("/v1/inferences-vc/anything", headers={"x-api-key": key} if key else {}),
+            svc.client.get("/v1/models-vc", params={"page": "0"}, headers={"x-api-key": key} if key else {}),
+            svc.client.get("/v1/no-such-route", headers={"x-api-key": key} if key else {}),
+        ):
+            assert response.status_code == 403 and response.json() == FORBIDDEN
+            assert not _rate_headers(response)  # nothing about the key's budget leaks either
+    # Even a body declared far over the limit is refused for the key first, without being read.
+    status, _, body = _raw_post(svc.base, "/v1/inferences-vc", {"Content-Length": str(200 * 1024 * 1024),
+                                                                "Content-Type": "multipart/form-data; boundary=x"})
+    assert status == 403 and json.loads(body) == FORBIDDEN
+
+
+# --- 413 ---------------------------------------------------------------------------------------
+
+def test_413_by_declared_length_without_reading_the_body(svc):
+    started = time.monotonic()
+    status, headers, body = _raw_post(svc.base, "/v1/inferences-vc?modelId=voice-a", {
+        "x-api-key": KEY_A, "Content-Type": "multipart/form-data; boundary=x",
+        "Content-Length": str(MAX_FILE_BYTES * 2)}, body=b"--x\r\n")
+    assert status == 413 and json.loads(body) == {"message": "Payload Too Large"}
+    assert "x-ratelimit-limit" in headers
+    assert time.monotonic() - started < 10  # answered while 100 MB were still "to come"
+
+
+def _streamed_multipart(file_bytes: int, boundary: str = "rvc-test-boundary"):
+    def chunks():
+        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"audioInfer\"; filename=\"big.wav\"\r\n"
+               f"Content-Type: audio/wav\r\n\r\n").encode()
+        block = b"\0" * (1024 * 1024)
+        left = file_bytes
+        while left:
+            n = min(left, len(block))
+            yield block[:n]
+            left -= n
+        yield f"\r\n--{boundary}--\r\n".encode()
+    return {"Content-Type": f"multipart/form-data; boundary={boundary}"}, chunks()
+
+
+def test_413_while_streaming(svc):
+    headers, body = _streamed_multipart(MAX_FILE_BYTES + 1)  # chunked: no Content-Length to refuse by
+    response = svc.client.post("/v1/inferences-vc", params={"modelId": "voice-a"}, content=body,
+                               headers={**headers, "x-api-key": KEY_A})
+    assert response.status_code == 413 and response.json() == {"message": "Payload Too Large"}
+    assert _rate_headers(response)
+    assert not [p for p in (svc.data / "uploads").iterdir()]  # the partial upload is gone
+    # Exactly at the limit the file is read whole (and then refused for its content).
+    headers, body = _streamed_multipart(MAX_FILE_BYTES)
+    response = svc.client.post("/v1/inferences-vc", params={"modelId": "voice-a"}, content=body,
+                               headers={**headers, "x-api-key": KEY_A})
+    assert response.status_code == 402 and response.json() == INVALID_FILE
+    # Memory: our reader keeps none of the body (test_service_units.test_upload_reader_memory_is_bounded).
+    # Ray Serve 2.60 itself moves a request body from its proxy into the replica without flow
+    # control (proxy.py MessageQueue, http_util.ASGIReceiveProxy.fetch_until_disconnect), so the
+    # replica's RSS does grow with a large body even under a handler that only counts bytes.
+
+
+# --- 422 ---------------------------------------------------------------------------------------
+
+def test_422_missing_everything_is_the_contract_body(svc):
+    response = _post(svc, None, None)
+    assert response.status_code == 422 and _rate_headers(response)
+    assert response.json() == {"detail": [
+        {"loc": ["query", "modelId"], "msg": "field required", "type": "value_error.missing"},
+        {"loc": ["body", "audioInfer"], "msg": "field required", "type": "value_error.missing"}]}
+
+
+def test_422_not_multipart_at_all(svc):
+    response = svc.client.post("/v1/inferences-vc", params={"modelId": "voice-a"}, json={"audioInfer": "x"},
+                               headers={"x-api-key": KEY_A})
+    assert response.status_code == 422
+    assert response.json() == {"detail": [
+        {"loc": ["body", "audioInfer"], "msg": "field required", "type": "value_error.missing"}]}
+
+
+@pytest.mark.parametrize("query, expected", [
+    ({"indexRate": "1.01"}, {"loc": ["query", "indexRate"], "msg": "ensure this value is less than or equal to 1",
+                             "type": "value_error.number.not_le", "ctx": {"limit_value": 1}}),
+    ({"indexRate": "-1"}, {"loc": ["query", "indexRate"], "msg": "ensure this value is greater than or equal to 0",
+                           "type": "value_error.number.not_ge", "ctx": {"limit_value": 0}}),
+    ({"rmsMixRate": "loud"}, {"loc": ["query", "rmsMixRate"], "msg": "value is not a valid float",
+                              "type": "type_error.float"}),
+    ({"filterRadius": "8"}, {"loc": ["query", "filterRadius"], "msg": "ensure this value is less than or equal to 7",
+                             "type": "value_error.number.not_le", "ctx": {"limit_value": 7}}),
+    ({"filterRadius": "3.0"}, {"loc": ["query", "filterRadius"], "msg": "value is not a valid integer",
+                               "type": "type_error.integer"}),
+    ({"f0UpKey": "25"}, {"loc": ["query", "f0UpKey"], "msg": "ensure this value is less than or equal to 24",
+                         "type": "value_error.number.not_le", "ctx": {"limit_value": 24}}),
+    ({"protect": "0.51"}, {"loc": ["query", "protect"], "msg": "ensure this value is less than or equal to 0.5",
+                           "type": "value_error.number.not_le", "ctx": {"limit_value": 0.5}}),
+    ({"f0Method": "rmvpe"}, {"loc": ["query", "f0Method"],  # no rmvpe.pt in this data dir
+                             "msg": "value is not a valid enumeration member; permitted: 'crepe', 'crepe-tiny'",
+                             "type": "type_error.enum", "ctx": {"enum_values": ["crepe", "crepe-tiny"]}}),
+])
+def test_422_each_parameter(svc, query, expected):
+    response = _post(svc, {"modelId": "voice-a", **query}, b"not audio either")  # 422 comes before 402
+    assert response.status_code == 422
+    assert response.json() == {"detail": [expected]}
+
+
+# --- 402, 404 ----------------------------------------------------------------------------------
+
+def test_402_decided_by_content(svc, tmp_path):
+    good = wav_bytes()
+    header_only = good[:44] + good[44:1044]  # declares 0.5 s of samples, carries 1000 bytes
+    for audio, name, ctype in (
+        (b"This is a text file, not audio.\n" * 100, "speech.wav", "audio/wav"),
+        (header_only, "speech.wav", "audio/wav"),
+        (b"", "speech.wav", "audio/wav"),
+        (b"ID3" + bytes(2000), "song.mp3", "audio/mpeg"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(500), "speech.flac", "audio/flac"),
+    ):
+        response = _post(svc, {"modelId": "nope"}, audio, filename=name, content_type=ctype)  # 402 before 404
+        assert response.status_code == 402 and response.json() == INVALID_FILE, (name, len(audio))
+        assert _rate_headers(response)
+    # The name and declared type do not matter: a real wav called .txt is accepted.
+    assert _post(svc, {"modelId": "voice-a"}, good, filename="notes.txt", content_type="text/plain").status_code == 200
+
+
+def test_404_unknown_model(svc):
+    for model_id in ("nope", "../voices/voice-a", "voice-a/../voice-b", ""):
+        response = _post(svc, {"modelId": model_id}, wav_bytes())
+        assert response.status_code == 404 and response.json() == {"message": "Model not found"}, model_id
+
+
+# --- 200, polling, results, tenancy ------------------------------------------------------------
+
+def test_accept_poll_download_and_tenancy(svc):
+    before = time.time()
+    response = _post(svc, {"modelId": "voice-a", "f0UpKey": "-3", "indexRate": "0.5"}, wav_bytes())
+    assert response.status_code == 200 and _rate_headers(response)
+    job = response.json()
+    assert set(job) == JOB_KEYS
+    assert (job["modelId"], job["status"], job["type"], job["inferenceUrl"], job["jobEndTime"]) == (
+        "voice-a", "RUNNING", "VC", None, None)
+    assert TIMESTAMP.fullmatch(job["jobStartTime"])
+    started = time.mktime(time.strptime(job["jobStartTime"][:19], "%Y-%m-%d %H:%M:%S")) - time.timezone
+    assert before - 2 <= started <= time.time() + 1
+
+    # Durable before the 200: the job row with its parameters is committed.
+    row = sqlite3.connect(svc.data / "jobs.sqlite3").execute(
+        "SELECT model_id, params FROM jobs WHERE inference_id = ?", (job["inferenceId"],)).fetchone()
+    assert row[0] == "voice-a"
+    assert json.loads(row[1]) == {"index_rate": 0.5, "rms_mix_rate": 1, "filter_radius": 3, "f0_up_key": -3,
+                                  "protect": 0.33, "f0_method": "crepe", "seed": 0}
+
+    done = _wait_status(svc, job["inferenceId"])
+    assert done["status"] == "SUCCESS" and set(done) == JOB_KEYS
+    assert TIMESTAMP.fullmatch(done["jobEndTime"]) and done["jobEndTime"] >= done["jobStartTime"]
+    url = done["inferenceUrl"]
+    assert url.startswith(f"{svc.base}/results/{job['inferenceId']}/output.mp3?expires=")
+    expires = int(parse_qs(urlsplit(url).query)["expires"][0])
+    assert abs(expires - (time.time() + 5 * 3600)) < 60
+
+    download = httpx.get(url, timeout=30)  # no API key needed
+    assert download.status_code == 200 and download.headers["content-type"] == "audio/mpeg"
+    assert download.content == (svc.data / "results" / job["inferenceId"] / "output.mp3").read_bytes()
+    assert not (svc.data / "uploads" / f"{job['inferenceId']}.wav").exists()  # cleaned up after the job
+
+    # Tenancy: another key, or no such job, is the same 404.
+    for response in (_job(svc, job["inferenceId"], key=KEY_B), _job(svc, "0" * 32)):
+        assert response.status_code == 404 and response.json() == {"message": "Not found"}
+
+
+def test_signed_url_forged_altered_or_expired_is_403(svc):
+    job = _post(svc, {"modelId": "voice-b"}, wav_bytes()).json()
+    url = _wait_status(svc, job["inferenceId"])["inferenceUrl"]
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    expires, sig = query["expires"][0], query["signature"][0]
+    path = parts.path[len(f"/{svc.name}"):]
+    secret = (svc.data / URL_SECRET_FILE).read_text().strip().encode()
+    key = f"{job['inferenceId']}/output.flac"
+    past = int(time.time()) - 1
+    for bad in (
+        {"expires": expires, "signature": sig[:-1] + ("0" if sig[-1] != "0" else "1")},  # forged
+        {"expires": str(int(expires) + 3600), "signature": sig},  # extended
+        {"expires": expires},  # unsigned
+        {"expires": str(past), "signature": signature(secret, f"{job['inferenceId']}/output.mp3", past)},  # expired
+    ):
+        response = svc.client.get(path, params=bad)
+        assert response.status_code == 403 and response.json() == FORBIDDEN, bad
+    other_file = svc.client.get(f"/results/{key}", params={"expires": expires, "signature": sig})
+    assert other_file.status_code == 403
+    # A signature made with the service's secret for the lossless copy does open it.
+    future = int(time.time()) + 60
+    flac = svc.client.get(f"/results/{key}", params={"expires": future, "signature": signature(secret, key, future)})
+    assert flac.status_code == 200 and flac.headers["content-type"] == "audio/flac"
+
+
+def test_failed_job_has_a_one_line_error(svc):
+    job = _post(svc, {"modelId": "voice-fail"}, wav_bytes()).json()
+    done = _wait_status(svc, job["inferenceId"])
+    assert done["status"] == "FAILED" and done["inferenceUrl"] is None and TIMESTAMP.fullmatch(done["jobEndTime"])
+    assert done["error"] == "synthetic failure: the input could not be converted"
+    assert set(done) == JOB_KEYS | {"error"}
+
+
+@pytest.fixture(scope="module")
+def impatient(tmp_path_factory, serve_url):
+    app = _app(tmp_path_factory, serve_url, "impatient", job_timeout_s=2)
+    yield app
+    app.client.close()
+    delete_app(app.name)
+
+
+def test_job_timeout(impatient):
+    job = _post(impatient, {"modelId": "voice-hang"}, wav_bytes()).json()
+    done = _wait_status(impatient, job["inferenceId"], timeout_s=30)
+    assert done["status"] == "FAILED" and done["error"] == "timed out after 2 s"
+    assert _calls(impatient).count(job["inferenceId"]) == 1  # a timeout is final, not retried
+
+
+def test_job_actor_restart_reruns_running_job(svc):
+    import ray
+
+    from deployments.jobs import NAMESPACE, tracker_name
+
+    job = _post(svc, {"modelId": "voice-slow"}, wav_bytes()).json()
+    wait_for(lambda: job["inferenceId"] in _calls(svc), 20)
+    ray.kill(ray.get_actor(tracker_name(svc.name), namespace=NAMESPACE), no_restart=False)
+    done = _wait_status(svc, job["inferenceId"], timeout_s=60)
+    assert done["status"] == "SUCCESS"
+    assert _calls(svc).count(job["inferenceId"]) == 2  # run again by the restarted actor
+    attempts = sqlite3.connect(svc.data / "jobs.sqlite3").execute(
+        "SELECT attempts FROM jobs WHERE inference_id = ?", (job["inferenceId"],)).fetchone()[0]
+    assert attempts == 2
+
+
+def test_conversion_replica_killed_mid_job(svc):
+    import ray
+
+    job = _post(svc, {"modelId": "voice-slow"}, wav_bytes()).json()
+    wait_for(lambda: job["inferenceId"] in _calls(svc), 20)
+    (replica,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(f"SERVE_REPLICA::{svc.name}#FakeConversion")]
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    done = _wait_status(svc, job["inferenceId"], timeout_s=90)
+    # Never stuck RUNNING; here the retry on a fresh replica succeeds.
+    assert done["status"] == "SUCCESS", done.get("error")
+    assert _calls(svc).count(job["inferenceId"]) >= 2
+
+
+# --- models, operations ------------------------------------------------------------------------
+
+def test_models_pagination(svc):
+    headers = {"x-api-key": KEY_A}
+    body = svc.client.get("/v1/models-vc", params={"perPage": 2, "page": 3}, headers=headers).json()
+    assert [m["modelId"] for m in body["data"]] == ["voice-slow"]
+    assert body["data"][0] == {"modelId": "voice-slow", "name": "voice-slow", "version": "v2", "sampleRate": 40000,
+                               "f0": True, "hasIndex": False, "createdAt": "2024-01-01 00:00:00.000000 +00:00"}
+    meta = body["meta"]
+    assert (meta["total"], meta["perPage"], meta["currentPage"], meta["lastPage"], meta["firstPage"]) == (5, 2, 3, 3, 1)
+    assert meta["nextPageUrl"] is None
+    assert meta["previousPageUrl"] == f"{svc.base}/v1/models-vc?page=2&perPage=2"
+    assert meta["firstPageUrl"] == f"{svc.base}/v1/models-vc?page=1&perPage=2"
+    first = svc.client.get("/v1/models-vc", headers=headers).json()
+    assert first["meta"]["perPage"] == 20 and len(first["data"]) == 5 and first["meta"]["previousPageUrl"] is None
+    for query, loc, kind in (({"page": "0"}, "page", "value_error.number.not_ge"),
+                             ({"perPage": "101"}, "perPage", "value_error.number.not_le"),
+                             ({"perPage": "ten"}, "perPage", "type_error.integer")):
+        response = svc.client.get("/v1/models-vc", params=query, headers=headers)
+        assert response.status_code == 422
+        (entry,) = response.json()["detail"]
+        assert entry["loc"] == ["query", loc] and entry["type"] == kind
+
+
+def test_operational_routes(svc):
+    assert svc.client.get("/healthz").json() == {"status": "ok"}
+    ready = svc.client.get("/readyz")
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "voices": len(VOICES)}
+    job = _post(svc, {"modelId": "voice-a"}, wav_bytes()).json()  # something to count
+    _wait_status(svc, job["inferenceId"])
+    metrics = svc.client.get("/metrics")
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    assert re.search(r'rvc_http_requests_total\{code="200",method="POST",route="/v1/inferences-vc"\} [1-9]', text)
+    for name in ("rvc_http_request_duration_seconds_bucket", "rvc_jobs_finished_total", "rvc_jobs_queued",
+                 "rvc_job_duration_seconds_bucket", 'rvc_stage_latency_seconds_count{stage="synthesis"}',
+                 'rvc_voice_cache_events_total{event="hit"}'):
+        assert name in text, name
+    doc = svc.client.get("/openapi.json").json()
+    assert doc["openapi"].startswith("3.") and set(doc["paths"]) == {
+        "/v1/inferences-vc", "/v1/inferences-vc/{inferenceId}", "/v1/models-vc", "/results/{inferenceId}/{name}",
+        "/healthz", "/readyz", "/metrics", "/openapi.json"}
+
+
+# --- rate limit across two ingress replicas -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory, serve_url):
+    two = {**TEST_STAGES["ingress"], "min_replicas": 2, "max_replicas": 2}
+    app = _app(tmp_path_factory, serve_url, "rl", rate_limit_per_minute=5, stages={"ingress": two})
+    yield app
+    app.client.close()
+    delete_app(app.name)
+
+
+def test_rate_limit_is_shared_by_ingress_replicas(limited):
+    from ray import serve
+
+    ingress = serve.status().applications[limited.name].deployments["Ingress"]
+    assert ingress.replica_states.get("RUNNING") == 2
+
+    def call(_):
+        return limited.client.get("/v1/models-vc", headers={"x-api-key": KEY_A})
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(call, range(12)))
+    ok = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert len(ok) == 5 and len(refused) == 7
+    assert sorted(int(r.headers["x-ratelimit-remaining"]) for r in ok) == [0, 1, 2, 3, 4]
+    for r in refused:
+        assert r.json() == {"error": "Rate limit exceeded."}
+        assert 1 <= int(r.headers["retry-after"]) <= 60 and r.headers["x-ratelimit-remaining"] == "0"
+        assert r.headers["x-ratelimit-limit"] == "5" and int(r.headers["x-ratelimit-reset"]) > time.time()
+    # 429 comes before the size check; another key has its own budget.
+    status, headers, _ = _raw_post(limited.base, "/v1/inferences-vc", {
+        "x-api-key": KEY_A, "Content-Length": str(MAX_FILE_BYTES * 2), "Content-Type": "multipart/form-data; b=x"})
+    assert status == 429 and "retry-after" in headers
+    other = limited.client.get("/v1/models-vc", headers={"x-api-key": KEY_B})
+    assert other.status_code == 200 and other.headers["x-ratelimit-remaining"] == "4"

@@ -1,0 +1,131 @@
+"""End to end through the real stages: HTTP in, HuBERT ∥ crepe, per-chunk synthesis across
+deployments, MP3 + FLAC out — equal to `Converter.convert` (what `rvc-serve convert` runs) for
+the same input, parameters and seed.
+
+Slow on CPU (the demo voice set has full-size random-weight models); marked `slow`.
+"""
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.service_support import TEST_STAGES, delete_app, run_app, serve_url, wait_for, write_keys  # noqa: F401
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("pipeline.pitch")
+pytest.importorskip("pipeline.synthesizer")
+
+KEY = "e2e-key-0123456789"
+# Small chunking constants (seconds) so a 7 s input is cut into 4 chunks that fan out.
+CHUNKING = {"x_pad": 1, "x_query": 1, "x_center": 2, "x_max": 3}
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory, serve_url):
+    import torch
+
+    from deployments.app import build_app
+    from deployments.registry import add_model
+    from pipeline.synthesizer import random_voice_checkpoint, save_voice
+
+    data = tmp_path_factory.mktemp("e2e")
+    app = build_app({"data_dir": str(data), "api_keys_file": str(write_keys(data / "keys", KEY)),
+                     "chunking": CHUNKING, "voices_per_replica": 1, "job_timeout_s": 600,
+                     "rate_limit_per_minute": 10000, "stages": TEST_STAGES})
+    other = data / "other.pth"  # a second voice, registered after the builder wrote the demo
+    save_voice(random_voice_checkpoint(7, version="v1", sample_rate=32000, f0=True), other)
+    add_model(data, "other", other)
+    run_app(app, "e2e")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the replicas, so the local reference run is bit-identical
+    client = httpx.Client(base_url=f"{serve_url}/e2e", timeout=120, headers={"x-api-key": KEY})
+    yield SimpleNamespace(data=data, client=client)
+    client.close()
+    delete_app("e2e")
+    torch.set_num_threads(threads)
+
+
+def _speech_wav(tmp_path, seconds: float, seed: int):
+    from pipeline.demo import synthetic_speech
+
+    path = tmp_path / f"speech-{seed}.wav"
+    sf.write(path, synthetic_speech(seconds, seed=seed), 16000, subtype="PCM_16")
+    return path
+
+
+def _convert(e2e, wav, model_id: str, query: dict | None = None) -> dict:
+    response = e2e.client.post("/v1/inferences-vc", params={"modelId": model_id, **(query or {})},
+                               files={"audioInfer": ("in.wav", wav.read_bytes(), "audio/wav")})
+    assert response.status_code == 200, response.text
+    job_id = response.json()["inferenceId"]
+
+    def finished():
+        body = e2e.client.get(f"/v1/inferences-vc/{job_id}").json()
+        return body if body["status"] != "RUNNING" else None
+
+    done = wait_for(finished, 600, interval_s=1)
+    assert done["status"] == "SUCCESS", done.get("error")
+    return done
+
+
+def _local_reference(e2e, wav, model_id: str, **params) -> tuple[np.ndarray, int]:
+    """What `rvc-serve convert` writes (before encoding): int16 at the voice's rate."""
+    from deployments.registry import get_voice
+    from pipeline.audio import load_audio, to_int16
+    from pipeline.convert import ChunkingConfig, ConversionParams, Converter
+    from pipeline.index import load_index
+    from pipeline.synthesizer import load_voice
+
+    info = get_voice(e2e.data / "voices", model_id)
+    voice = load_voice(info.model_path)
+    index = load_index(info.index_path) if info.index_path else None
+    converter = Converter.from_paths(e2e.data / "hubert_base.pt", chunking=ChunkingConfig(**CHUNKING))
+    out = converter.convert(load_audio(wav), voice, index, ConversionParams(**params))
+    return to_int16(out), voice.sample_rate
+
+
+def test_demo_voice_created_and_ready(e2e):
+    models = e2e.client.get("/v1/models-vc").json()
+    by_id = {m["modelId"]: m for m in models["data"]}
+    assert by_id["demo"]["hasIndex"] and by_id["demo"]["version"] == "v2" and by_id["demo"]["sampleRate"] == 40000
+    assert by_id["other"] == {**by_id["other"], "version": "v1", "sampleRate": 32000, "f0": True, "hasIndex": False}
+    ready = e2e.client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def test_chunked_job_equals_local_conversion(e2e, tmp_path):
+    wav = _speech_wav(tmp_path, 7.0, seed=5)
+    query = {"indexRate": "0.5", "rmsMixRate": "0.5", "f0UpKey": "2", "protect": "0.2"}
+    done = _convert(e2e, wav, "demo", query)
+    expected, rate = _local_reference(e2e, wav, "demo", index_rate=0.5, rms_mix_rate=0.5, f0_up_key=2, protect=0.2)
+
+    job_id = done["inferenceId"]
+    flac, flac_rate = sf.read(e2e.data / "results" / job_id / "output.flac", dtype="int16")
+    assert flac_rate == rate and np.array_equal(flac, expected)
+
+    mp3 = httpx.get(done["inferenceUrl"], timeout=60)
+    assert mp3.status_code == 200 and mp3.headers["content-type"] == "audio/mpeg"
+    path = tmp_path / "out.mp3"
+    path.write_bytes(mp3.content)
+    info = sf.info(path)
+    assert info.samplerate == 44100  # 40 kHz is resampled for MP3
+    assert abs(info.duration - expected.shape[0] / rate) < 0.06
+    assert abs(info.duration - 7.0) < 0.1
+
+
+def test_more_voices_than_slots_each_output_is_its_voice(e2e, tmp_path):
+    wav = _speech_wav(tmp_path, 1.5, seed=9)
+    expected = {m: _local_reference(e2e, wav, m)[0] for m in ("demo", "other")}
+    for model_id in ("demo", "other", "demo"):  # one slot per replica: every switch reloads
+        done = _convert(e2e, wav, model_id)
+        flac, _ = sf.read(e2e.data / "results" / done["inferenceId"] / "output.flac", dtype="int16")
+        assert np.array_equal(flac, expected[model_id]), model_id
+    metrics = e2e.client.get("/metrics").text
+    misses = float(re.search(r'rvc_voice_cache_events_total\{event="miss"\} (\S+)', metrics).group(1))
+    evictions = float(re.search(r'rvc_voice_cache_events_total\{event="eviction"\} (\S+)', metrics).group(1))
+    assert misses >= 3 and evictions >= 2
