@@ -1,16 +1,16 @@
 """The model stages as separate deployments, and the `Conversion` orchestrator that runs a job.
 
-Each stage is a thin adapter over one `pipeline.convert.Converter` stage method, so the
-service computes exactly what `rvc-serve convert` computes (same chunks, same seeded noise
-per chunk, same dither per frame, wherever each piece runs):
+Each stage is a thin adapter over one `pipeline.convert` stage function, so the service
+computes exactly what `rvc-serve convert` computes (same chunks, same seeded noise per chunk,
+same dither per frame, wherever each piece runs):
 
-    ContentFeatures   HuBERT/ContentVec features of one chunk          (Converter.features)
-    PitchEstimator    f0 of the whole padded input                     (Converter.pitch)
-    Synthesis         index blend + synthesizer for one chunk, one     (Converter.retrieve,
-                      voice (+ its index) cached per model id (LRU)     Converter.synthesize_chunk)
+    ContentFeatures   HuBERT/ContentVec features of one chunk          (chunk_features)
+    PitchEstimator    f0 of the whole padded input                     (estimate_input_pitch)
+    Synthesis         index blend + synthesizer for one chunk, one     (retrieve, chunk_noise,
+                      voice (+ its index) cached per model id (LRU)     synthesize_chunk)
     Conversion        load → prepare → pitch ∥ features → synthesis per chunk → join → write
 
-Each replica builds a `Converter` holding only the models its stage uses.
+Each replica loads only the models its stage uses.
 """
 from __future__ import annotations
 
@@ -43,16 +43,15 @@ def _device() -> str:
 @serve.deployment
 class ContentFeatures:
     def __init__(self, settings: AppSettings) -> None:
-        from pipeline.convert import Converter
         from pipeline.hubert import load_hubert
 
-        device = _device()
-        self.converter = Converter(hubert=load_hubert(settings.hubert, device=device), pitch_models=None,
-                                   device=device)
+        self.hubert = load_hubert(settings.hubert, device=_device())
 
     async def extract(self, chunk_audio: np.ndarray, version: str) -> np.ndarray:
         """Features [T50, C] float32 of one chunk of the padded input."""
-        feats = await asyncio.to_thread(self.converter.features, chunk_audio, version)
+        from pipeline.convert import chunk_features
+
+        feats = await asyncio.to_thread(chunk_features, self.hubert, chunk_audio, version)
         return feats.cpu().numpy()
 
     async def ready(self) -> bool:
@@ -62,17 +61,16 @@ class ContentFeatures:
 @serve.deployment
 class PitchEstimator:
     def __init__(self, settings: AppSettings) -> None:
-        from pipeline.convert import Converter
         from pipeline.pitch import PitchModels
 
-        device = _device()
-        models = PitchModels(device=device, rmvpe_path=settings.rmvpe)
-        models.get("crepe")  # the default method is loaded before the replica reports ready
-        self.converter = Converter(hubert=None, pitch_models=models, device=device)
+        self.models = PitchModels(device=_device(), rmvpe_path=settings.rmvpe)
+        self.models.get("crepe")  # the default method is loaded before the replica reports ready
 
     async def estimate(self, prepared, params) -> tuple[np.ndarray, np.ndarray]:
         """(coarse, pitchf) over the whole padded input, dithered from the job's seed."""
-        return await asyncio.to_thread(self.converter.pitch, prepared, params)
+        from pipeline.convert import estimate_input_pitch
+
+        return await asyncio.to_thread(estimate_input_pitch, prepared, params, self.models)
 
     async def ready(self) -> bool:
         return True
@@ -99,12 +97,11 @@ class _CachedVoice:
 @serve.deployment
 class Synthesis:
     def __init__(self, settings: AppSettings) -> None:
-        from pipeline.convert import ChunkingConfig, Converter
+        from pipeline.convert import ChunkingConfig
 
         self.settings = settings
         self.device = _device()
-        self.converter = Converter(hubert=None, pitch_models=None, device=self.device,
-                                   chunking=ChunkingConfig(**settings.chunking))
+        self.chunking = ChunkingConfig(**settings.chunking)
         self.evictions = 0
         # Serve runs the loader inside the calling request's task: a task found here loaded
         # its voice (a cache miss).
@@ -135,12 +132,12 @@ class Synthesis:
         self.evictions += 1
 
     async def synthesize(self, feats0: np.ndarray, coarse: np.ndarray | None, pitchf: np.ndarray | None,
-                         chunk_samples: int, chunk_index: int, params) -> dict:
+                         chunk_samples: int, preceding_chunks: list[int], params) -> dict:
         """One chunk of the voice named by the call's multiplexed model id: float32 audio at the
         voice's rate, padding trimmed, plus this call's voice-cache events."""
         import torch
 
-        from pipeline.convert import chunk_noise
+        from pipeline.convert import chunk_noise, retrieve, synthesize_chunk
 
         task = asyncio.current_task()
         try:
@@ -153,12 +150,12 @@ class Synthesis:
         feats0 = torch.from_numpy(np.array(feats0)).to(self.device)
         coarse = None if coarse is None else np.array(coarse)
         pitchf = None if pitchf is None else np.array(pitchf)
-        trim = voice.sample_rate * self.converter.chunking.x_pad
+        trim = voice.sample_rate * self.chunking.x_pad
 
         def run() -> np.ndarray:
-            feats = self.converter.retrieve(feats0, index, params)
-            return self.converter.synthesize_chunk(voice, feats, feats0, coarse, pitchf, chunk_samples, params,
-                                                   chunk_noise(params.seed, chunk_index, self.device), trim)
+            feats = retrieve(feats0, index, params)
+            return synthesize_chunk(voice, feats, feats0, coarse, pitchf, chunk_samples, params,
+                                    chunk_noise(params.seed, preceding_chunks, voice), trim)
 
         audio = await asyncio.to_thread(run)
         evictions, self.evictions = self.evictions, 0
@@ -219,8 +216,9 @@ class Conversion:
                 coarse, pitchf = await pitch
                 f0_slice = slice(chunk.f0_start, chunk.f0_end)
                 coarse, pitchf = coarse[f0_slice], pitchf[f0_slice]
+            preceding = [prepared.audio_pad[c.start:c.end].shape[0] for c in prepared.chunks[:i]]
             return await timed("synthesis", synthesis.synthesize.remote(
-                feats0, coarse, pitchf, samples.shape[0], i, params))
+                feats0, coarse, pitchf, samples.shape[0], preceding, params))
 
         pieces = await _all_or_cancel([chunk_audio(i, c) for i, c in enumerate(prepared.chunks)]
                                       + ([pitch] if pitch is not None else []))

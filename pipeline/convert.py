@@ -10,9 +10,9 @@ result is the same as `Converter.convert` for the same input, parameters and see
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import audio as audio_io
-from .hubert import Hubert, content_features, load_hubert
+from .hubert import Hubert, HubertConfig, content_features, load_hubert
 from .index import RetrievalIndex, blend
 from .pitch import PitchModels, estimate_pitch
 from .synthesizer import SynthNoise, Voice
@@ -131,18 +131,80 @@ def split_points(audio_hp: np.ndarray, chunking: ChunkingConfig) -> list[int]:
 
 
 def dither_for(seed: int, frames: int) -> np.ndarray:
-    """crepe's ±20-cent triangular dither for a whole file, from our own seeded generator
-    (the reference draws it from numpy's global RNG). Frame i always gets the same draw, so
-    pieces of a file computed apart reproduce the whole-file track."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC4E9E]))
-    return rng.triangular(-20.0, 0.0, 20.0, frames)
+    """crepe's ±20-cent triangular dither for `frames` f0 frames of a whole file.
+
+    Drawn from our own generator seeded with `seed`, as scipy's `triang(c=0.5, loc=-20,
+    scale=40)` draws it: the values a reference run gets after `np.random.seed(seed)`. Frame i
+    always gets the same value, so pieces of a file computed apart reproduce the whole track."""
+    return np.random.RandomState(seed).triangular(0.0, 0.5, 1.0, frames) * 40.0 + -20.0
 
 
-def chunk_noise(seed: int, chunk_index: int, device: torch.device | str = "cpu") -> SynthNoise:
-    """The synthesizer's random draws for one chunk, independent of which replica runs it."""
-    state = np.random.SeedSequence([seed, chunk_index]).generate_state(1, dtype=np.uint64)[0]
-    generator = torch.Generator(device=device).manual_seed(int(state) & (2**63 - 1))
-    return SynthNoise.from_generator(generator)
+def chunk_p_len(chunk_samples: int) -> int:
+    """Frames the synthesizer makes for a chunk: the f0 frames, cut to twice the content frames."""
+    return min(chunk_samples // WINDOW, 2 * HubertConfig().num_frames(chunk_samples))
+
+
+def chunk_noise(seed: int, preceding_chunks: Sequence[int], voice: Voice) -> SynthNoise:
+    """The synthesizer's random draws for a chunk that follows chunks of `preceding_chunks`
+    samples, as `Converter.convert` draws them for the whole file: one CPU generator seeded with
+    `seed`, chunk after chunk, which is also what a reference run gets after
+    `torch.manual_seed(seed)`. The earlier chunks' draws are replayed (a few ms per minute of
+    audio) so any replica can synthesize any chunk with the same result."""
+    noise = SynthNoise.from_generator(torch.Generator().manual_seed(seed))
+    for samples in preceding_chunks:
+        p_len = chunk_p_len(samples)
+        noise.prior(torch.empty(1, voice.config.inter_channels, p_len))
+        if voice.f0:
+            noise.source(torch.empty(1, p_len * voice.upsample_factor, 1))
+    return noise
+
+
+def estimate_input_pitch(prepared: PreparedInput, params: ConversionParams,
+                         models: PitchModels) -> tuple[np.ndarray, np.ndarray]:
+    """(coarse [p_len] int64, pitchf [p_len] float32) over the whole padded input."""
+    dither = dither_for(params.seed, prepared.audio_pad.shape[0] // WINDOW + 1)
+    return estimate_pitch(prepared.audio_pad, prepared.p_len, params.f0_method, models,
+                          f0_up_key=params.f0_up_key, filter_radius=params.filter_radius, dither=dither)
+
+
+@torch.inference_mode()
+def chunk_features(hubert: Hubert, chunk_audio: np.ndarray, version: str) -> torch.Tensor:
+    """Content features [T50, C] of one chunk of audio_pad (float64 → float32 as the reference)."""
+    device = next(hubert.parameters()).device
+    wav = torch.from_numpy(np.ascontiguousarray(chunk_audio)).float().to(device)[None]
+    return content_features(hubert, wav, version)[0]
+
+
+def retrieve(feats: torch.Tensor, index: RetrievalIndex | None, params: ConversionParams) -> torch.Tensor:
+    """Blend content features [T50, C] with the voice's retrieved training features."""
+    if index is None or params.index_rate == 0:
+        return feats
+    return torch.from_numpy(blend(feats.cpu().numpy(), index, params.index_rate)).to(feats.device)
+
+
+@torch.inference_mode()
+def synthesize_chunk(voice: Voice, feats: torch.Tensor, feats0: torch.Tensor, coarse: np.ndarray | None,
+                     pitchf: np.ndarray | None, chunk_samples: int, params: ConversionParams,
+                     noise: SynthNoise, trim: int) -> np.ndarray:
+    """Synthesize one chunk from its index-blended features `feats` [T50, C], the features
+    before the blend `feats0` (for protect) and its f0 slices; returns float32 audio at the
+    voice's rate with `trim` samples (the padding) cut from both ends."""
+    device = feats.device
+    # nearest ×2: each 20 ms vector covers two 10 ms f0 frames
+    feats = feats.repeat_interleave(2, dim=0)
+    p_len = min(chunk_samples // WINDOW, feats.shape[0])
+    feats = feats[:p_len]
+    pitch = nsff0 = None
+    if voice.f0:
+        pitch = torch.from_numpy(np.ascontiguousarray(coarse[:p_len])).to(device)[None]
+        nsff0 = torch.from_numpy(np.ascontiguousarray(pitchf[:p_len])).to(device)[None]
+        if params.protect < 0.5:
+            feats0 = feats0.repeat_interleave(2, dim=0)[:p_len]
+            # the reference sets voiced frames (f0 > 0) to 1, then every f0 < 1 to protect
+            weight = torch.where(nsff0[0] < 1, params.protect, 1.0)[:, None]
+            feats = feats * weight + feats0 * (1 - weight)
+    out = voice.model.infer(feats[None], pitch, nsff0, sid=params.sid, noise=noise)[0, 0]
+    return out[trim:-trim].float().cpu().numpy()
 
 
 def change_rms(source: np.ndarray, source_rate: int, target: np.ndarray, target_rate: int,
@@ -182,7 +244,6 @@ class Converter:
 
     hubert: Hubert
     pitch_models: PitchModels
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     chunking: ChunkingConfig = ChunkingConfig()
 
     @classmethod
@@ -190,54 +251,7 @@ class Converter:
                    device: str | torch.device = "cpu", chunking: ChunkingConfig = ChunkingConfig()) -> "Converter":
         device = torch.device(device)
         return cls(load_hubert(hubert_path, device=device), PitchModels(device=device, rmvpe_path=rmvpe_path),
-                   device, chunking)
-
-    def prepare(self, audio16k: np.ndarray) -> PreparedInput:
-        return prepare_input(audio16k, self.chunking)
-
-    def pitch(self, prepared: PreparedInput, params: ConversionParams,
-              dither: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(coarse [p_len] int64, pitchf [p_len] float32) over the whole padded input."""
-        if dither is None:
-            dither = dither_for(params.seed, prepared.audio_pad.shape[0] // WINDOW + 1)
-        return estimate_pitch(prepared.audio_pad, prepared.p_len, params.f0_method, self.pitch_models,
-                              f0_up_key=params.f0_up_key, filter_radius=params.filter_radius, dither=dither)
-
-    @torch.inference_mode()
-    def features(self, chunk_audio: np.ndarray, version: str) -> torch.Tensor:
-        """Content features [T50, C] of one chunk of audio_pad (float64 → float32 as the reference)."""
-        wav = torch.from_numpy(np.ascontiguousarray(chunk_audio)).float().to(self.device)[None]
-        return content_features(self.hubert, wav, version)[0]
-
-    def retrieve(self, feats: torch.Tensor, index: RetrievalIndex | None, params: ConversionParams) -> torch.Tensor:
-        """Blend content features [T50, C] with the voice's retrieved training features."""
-        if index is None or params.index_rate == 0:
-            return feats
-        return torch.from_numpy(blend(feats.cpu().numpy(), index, params.index_rate)).to(self.device)
-
-    @torch.inference_mode()
-    def synthesize_chunk(self, voice: Voice, feats: torch.Tensor, feats0: torch.Tensor,
-                         coarse: np.ndarray | None, pitchf: np.ndarray | None, chunk_samples: int,
-                         params: ConversionParams, noise: SynthNoise, trim: int) -> np.ndarray:
-        """Synthesize one chunk from its index-blended features `feats` [T50, C], the features
-        before the blend `feats0` (for protect) and its f0 slices; returns float32 audio at the
-        voice's rate with `trim` samples (the padding) cut from both ends."""
-        use_f0 = voice.f0 and coarse is not None and pitchf is not None
-        # nearest ×2: each 20 ms vector covers two 10 ms f0 frames
-        feats = feats.repeat_interleave(2, dim=0)
-        p_len = min(chunk_samples // WINDOW, feats.shape[0])
-        feats = feats[:p_len]
-        pitch = nsff0 = None
-        if use_f0:
-            pitch = torch.from_numpy(coarse[:p_len]).to(self.device)[None]
-            nsff0 = torch.from_numpy(pitchf[:p_len]).to(self.device)[None]
-            if params.protect < 0.5:
-                feats0 = feats0.repeat_interleave(2, dim=0)[:p_len]
-                # the reference sets voiced frames (f0 > 0) to 1, then every f0 < 1 to protect
-                weight = torch.where(nsff0[0] < 1, params.protect, 1.0)[:, None]
-                feats = feats * weight + feats0 * (1 - weight)
-        out = voice.model.infer(feats[None], pitch, nsff0, sid=params.sid, noise=noise)[0, 0]
-        return out[trim:-trim].float().cpu().numpy()
+                   chunking)
 
     def convert(self, audio16k: np.ndarray, voice: Voice, index: RetrievalIndex | None,
                 params: ConversionParams = ConversionParams(),
@@ -245,32 +259,34 @@ class Converter:
                 timings: dict[str, float] | None = None) -> np.ndarray:
         """Convert mono 16 kHz float audio; float32 output at `voice.sample_rate`.
 
+        With the same seed this is the reference's output after seeding torch and numpy.
         `progress(done, total)` is called after each chunk; `timings` (if given) accumulates
         seconds per stage: prepare, pitch, features, retrieval, synthesis, finish."""
         if index is not None and index.dim != voice.feature_dim:
             raise ValueError(f"index has {index.dim}-d vectors, the {voice.version} voice uses {voice.feature_dim}")
         clock = _StageClock(timings)
         with clock("prepare"):
-            prepared = self.prepare(audio16k)
+            prepared = prepare_input(audio16k, self.chunking)
         coarse = pitchf = None
         if voice.f0:
             with clock("pitch"):
-                coarse, pitchf = self.pitch(prepared, params)
+                coarse, pitchf = estimate_input_pitch(prepared, params, self.pitch_models)
         trim = voice.sample_rate * self.chunking.x_pad
+        noise = chunk_noise(params.seed, [], voice)  # one stream, chunk after chunk
         pieces = []
         for i, chunk in enumerate(prepared.chunks):
             chunk_audio = prepared.audio_pad[chunk.start:chunk.end]
             with clock("features"):
-                feats0 = self.features(chunk_audio, voice.version)
+                feats0 = chunk_features(self.hubert, chunk_audio, voice.version)
             with clock("retrieval"):
-                feats = self.retrieve(feats0, index, params)
+                feats = retrieve(feats0, index, params)
             f0_slice = slice(chunk.f0_start, chunk.f0_end)
             with clock("synthesis"):
-                pieces.append(self.synthesize_chunk(
+                pieces.append(synthesize_chunk(
                     voice, feats, feats0,
                     coarse[f0_slice] if coarse is not None else None,
                     pitchf[f0_slice] if pitchf is not None else None,
-                    chunk_audio.shape[0], params, chunk_noise(params.seed, i, self.device), trim))
+                    chunk_audio.shape[0], params, noise, trim))
             if progress is not None:
                 progress(i + 1, len(prepared.chunks))
         with clock("finish"):
