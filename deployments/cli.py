@@ -5,6 +5,7 @@ Imports stay inside the commands so `rvc-serve convert` never loads Ray.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,16 @@ def _demo_assets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_add(args: argparse.Namespace) -> int:
+    from .registry import add_model
+
+    info = add_model(args.data_dir, args.model_id, args.pth, args.index, name=args.name)
+    index = "with index" if info.index_path else "without index"
+    print(f"registered {info.model_id}: {info.version}, {info.sample_rate} Hz, "
+          f"{'f0' if info.f0 else 'no f0'}, {index}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rvc-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("dir", type=Path)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo_assets)
+
+    models = sub.add_parser("models", help="manage the voice registry").add_subparsers(dest="action", required=True)
+    add = models.add_parser("add", help="validate a voice by loading it, then register it")
+    add.add_argument("model_id", help="registry id: letters, digits, '.', '_', '-'")
+    add.add_argument("--pth", type=Path, required=True, help="RVC voice .pth")
+    add.add_argument("--index", type=Path, help="its .index (optional)")
+    add.add_argument("--name", help="display name (default: the id)")
+    add.add_argument("--data-dir", type=Path, default=Path(os.environ.get("RVC_DATA_DIR", "data")))
+    add.set_defaults(func=_models_add)
     return parser
 
 

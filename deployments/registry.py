@@ -140,6 +140,8 @@ def add_model(data_dir: str | Path, model_id: str, pth: str | Path, index: str |
               name: str | None = None) -> VoiceInfo:
     """Register a voice: copy its files aside, validate them by loading, then move the directory
     into `<data_dir>/voices/<model_id>` in one rename. Refuses an id that already exists."""
+    from pipeline.assets import AssetError  # torch: kept out of the ingress's imports
+
     voices_dir = Path(data_dir) / "voices"
     final = voice_dir(voices_dir, model_id)
     if final.exists():
@@ -152,7 +154,13 @@ def add_model(data_dir: str | Path, model_id: str, pth: str | Path, index: str |
         shutil.copyfile(pth, staging / MODEL_FILE)
         if index is not None:
             shutil.copyfile(index, staging / INDEX_FILE)
-        write_meta(staging, model_id, name)
+        try:
+            write_meta(staging, model_id, name)
+        except AssetError as e:  # name the user's file, not our staging copy
+            message = str(e).replace(str(staging / MODEL_FILE), str(pth))
+            if index is not None:
+                message = message.replace(str(staging / INDEX_FILE), str(index))
+            raise AssetError(message) from None
         try:
             os.rename(staging, final)
         except OSError:

@@ -18,11 +18,22 @@ def torch_load_checked(path: str | Path, what: str, **kwargs) -> object:
         raise AssetError(f"{path}: {what} file not found")
     if path.stat().st_size == 0:
         raise AssetError(f"{path}: {what} file is empty")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch files are zip archives (torch >= 1.6) or, in the legacy format, a pickle (0x80 = PROTO)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise AssetError(f"{path}: not a torch checkpoint (cannot load {what})")
     kwargs.setdefault("weights_only", True)
     try:
         return torch.load(path, map_location="cpu", **kwargs)
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "central directory" in reason or "PytorchStreamReader" in reason or "EOF" in reason:
-            reason = f"truncated or corrupt ({reason})"
+        text = str(e).strip()
+        reason = text.splitlines()[0] if text else type(e).__name__
+        if any(s in text for s in ("central directory", "PytorchStreamReader", "EOF", "Invalid argument")):
+            reason = "truncated or corrupt file"
+        elif "Weights only load failed" in text:
+            # torch's message advises weights_only=False, which would run code from the file
+            unsupported = [line.strip() for line in text.splitlines() if "Unsupported global" in line]
+            reason = "holds objects other than tensors and plain data; refused for safety" + (
+                f" ({unsupported[0]})" if unsupported else "")
         raise AssetError(f"{path}: cannot load {what}: {reason}") from None
