@@ -1,4 +1,6 @@
+import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 from tests.fixtures import build_fixtures, default_cache_dir
@@ -12,3 +14,18 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 def fixture_set() -> dict:
     """Random-weight voices, HuBERT, RMVPE and inputs in the real formats (cached across runs)."""
     return build_fixtures(default_cache_dir())
+
+
+@pytest.fixture
+def recorded_dither(monkeypatch):
+    """Records the dither torchcrepe draws from the global RNG, in order."""
+    draws = []
+    draw = scipy.stats.triang.rvs
+
+    def record(*args, **kwargs):
+        noise = draw(*args, **kwargs)
+        draws.append(np.asarray(noise).ravel())
+        return noise
+
+    monkeypatch.setattr(scipy.stats.triang, "rvs", record)
+    return draws

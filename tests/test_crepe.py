@@ -3,7 +3,6 @@
 import librosa
 import numpy as np
 import pytest
-import scipy.stats
 import torch
 import torchcrepe
 
@@ -34,21 +33,6 @@ def voiced_signal(seconds: float, seed: int = 0, voiced_until: float | None = No
     x = tone * ((t > 0.3) & (t < end)) + 1e-3 * rng.standard_normal(t.size)
     x[int(0.1 * SR) : int(0.2 * SR)] = 0
     return x.astype(np.float32)
-
-
-@pytest.fixture
-def recorded_dither(monkeypatch):
-    """Records the dither torchcrepe draws from the global RNG, in order."""
-    draws = []
-    draw = scipy.stats.triang.rvs
-
-    def record(*args, **kwargs):
-        noise = draw(*args, **kwargs)
-        draws.append(np.asarray(noise).ravel())
-        return noise
-
-    monkeypatch.setattr(scipy.stats.triang, "rvs", record)
-    return draws
 
 
 def torchcrepe_f0(audio: np.ndarray, capacity: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -105,20 +105,6 @@ def reference_get_f0_crepe(audio_pad, p_len, f0_up_key, capacity, draws):
     return np.rint(f0_mel).astype(np.int32)[:p_len], f0bak[:p_len].astype(np.float32)
 
 
-@pytest.fixture
-def recorded_dither(monkeypatch):
-    draws = []
-    draw = scipy.stats.triang.rvs
-
-    def record(*args, **kwargs):
-        noise = draw(*args, **kwargs)
-        draws.append(np.asarray(noise).ravel())
-        return noise
-
-    monkeypatch.setattr(scipy.stats.triang, "rvs", record)
-    return draws
-
-
 @pytest.mark.parametrize("filter_radius", [0, 2])
 def test_crepe_tiny_matches_reference_get_f0(recorded_dither, filter_radius):
     audio_pad = voiced_signal(1.2)
