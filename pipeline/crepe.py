@@ -24,6 +24,7 @@ PITCH_BINS = 360
 CENTS_PER_BIN = 20
 CENTS_OFFSET = 1997.3794084376191  # cents (re 10 Hz) of bin 0
 BATCH_FRAMES = 512  # RVC's torchcrepe batch size, which is also the viterbi restart period
+BATCHES_PER_GROUP = 16  # ~82 s of audio per group: [8192, 360] salience, bounded memory
 
 # Channel widths of the six conv layers.
 _CHANNELS = {
@@ -200,23 +201,28 @@ def crepe_f0(
     noise = _dither_cents(dither, n_frames).to(device)
 
     windows = F.pad(audio, (WINDOW_SIZE // 2, WINDOW_SIZE // 2)).unfold(0, WINDOW_SIZE, HOP_LENGTH)
-    salience = torch.cat(
-        [
-            model(_normalise(windows[start : start + batch_size].T.contiguous().T))
-            for start in range(0, n_frames, batch_size)
-        ]
-    )  # [N, 360]
-    salience[:, : _bin(fmin, torch.floor)] = -float("inf")
-    salience[:, _bin(fmax, torch.ceil) :] = -float("inf")
-
-    # Whole batches are decoded side by side; a shorter last batch separately.
-    n_whole = n_frames // batch_size * batch_size
-    batches = [salience[:n_whole].view(-1, batch_size, PITCH_BINS), salience[n_whole:][None]]
-    bins = torch.cat([viterbi(_log_probs(b)).flatten() for b in batches if b.numel()])  # [N]
-
-    periodicity = salience.gather(1, bins[:, None])[:, 0]
+    low, high = _bin(fmin, torch.floor), _bin(fmax, torch.ceil)
+    # Batches are independent (the path restarts at each), so a long file is processed a group of
+    # batches at a time: memory is bounded by the group, not the file; groups are decoded side by side.
+    group = batch_size * BATCHES_PER_GROUP
+    bins, periodicity = [], []
+    for group_start in range(0, n_frames, group):
+        group_end = min(group_start + group, n_frames)
+        salience = torch.cat([
+            model(_normalise(windows[start:min(start + batch_size, group_end)].T.contiguous().T))
+            for start in range(group_start, group_end, batch_size)
+        ])  # [frames, 360]
+        salience[:, :low] = -float("inf")
+        salience[:, high:] = -float("inf")
+        # Whole batches are decoded side by side; a shorter last batch separately.
+        n_whole = salience.shape[0] // batch_size * batch_size
+        batches = [salience[:n_whole].view(-1, batch_size, PITCH_BINS), salience[n_whole:][None]]
+        group_bins = torch.cat([viterbi(_log_probs(b)).flatten() for b in batches if b.numel()])
+        bins.append(group_bins)
+        periodicity.append(salience.gather(1, group_bins[:, None])[:, 0])
+    bins = torch.cat(bins)  # [N]
     cents = bins * CENTS_PER_BIN + CENTS_OFFSET + noise
-    return 10 * 2 ** (cents / 1200), periodicity
+    return 10 * 2 ** (cents / 1200), torch.cat(periodicity)
 
 
 def median_filter(x: Tensor, width: int) -> Tensor:

@@ -207,3 +207,16 @@ def test_viterbi_decodes_a_batch_like_single_sequences():
     batch = viterbi(log_prob)
     for i in range(3):
         torch.testing.assert_close(batch[i], viterbi(log_prob[i : i + 1])[0], rtol=0, atol=0)
+
+
+def test_long_files_are_processed_in_groups_with_the_same_result(monkeypatch):
+    """Memory is bounded by a group of batches; grouping must not change a single value."""
+    import pipeline.crepe as crepe_module
+
+    model = load_crepe("tiny", "cpu")
+    audio = torch.from_numpy(voiced_signal(2.0, seed=3))
+    dither = np.random.default_rng(0).triangular(-20, 0, 20, 1 + audio.numel() // 160)
+    whole_f0, whole_pd = crepe_f0(model, audio, batch_size=32, dither=dither)
+    monkeypatch.setattr(crepe_module, "BATCHES_PER_GROUP", 2)  # 201 frames → 4 groups
+    f0, pd = crepe_f0(model, audio, batch_size=32, dither=dither)
+    assert torch.equal(f0, whole_f0) and torch.equal(pd, whole_pd)
