@@ -82,11 +82,15 @@ class ChunkSpec:
 
 @dataclass
 class PreparedInput:
-    audio_hp: np.ndarray  # [L] float64, high-passed input (the RMS mix reads its envelope)
-    audio_pad: np.ndarray  # [L + 2·t_pad] float64, reflect-padded
+    audio_pad: np.ndarray  # [L + 2·t_pad] float64, the high-passed input reflect-padded
     p_len: int  # f0 frames of audio_pad
     chunks: list[ChunkSpec]
     t_pad: int  # padding in 16 kHz samples
+
+    @property
+    def audio_hp(self) -> np.ndarray:
+        """[L] the high-passed input itself (a view: long files are held once)."""
+        return self.audio_pad[self.t_pad:self.audio_pad.shape[0] - self.t_pad]
 
 
 def prepare_input(audio16k: np.ndarray, chunking: ChunkingConfig = ChunkingConfig()) -> PreparedInput:
@@ -108,7 +112,7 @@ def prepare_input(audio16k: np.ndarray, chunking: ChunkingConfig = ChunkingConfi
         chunks.append(ChunkSpec(0, None, 0, None))
     else:
         chunks.append(ChunkSpec(split, None, split // WINDOW, None))
-    return PreparedInput(audio_hp, audio_pad, audio_pad.shape[0] // WINDOW, chunks, t_pad)
+    return PreparedInput(audio_pad, audio_pad.shape[0] // WINDOW, chunks, t_pad)
 
 
 def split_points(audio_hp: np.ndarray, chunking: ChunkingConfig) -> list[int]:
