@@ -209,7 +209,9 @@ def crepe_f0(
     for group_start in range(0, n_frames, group):
         group_end = min(group_start + group, n_frames)
         salience = torch.cat([
-            model(_normalise(windows[start:min(start + batch_size, group_end)].T.contiguous().T))
+            # normalised in torchcrepe's layout (same sums), then made contiguous: the convs run
+            # ~1.7x faster on contiguous frames on CPU
+            model(_normalise(windows[start:min(start + batch_size, group_end)].T.contiguous().T).contiguous())
             for start in range(group_start, group_end, batch_size)
         ])  # [frames, 360]
         salience[:, :low] = -float("inf")
