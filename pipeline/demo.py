@@ -12,11 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import signal
 
-from . import audio as audio_io
-from .hubert import Hubert, content_features, load_hubert, random_hubert_checkpoint, save_hubert_checkpoint
+from .convert import chunk_features, prepare_input
+from .hubert import Hubert, load_hubert, random_hubert_checkpoint, save_hubert_checkpoint
 from .index import build_index, write_index
 from .synthesizer import random_voice_checkpoint, save_voice
 
@@ -58,13 +57,11 @@ def _resonate(x: np.ndarray, freq: float, bandwidth: float, sample_rate: int) ->
     return signal.lfilter([1 - r], [1, -2 * r * np.cos(theta), r * r], x)
 
 
-@torch.inference_mode()
 def pipeline_features(hubert: Hubert, audio16k: np.ndarray, version: str) -> np.ndarray:
-    """Features [T50, C] of audio prepared the way a conversion prepares a single chunk."""
-    audio_hp = audio_io.high_pass(audio_io.peak_limit(audio16k))
-    padded = np.pad(audio_hp, (audio_io.SAMPLE_RATE, audio_io.SAMPLE_RATE), mode="reflect")
-    wav = torch.from_numpy(padded).float()[None]
-    return content_features(hubert, wav, version)[0].numpy()
+    """Features [T50, C] of audio prepared as a conversion prepares it, taken over the whole
+    padded input (what a single-chunk conversion sees)."""
+    prepared = prepare_input(audio16k)
+    return chunk_features(hubert, prepared.audio_pad, version).numpy()
 
 
 def write_demo_assets(data_dir: str | Path, seed: int = 0) -> dict[str, Path]:
