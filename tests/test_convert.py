@@ -195,3 +195,24 @@ def test_cli_refuses_corrupt_input_and_model(tmp_path, fixture_set, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "model.pth" in err
     assert not (tmp_path / "o.wav").exists()
+
+
+def test_api_ranges_and_pipeline_ranges_agree():
+    """The ingress words its 422s from deployments.params; the pipeline guards the same bounds."""
+    from dataclasses import fields
+
+    from deployments.params import CREATE_PARAMS
+
+    pipeline_fields = {f.name for f in fields(ConversionParams)}
+    checked = 0
+    for p in CREATE_PARAMS:
+        if p.field not in pipeline_fields or p.ge is None:
+            continue
+        step = 1 if p.kind == "integer" else 1e-6
+        ConversionParams(**{p.field: p.ge})
+        ConversionParams(**{p.field: p.le})
+        for bad in (p.ge - step, p.le + step):
+            with pytest.raises(ValueError, match=p.field):
+                ConversionParams(**{p.field: bad})
+        checked += 1
+    assert checked == 5
