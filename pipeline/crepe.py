@@ -205,15 +205,18 @@ def crepe_f0(
     # Batches are independent (the path restarts at each), so a long file is processed a group of
     # batches at a time: memory is bounded by the group, not the file; groups are decoded side by side.
     group = batch_size * BATCHES_PER_GROUP
+    # The network sees every frame alone, so batches of any size give the same values; on the CPU
+    # the reference's 512 keeps them bitwise equal, on a GPU a whole group fills the device.
+    network_batch = group if device.type == "cuda" else batch_size
     bins, periodicity = [], []
     for group_start in range(0, n_frames, group):
         group_end = min(group_start + group, n_frames)
         salience = torch.cat([
             # normalised in torchcrepe's layout (same sums), then made contiguous: the convs run
             # ~1.7x faster on contiguous frames on CPU
-            model(_normalise(windows[start:min(start + batch_size, group_end)].T.contiguous().T).contiguous())
-            for start in range(group_start, group_end, batch_size)
-        ])  # [frames, 360]
+            model(_normalise(windows[start:min(start + network_batch, group_end)].T.contiguous().T).contiguous())
+            for start in range(group_start, group_end, network_batch)
+        ]).float()  # [frames, 360], float32 even under a caller's reduced-precision autocast
         salience[:, :low] = -float("inf")
         salience[:, high:] = -float("inf")
         # Whole batches are decoded side by side; a shorter last batch separately.
@@ -252,8 +255,9 @@ def mean_filter(x: Tensor, width: int) -> Tensor:
     """
     valid = ~torch.isnan(x)
     kernel = torch.ones(1, 1, width, dtype=x.dtype, device=x.device)
-    total = F.conv1d(torch.where(valid, x, 0.0)[None, None], kernel, padding=width // 2)[0, 0]
-    count = F.conv1d(valid.to(x.dtype)[None, None], kernel, padding=width // 2)[0, 0]
+    with torch.autocast(x.device.type, enabled=False):  # sums of Hz values: never in half precision
+        total = F.conv1d(torch.where(valid, x, 0.0)[None, None], kernel, padding=width // 2)[0, 0]
+        count = F.conv1d(valid.to(x.dtype)[None, None], kernel, padding=width // 2)[0, 0]
     mean = total / count.clamp_min(1)
     return torch.where(mean == 0, float("nan"), mean)
 

@@ -221,13 +221,14 @@ class Rmvpe:
         n_frames = mel.shape[-1]
         n_pad = -n_frames % FRAME_MULTIPLE
         mel = F.pad(mel.to(self.device, torch.float32), (0, n_pad))
-        return self.net(mel[None])[0, :n_frames].cpu().numpy()
+        return self.net(mel[None])[0, :n_frames].float().cpu().numpy()
 
 
 def rmvpe_f0(model: Rmvpe, audio16k: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
     """audio [L] at 16 kHz → f0 [L // 160 + 1] float64 in Hz (0 = unvoiced), 100 frames/s."""
     audio = torch.from_numpy(np.asarray(audio16k, dtype=np.float32)).to(model.device)
-    with torch.inference_mode():
+    # the log-mel in float32 even under a caller's reduced-precision autocast (the net may use it)
+    with torch.inference_mode(), torch.autocast(model.device.type, enabled=False):
         mel = log_mel(audio, model.mel_basis, model.window)
     return decode_f0(model.salience(mel), threshold)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +119,12 @@ def _fold_weight_norm(module: nn.Module) -> None:
 # text encoder (enc_p)
 # ---------------------------------------------------------------------------------------------
 
+def _masked(x: Tensor, mask: Tensor | None) -> Tensor:
+    """x [B, C, T] with the padding of shorter batch items zeroed (mask [B, 1, T]); a lone item
+    has no padding and no mask."""
+    return x if mask is None else x * mask
+
+
 def _embedding(num: int, dim: int) -> nn.Embedding:
     # without nn.Embedding's random init: on meta tensors it imports sympy (seconds, first call)
     return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
@@ -152,7 +159,7 @@ class RelativeSelfAttention(nn.Module):
         self.emb_rel_k = nn.Parameter(torch.zeros(1, 2 * window + 1, head_dim))
         self.emb_rel_v = nn.Parameter(torch.zeros(1, 2 * window + 1, head_dim))
 
-    def forward(self, x: Tensor) -> Tensor:  # [B, C, T]
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:  # [B, C, T], [B, 1, T]
         b, c, t = x.shape
         w = self.window
 
@@ -169,6 +176,8 @@ class RelativeSelfAttention(nn.Module):
         for o in offsets:
             rows = slice(max(0, -o), t - max(0, o))
             scores.diagonal(o, -2, -1).add_(rel_logits[..., rows, o + w])
+        if key_mask is not None:  # padding of a shorter item in a batch: the reference's -1e4 fill
+            scores = scores.masked_fill(key_mask[:, None] == 0, -1e4)
         p = torch.softmax(scores, dim=-1)
         rel_p = p.new_zeros(b, self.n_heads, t, 2 * w + 1)  # p regrouped by offset
         for o in offsets:
@@ -183,8 +192,8 @@ class FeedForward(nn.Module):
         self.conv_1 = nn.Conv1d(channels, filter_channels, kernel_size, padding="same")
         self.conv_2 = nn.Conv1d(filter_channels, channels, kernel_size, padding="same")
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv_2(torch.relu(self.conv_1(x)))
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return _masked(self.conv_2(_masked(torch.relu(self.conv_1(_masked(x, mask))), mask)), mask)
 
 
 class Encoder(nn.Module):
@@ -199,11 +208,12 @@ class Encoder(nn.Module):
                                         for _ in range(config.n_layers))
         self.norm_layers_2 = nn.ModuleList(ChannelLayerNorm(h) for _ in range(config.n_layers))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = _masked(x, mask)
         for attn, norm_1, ffn, norm_2 in zip(self.attn_layers, self.norm_layers_1, self.ffn_layers, self.norm_layers_2):
-            x = norm_1(x + attn(x))
-            x = norm_2(x + ffn(x))
-        return x
+            x = norm_1(x + attn(x, mask))
+            x = norm_2(x + ffn(x, mask))
+        return _masked(x, mask)
 
 
 class TextEncoder(nn.Module):
@@ -217,12 +227,12 @@ class TextEncoder(nn.Module):
         self.encoder = Encoder(config)
         self.proj = nn.Conv1d(config.hidden_channels, 2 * config.inter_channels, 1)
 
-    def forward(self, phone: Tensor, pitch: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(self, phone: Tensor, pitch: Tensor | None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x = self.emb_phone(phone)  # [B, T, H]
         if pitch is not None:
             x = x + self.emb_pitch(pitch)
         x = F.leaky_relu(x * math.sqrt(x.shape[-1]), LRELU_SLOPE)
-        stats = self.proj(self.encoder(x.transpose(1, 2)))
+        stats = _masked(self.proj(self.encoder(x.transpose(1, 2), mask)), mask)
         m, logs = stats.chunk(2, dim=1)
         return m, logs
 
@@ -246,7 +256,7 @@ class WaveNet(nn.Module):
             _weight_norm(nn.Conv1d(channels, 2 * channels if i < n_layers - 1 else channels, 1))
             for i in range(n_layers))
 
-    def forward(self, x: Tensor, g: Tensor) -> Tensor:
+    def forward(self, x: Tensor, g: Tensor, mask: Tensor | None = None) -> Tensor:
         c = self.channels
         cond = self.cond_layer(g).split(2 * c, dim=1)  # per layer [B, 2C, 1]
         skip = torch.zeros_like(x)
@@ -255,11 +265,11 @@ class WaveNet(nn.Module):
             a = in_layer(x) + cond[i]
             y = res_skip_layer(torch.tanh(a[:, :c]) * torch.sigmoid(a[:, c:]))
             if i < last:
-                x = x + y[:, :c]
+                x = _masked(x + y[:, :c], mask)
                 skip = skip + y[:, c:]
             else:
                 skip = skip + y
-        return skip
+        return _masked(skip, mask)
 
 
 class Coupling(nn.Module):
@@ -273,15 +283,16 @@ class Coupling(nn.Module):
         self.enc = WaveNet(hidden_channels, FLOW_KERNEL, FLOW_LAYERS, gin_channels)
         self.post = nn.Conv1d(hidden_channels, self.half, 1)
 
-    def reverse(self, x: Tensor, g: Tensor) -> Tensor:
+    def reverse(self, x: Tensor, g: Tensor, mask: Tensor | None = None) -> Tensor:
         x0, x1 = x.split(self.half, dim=1)
-        return torch.cat([x0, x1 - self.post(self.enc(self.pre(x0), g))], dim=1)
+        shift = _masked(self.post(self.enc(_masked(self.pre(x0), mask), g, mask)), mask)
+        return torch.cat([x0, _masked(x1 - shift, mask)], dim=1)
 
 
 class Flip(nn.Module):
     """Channel reversal between couplings (no parameters; it takes the odd `flows` slots)."""
 
-    def reverse(self, x: Tensor, g: Tensor) -> Tensor:
+    def reverse(self, x: Tensor, g: Tensor, mask: Tensor | None = None) -> Tensor:
         return torch.flip(x, [1])
 
 
@@ -293,9 +304,9 @@ class Flow(nn.Module):
             self.flows.append(Coupling(config.inter_channels, config.hidden_channels, config.gin_channels))
             self.flows.append(Flip())
 
-    def reverse(self, z: Tensor, g: Tensor) -> Tensor:
+    def reverse(self, z: Tensor, g: Tensor, mask: Tensor | None = None) -> Tensor:
         for flow in reversed(self.flows):
-            z = flow.reverse(z, g)
+            z = flow.reverse(z, g, mask)
         return z
 
 
@@ -441,14 +452,21 @@ class SynthNoise(ABC):
         """No noise at all: the prior mean and a clean sine (deterministic output)."""
         return ZeroNoise()
 
+    @staticmethod
+    def stacked(items: Sequence[SynthNoise], lengths: Sequence[int]) -> SynthNoise:
+        """A batch's draws: item i draws from its own source exactly as it would alone, for
+        its `lengths[i]` frames, and its padding gets zeros."""
+        return StackedNoise(items, lengths)
+
 
 class GeneratorNoise(SynthNoise):
     def __init__(self, generator: torch.Generator):
         self.generator = generator
 
     def _randn(self, like: Tensor) -> Tensor:
-        eps = torch.randn(like.shape, generator=self.generator, device=self.generator.device, dtype=like.dtype)
-        return eps.to(like.device)
+        # float32 draws whatever the model's precision: the stream must not depend on it
+        eps = torch.randn(like.shape, generator=self.generator, device=self.generator.device)
+        return eps.to(like)
 
     def prior(self, like: Tensor) -> Tensor:
         return self._randn(like)
@@ -476,6 +494,27 @@ class InjectedNoise(SynthNoise):
 
     def source(self, like: Tensor) -> Tensor:
         return self._fit(self._source, like, "source")
+
+
+class StackedNoise(SynthNoise):
+    def __init__(self, items: Sequence[SynthNoise], lengths: Sequence[int]):
+        if len(items) != len(lengths):
+            raise ValueError(f"{len(items)} noise sources for {len(lengths)} batch items")
+        self.items, self.lengths = list(items), list(lengths)
+
+    def _stack(self, like: Tensor, draw, time_dim: int, per_frame: int) -> Tensor:
+        out = torch.zeros_like(like)
+        for i, (item, frames) in enumerate(zip(self.items, self.lengths)):
+            n = frames * per_frame
+            out[i:i + 1].narrow(time_dim, 0, n).copy_(draw(item, like[i:i + 1].narrow(time_dim, 0, n)))
+        return out
+
+    def prior(self, like: Tensor) -> Tensor:  # [B, inter, T]; drawn before the source
+        self._frames = like.shape[2]
+        return self._stack(like, lambda item, x: item.prior(x), 2, 1)
+
+    def source(self, like: Tensor) -> Tensor:  # [B, T·upp, 1]
+        return self._stack(like, lambda item, x: item.source(x), 1, like.shape[1] // self._frames)
 
 
 class ZeroNoise(SynthNoise):
@@ -508,12 +547,17 @@ class Synthesizer(nn.Module):
                 _fold_weight_norm(module)
         return self
 
-    def infer(self, phone: Tensor, pitch: Tensor | None, nsff0: Tensor | None, sid: int = 0, *,
-              noise: SynthNoise) -> Tensor:
-        """phone [1, T, feature_dim] float at 100 fps; pitch [1, T] coarse 1..255 (long) and nsff0
-        [1, T] Hz (0 = unvoiced) for f0 voices, None otherwise → audio [1, 1, T·upsample_factor]."""
+    def infer(self, phone: Tensor, pitch: Tensor | None, nsff0: Tensor | None, sid: int | Sequence[int] = 0, *,
+              noise: SynthNoise, lengths: Sequence[int] | None = None) -> Tensor:
+        """phone [B, T, feature_dim] float at 100 fps; pitch [B, T] coarse 1..255 (long) and nsff0
+        [B, T] Hz (0 = unvoiced) for f0 voices, None otherwise → audio [B, 1, T·upsample_factor].
+
+        A batch holds items of `lengths` frames (default: all T), zero-padded at the end, with one
+        speaker id each (or one for all). Each item's output up to its length equals its output
+        alone, except the last few hundred samples, which hear the decoder's padding (callers
+        trim far more than that)."""
         if phone.dim() != 3 or phone.shape[-1] != self.feature_dim:
-            raise ValueError(f"phone must be [1, T, {self.feature_dim}], got {tuple(phone.shape)}")
+            raise ValueError(f"phone must be [B, T, {self.feature_dim}], got {tuple(phone.shape)}")
         if self.f0:
             if pitch is None or nsff0 is None:
                 raise ValueError("this voice is pitch-conditioned: pitch and nsff0 are required")
@@ -522,12 +566,22 @@ class Synthesizer(nn.Module):
                                  f"{tuple(phone.shape[:2])}")
         elif pitch is not None or nsff0 is not None:
             raise ValueError("this voice has no pitch input: pass pitch=None and nsff0=None")
-        if not 0 <= sid < self.emb_g.num_embeddings:
-            raise ValueError(f"sid {sid} out of range: the voice has {self.emb_g.num_embeddings} speaker(s)")
-        g = self.emb_g.weight[sid][None, :, None]  # [1, gin, 1]
-        m_p, logs_p = self.enc_p(phone, pitch)
-        z_p = m_p + torch.exp(logs_p) * noise.prior(m_p) * PRIOR_NOISE_SCALE
-        z = self.flow.reverse(z_p, g)
+        b, t = phone.shape[:2]
+        sids = [sid] * b if isinstance(sid, int) else list(sid)
+        if len(sids) != b or not all(0 <= s < self.emb_g.num_embeddings for s in sids):
+            raise ValueError(f"sid {sid} out of range: the voice has {self.emb_g.num_embeddings} speaker(s)"
+                             f" and the batch {b} item(s)")
+        mask = None
+        if lengths is not None:
+            if len(lengths) != b or not all(0 < n <= t for n in lengths):
+                raise ValueError(f"lengths {list(lengths)} do not fit a batch of {b} × {t} frames")
+            if min(lengths) < t:
+                mask = (torch.arange(t, device=phone.device) < torch.tensor(lengths, device=phone.device)[:, None])
+                mask = mask[:, None].to(phone.dtype)  # [B, 1, T]
+        g = self.emb_g.weight[torch.tensor(sids, device=phone.device)][:, :, None]  # [B, gin, 1]
+        m_p, logs_p = self.enc_p(phone, pitch, mask)
+        z_p = _masked(m_p + torch.exp(logs_p) * noise.prior(m_p) * PRIOR_NOISE_SCALE, mask)
+        z = _masked(self.flow.reverse(z_p, g, mask), mask)
         return self.dec(z, g, nsff0, noise)
 
 

@@ -8,7 +8,8 @@ import soundfile as sf
 from deployments.cli import main as cli_main
 from pipeline import audio as audio_io
 from pipeline.demo import synthetic_speech
-from pipeline.convert import ChunkingConfig, ConversionParams, Converter, prepare_input, split_points
+from pipeline.convert import (ChunkingConfig, ConversionParams, ConversionRequest, Converter, network_precision,
+                              prepare_input, split_points)
 from pipeline.index import load_index
 from pipeline.synthesizer import load_voice
 
@@ -216,3 +217,28 @@ def test_api_ranges_and_pipeline_ranges_agree():
                 ConversionParams(**{p.field: bad})
         checked += 1
     assert checked == 5
+
+
+def test_a_batch_of_requests_equals_each_converted_alone(fixture_set, converter, voice, index, speech):
+    """convert_batch mixes voices (v2 and v1), chunked and whole inputs, equal and unequal
+    lengths, index or none, and per-request seeds and parameters; each output is its own."""
+    v1 = fixture_set["voices"]["v1-32k-f0"]
+    voice1, index1 = load_voice(v1["pth"]), load_index(v1["index"])
+    chunked = Converter(converter.hubert, converter.pitch_models, ChunkingConfig(1, 1, 2, 2))
+    other = synthetic_speech(2.5, sample_rate=16000, seed=5)  # 2 chunks with this chunking
+    requests = [ConversionRequest(other, voice, index, ConversionParams(**FAST, seed=3)),
+                ConversionRequest(speech, voice, None, ConversionParams(**FAST, seed=4, protect=0.5)),
+                ConversionRequest(speech, voice1, index1, ConversionParams(**FAST, seed=5, f0_up_key=3)),
+                ConversionRequest(speech, voice, index, ConversionParams(**FAST, seed=6))]
+    batch = chunked.convert_batch(requests, max_batch=4)
+    for r, out in zip(requests, batch):
+        alone = chunked.convert(r.audio16k, r.voice, r.index, r.params)
+        assert out.shape == alone.shape
+        np.testing.assert_allclose(out, alone, atol=2e-5, rtol=0)
+    assert np.abs(batch[1] - batch[3]).max() > 1e-3  # same input, other seed and index: differs
+
+
+def test_reduced_precision_is_cuda_only_and_named():
+    assert network_precision("cpu", "fp16").__class__.__name__ == "nullcontext"
+    with pytest.raises(ValueError, match="precision"):
+        network_precision("cpu", "fp8")

@@ -281,7 +281,7 @@ def test_pitch_inputs_are_required_and_checked(v2_voice):
         synthesize(v2_voice, phone, None, None)
     with pytest.raises(ValueError, match="must be"):
         synthesize(v2_voice, phone, pitch[:, :-1], nsff0)
-    with pytest.raises(ValueError, match=r"phone must be \[1, T, 768\]"):
+    with pytest.raises(ValueError, match=r"phone must be \[B, T, 768\]"):
         synthesize(v2_voice, phone[..., :256], pitch, nsff0)
 
 
@@ -303,3 +303,42 @@ def test_sine_voicing_follows_f0_per_frame():
     # the phase keeps running through unvoiced frames (f0 = 0 adds nothing): frame 3 starts at 0.4
     phase = 0.4 + 0.22 * torch.arange(1, 5)
     torch.testing.assert_close(sine[0, 12:], 0.1 * torch.sin(2 * math.pi * phase), atol=1e-6, rtol=0)
+
+
+# --- batches --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("f0", [True, False])
+def test_a_padded_batch_gives_each_item_its_own_output(f0):
+    """Items of different lengths in one batch, each with its own seeded draws and speaker, equal
+    their lone outputs except the last samples, which hear the decoder's padding."""
+    voice = voice_from_checkpoint(checkpoint("v2", 40000, f0))
+    voice.model.emb_g.weight.data[1] = torch.randn(voice.config.gin_channels)  # a second speaker
+    lengths, sids, seeds = [60, 41, 60], [0, 1, 0], [3, 4, 5]
+    items = [inputs(768, f0, frames=n, seed=s) for n, s in zip(lengths, seeds)]
+    alone = [synthesize(voice, *x, SynthNoise.from_generator(torch.Generator().manual_seed(s)), sid=sid)[0, 0]
+             for x, s, sid in zip(items, seeds, sids)]
+    t = max(lengths)
+
+    def padded(i, k):
+        x = items[i][k]
+        return None if x is None else torch.nn.functional.pad(x, (0, 0, 0, t - x.shape[1]) if k == 0
+                                                                else (0, t - x.shape[1]))
+
+    batch = [torch.cat([padded(i, k) for i in range(3)]) if f0 or k == 0 else None for k in range(3)]
+    noise = SynthNoise.stacked([SynthNoise.from_generator(torch.Generator().manual_seed(s)) for s in seeds], lengths)
+    with torch.inference_mode():
+        out = voice.model.infer(*batch, sids, noise=noise, lengths=lengths)
+    assert out.shape == (3, 1, t * voice.upsample_factor)
+    margin = 10 * voice.upsample_factor  # 100 ms: far less than the pipeline's trim
+    for i, n in enumerate(lengths):
+        keep = n * voice.upsample_factor - margin
+        torch.testing.assert_close(out[i, 0, :keep], alone[i][:keep], atol=2e-5, rtol=0)
+    assert not torch.allclose(alone[0], alone[2])  # seeds differ, so the comparison means something
+
+
+def test_batch_arguments_are_checked(v2_voice):
+    phone, pitch, nsff0 = inputs(768)
+    with pytest.raises(ValueError, match="lengths"):
+        v2_voice.model.infer(phone, pitch, nsff0, noise=SynthNoise.zeros(), lengths=[T + 1])
+    with pytest.raises(ValueError, match="sid"):
+        v2_voice.model.infer(phone, pitch, nsff0, [0, 0], noise=SynthNoise.zeros())
