@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kubernetes import client
+from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from .k8s_manifests import RAYSERVICE_API
@@ -31,8 +31,6 @@ CORE_KINDS: dict[tuple[str, str], tuple[type, str]] = {
 
 def api_client(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
     """A client for the kubeconfig's (current or named) context."""
-    from kubernetes import config
-
     return config.new_client_from_config(config_file=kubeconfig, context=context)
 
 
