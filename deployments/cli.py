@@ -66,6 +66,81 @@ def _models_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _k8s(run):
+    """A `rvc-serve k8s` command: API and kubeconfig failures become one-line errors (exit 2)."""
+    def command(args: argparse.Namespace) -> int:
+        from kubernetes.client.exceptions import ApiException
+        from kubernetes.config.config_exception import ConfigException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return run(args)
+        except ApiException as e:
+            print(f"error: Kubernetes API: {e.status} {e.reason}", file=sys.stderr)
+        except (ConfigException, HTTPError) as e:
+            print(f"error: cannot reach the cluster: {e}", file=sys.stderr)
+        return 2
+    return command
+
+
+def _overlay(args: argparse.Namespace):
+    from .k8s_manifests import Overlay
+
+    return Overlay(args.k8s_dir, args.overlay)
+
+
+def _k8s_render(args: argparse.Namespace) -> int:
+    from .k8s_manifests import dump
+
+    overlay = _overlay(args)
+    if args.update and overlay.update():
+        print(f"wrote {overlay.generated_path}", file=sys.stderr)
+    print("---\n".join(dump(obj) for obj in overlay.render()), end="")
+    return 0
+
+
+@_k8s
+def _k8s_apply(args: argparse.Namespace) -> int:
+    from .k8s_api import api_client, apply, describe
+
+    objects = _overlay(args).render()
+    api = api_client(args.kubeconfig, args.context)
+    for obj in objects:
+        print(f"{describe(obj)}: {apply(api, obj)}")
+    return 0
+
+
+@_k8s
+def _k8s_status(args: argparse.Namespace) -> int:
+    from .k8s_api import api_client, describe, wait_ready
+    from .k8s_manifests import rayservice
+
+    service = rayservice(_overlay(args).render())
+    meta = service["metadata"]
+
+    def report(status) -> None:
+        print("\n  ".join([describe(service), *status.lines()]), flush=True)
+
+    api = api_client(args.kubeconfig, args.context)
+    if wait_ready(api, meta["name"], meta["namespace"], args.timeout, args.interval, report):
+        return 0
+    print(f"not ready after {args.timeout:g} s", file=sys.stderr)
+    return 1
+
+
+@_k8s
+def _k8s_delete(args: argparse.Namespace) -> int:
+    from .k8s_api import api_client, delete, describe
+    from .k8s_manifests import rayservice
+
+    service = rayservice(_overlay(args).render())
+    meta = service["metadata"]
+    deleted = delete(api_client(args.kubeconfig, args.context), meta["name"], meta["namespace"])
+    print(f"{describe(service)}: {'deleted' if deleted else 'not found'} "
+          "(the data volume and the Secrets are kept)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rvc-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +177,29 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--name", help="display name (default: the id)")
     add.add_argument("--data-dir", type=Path, default=Path(os.environ.get("RVC_DATA_DIR", "data")))
     add.set_defaults(func=_models_add)
+
+    k8s = sub.add_parser("k8s", help="the KubeRay deployment (k8s/ overlays)").add_subparsers(
+        dest="action", required=True)
+    for action, func, help_text in (
+            ("render", _k8s_render, "print the overlay's manifests (kubectl kustomize)"),
+            ("apply", _k8s_apply, "create the overlay's objects, or patch those that exist"),
+            ("status", _k8s_status, "print the RayService's conditions and serve endpoints; exit 1 "
+                                    "when it is not Ready within --timeout"),
+            ("delete", _k8s_delete, "delete the RayService (the data volume and Secrets stay)")):
+        cmd = k8s.add_parser(action, help=help_text)
+        cmd.add_argument("overlay", help="an overlay in k8s/overlays: cpu-dev, gpu-prod, ...")
+        cmd.add_argument("--k8s-dir", type=Path, default=Path("k8s"), help="the k8s directory (default: ./k8s)")
+        if action == "render":
+            cmd.add_argument("--update", action="store_true",
+                             help="first regenerate the overlay's serveConfigV2 from serve_config.yaml")
+        else:
+            cmd.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+            cmd.add_argument("--context", help="kubeconfig context (default: the current one)")
+        if action == "status":
+            cmd.add_argument("--timeout", type=float, default=0.0,
+                             help="seconds to wait for Ready (default 0: look once)")
+            cmd.add_argument("--interval", type=float, default=5.0, help="seconds between polls")
+        cmd.set_defaults(func=func)
     return parser
 
 

@@ -19,7 +19,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from .logs import get_logger
 from .settings import AppSettings
-from .store import FAILED, RUNNING, SUCCESS, Job, SQLiteJobStore
+from .store import FAILED, RUNNING, SUCCESS, Job, open_job_store
 
 NAMESPACE = "rvc"
 # Failures of the machinery, not of the job: the same job may well succeed on another try.
@@ -109,7 +109,7 @@ class JobTracker:
     def __init__(self, settings: AppSettings, conversion) -> None:
         self.settings = settings
         self.conversion = conversion
-        self.store = SQLiteJobStore(settings.db_path)
+        self.store = open_job_store(settings)
         self.log = get_logger()
         self.metrics = _Metrics()
         self.slots = asyncio.Semaphore(settings.max_concurrent_jobs)

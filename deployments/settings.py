@@ -6,7 +6,8 @@ errors: Ray itself would silently ignore a misspelt option.
 
 Secrets never travel in the args: API keys come from `RVC_API_KEYS` (comma-separated) and/or
 the file named by `RVC_API_KEYS_FILE` (one per line) and are held only as SHA-256 hashes; the
-URL-signing secret comes from `RVC_URL_SECRET` or is generated once into the data directory.
+URL-signing secret comes from `RVC_URL_SECRET` or is generated once into the data directory;
+the job store's Redis password (when `job_store` is a Redis URL) from `RVC_REDIS_PASSWORD`.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ ENV_API_KEYS_FILE = "RVC_API_KEYS_FILE"
 ENV_RATE_LIMIT = "RVC_RATE_LIMIT_PER_MINUTE"
 ENV_URL_SECRET = "RVC_URL_SECRET"
 ENV_PUBLIC_URL = "RVC_PUBLIC_URL"
+ENV_JOB_STORE = "RVC_JOB_STORE"
+ENV_REDIS_PASSWORD = "RVC_REDIS_PASSWORD"
 
 URL_SECRET_FILE = "url-secret"
 DEMO_KEY_FILE = "demo-api-key"
@@ -119,6 +122,9 @@ class AppSettings(BaseModel):
     rate_limit_per_minute: int = Field(default_factory=lambda: _env(ENV_RATE_LIMIT, "60"), ge=1)
     public_base_url: str | None = Field(default_factory=lambda: _env(ENV_PUBLIC_URL),
                                         pattern=r"^https?://[^\s]+$")
+    # Where job records live: None → SQLite in data_dir (one node); redis[s]://host:port/db → Redis,
+    # which every node reaches (KubeRay). Keep the password out of the URL: RVC_REDIS_PASSWORD.
+    job_store: str | None = Field(default_factory=lambda: _env(ENV_JOB_STORE), pattern=r"^rediss?://[^\s]+$")
     # Content encoder and optional rmvpe weights; default: <data_dir>/hubert_base.pt, rmvpe.pt.
     hubert_path: Path | None = None
     rmvpe_path: Path | None = None
@@ -228,6 +234,11 @@ def url_secret(settings: AppSettings, environ: dict[str, str] | None = None) -> 
     if not value:
         value = read_or_create_secret(settings.data_dir / URL_SECRET_FILE, lambda: secrets.token_hex(32))
     return value.encode()
+
+
+def redis_password(environ: dict[str, str] | None = None) -> str | None:
+    environ = os.environ if environ is None else environ
+    return environ.get(ENV_REDIS_PASSWORD, "").strip() or None
 
 
 def read_or_create_secret(path: Path, make) -> str:

@@ -12,7 +12,10 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .settings import AppSettings
 
 RUNNING, SUCCESS, FAILED = "RUNNING", "SUCCESS", "FAILED"
 
@@ -41,6 +44,7 @@ class Job:
     error: str | None = None
     results: dict[str, str] | None = None  # format → result-store key
     attempts: int = 0
+    idempotency_key: str | None = None
 
 
 class JobStore(Protocol):
@@ -149,3 +153,13 @@ def _job(row: tuple) -> Job:
     values["params"] = json.loads(values["params"])
     values["results"] = None if values["results"] is None else json.loads(values["results"])
     return Job(**values)
+
+
+def open_job_store(settings: AppSettings) -> JobStore:
+    """The configured store: Redis when `settings.job_store` names one, else SQLite in the data directory."""
+    if settings.job_store is None:
+        return SQLiteJobStore(settings.db_path)
+    from .redis_store import RedisJobStore
+    from .settings import redis_password
+
+    return RedisJobStore.from_url(settings.job_store, password=redis_password())
