@@ -141,6 +141,47 @@ def _k8s_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch(args: argparse.Namespace) -> int:
+    from rvc_client import Client, query_name
+
+    from .batch import BatchOptions, HttpBackend, batch
+
+    if args.concurrency < 1:
+        raise ValueError("--concurrency must be at least 1")
+    params = {query_name(name): str(getattr(args, name)) for name in CONVERSION_PARAMS
+              if getattr(args, name) is not None}
+    options = BatchOptions(model_id=args.model, fmt=args.format, params=params, concurrency=args.concurrency,
+                           overwrite=args.overwrite)
+    if args.ray_address:
+        from .batch_ray import ServeHandleBackend, connect
+
+        connect(args.ray_address)
+        summary = batch(args.input, args.output_dir, ServeHandleBackend(args.app, options, args.timeout), options,
+                        progress=not args.quiet)
+    else:
+        if not args.url or not args.api_key:
+            raise ValueError("HTTP mode needs --url and --api-key (or RVC_URL and RVC_API_KEY); "
+                             "or give --ray-address")
+        with Client(args.url, args.api_key) as client:
+            summary = batch(args.input, args.output_dir, HttpBackend(client, options, args.timeout), options,
+                            progress=not args.quiet)
+    print(summary.text())
+    return 130 if summary.interrupted else 1 if summary.failed else 0
+
+
+# Conversion parameters of `convert` and `batch` (argparse dests). `batch` sends only those given:
+# the service has the same defaults.
+CONVERSION_PARAMS = {"index_rate": (float, 0.76), "rms_mix_rate": (float, 1.0), "filter_radius": (int, 3),
+                     "protect": (float, 0.33), "f0_up_key": (int, 0), "f0_method": (str, "crepe")}
+
+
+def _conversion_options(parser: argparse.ArgumentParser, with_defaults: bool) -> None:
+    for name, (kind, default) in CONVERSION_PARAMS.items():
+        extra = {"choices": ["crepe", "crepe-tiny", "rmvpe"]} if name == "f0_method" else {}
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default if with_defaults else None,
+                            **extra)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rvc-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,17 +193,35 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--index", type=Path, help="the voice's .index")
     conv.add_argument("--hubert", type=Path, default=Path("data/hubert_base.pt"),
                       help="hubert_base.pt (fairseq) or a transformers HuBERT directory")
-    conv.add_argument("--f0-method", default="crepe", choices=["crepe", "crepe-tiny", "rmvpe"])
     conv.add_argument("--rmvpe", type=Path, help="rmvpe.pt, needed for --f0-method rmvpe")
-    conv.add_argument("--index-rate", type=float, default=0.76)
-    conv.add_argument("--rms-mix-rate", type=float, default=1.0)
-    conv.add_argument("--filter-radius", type=int, default=3)
-    conv.add_argument("--protect", type=float, default=0.33)
-    conv.add_argument("--f0-up-key", type=int, default=0)
+    _conversion_options(conv, with_defaults=True)
     conv.add_argument("--seed", type=int, default=0)
     conv.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     conv.add_argument("-q", "--quiet", action="store_true")
     conv.set_defaults(func=_convert)
+
+    bat = sub.add_parser("batch", help="convert a folder (or a list) of files through the service, resumably",
+                         description="Outputs mirror the input folder under OUTPUT_DIR; a JSONL manifest "
+                         "there records each file done or failed, so running the same command again "
+                         "converts only what is left. Over HTTP (--url, --api-key) or through the "
+                         "application's Serve handle (--ray-address).")
+    bat.add_argument("input", type=Path, help="folder (searched recursively for .wav/.mp3/.flac) or a text "
+                     "file naming one input a line (relative to its folder)")
+    bat.add_argument("--model", required=True, help="voice model id (see GET /v1/models-vc)")
+    bat.add_argument("-o", "--output-dir", type=Path, required=True)
+    bat.add_argument("--format", default="mp3", choices=["mp3", "flac", "wav"],
+                     help="output format (flac and wav need --ray-address)")
+    bat.add_argument("--concurrency", type=int, default=4, help="files in flight at once")
+    bat.add_argument("--overwrite", action="store_true", help="replace outputs not recorded done in the manifest")
+    bat.add_argument("--timeout", type=float, default=900.0, help="seconds one file may take")
+    mode = bat.add_mutually_exclusive_group()
+    mode.add_argument("--url", default=os.environ.get("RVC_URL"), help="service base URL (env RVC_URL)")
+    mode.add_argument("--ray-address", help="`auto` or ray://host:10001: call the application's Serve handle")
+    bat.add_argument("--api-key", default=os.environ.get("RVC_API_KEY"), help="HTTP mode (env RVC_API_KEY)")
+    bat.add_argument("--app", default="rvc", help="Serve application name, Ray mode (default: rvc)")
+    _conversion_options(bat, with_defaults=False)
+    bat.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    bat.set_defaults(func=_batch)
 
     demo = sub.add_parser("demo-assets", help="write the demo voice set (random weights) to DIR")
     demo.add_argument("dir", type=Path)

@@ -7,9 +7,13 @@ hands the job to the job actor and answers RUNNING. It never runs a model.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import secrets
 import time
 import uuid
+from collections.abc import Mapping
+from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from ray import serve
@@ -28,12 +32,16 @@ from .ratelimit import RateLimiter
 from .registry import get_voice, list_voices, models_page
 from .results import RESULT_ROUTE, URL_LIFETIME_S, LocalResultStore, check_key, signed_url, verify
 from .settings import AppSettings, load_api_keys, url_secret
+from .stages import RESULT_FORMATS
 from .store import FAILED, SUCCESS, Job, format_timestamp
-from .uploads import MAX_BODY_BYTES, PayloadTooLarge, receive_upload
+from .uploads import MAX_BODY_BYTES, MAX_FILE_BYTES, PayloadTooLarge, receive_upload
 
 FORBIDDEN = {"message": "Forbidden"}
 NOT_FOUND = {"message": "Not found"}
 INVALID_FILE = {"message": "Invalid file type, use: ['audio/x-wav', 'audio/mpeg', 'audio/flac']"}
+PAYLOAD_TOO_LARGE = {"message": "Payload Too Large"}
+# The tenant of jobs created through `convert_audio`: no API key hashes to it (keys hash to hex).
+HANDLE_TENANT = "serve-handle"
 MEDIA_TYPES = {".mp3": "audio/mpeg", ".flac": "audio/flac", ".wav": "audio/x-wav"}
 
 
@@ -106,12 +114,12 @@ class Ingress:
         tenant, headers = gate
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            return JSONResponse({"message": "Payload Too Large"}, 413, headers=headers)
+            return JSONResponse(PAYLOAD_TOO_LARGE, 413, headers=headers)
         try:
             upload = await receive_upload(request.headers.get("content-type"), request.stream(),
                                           self.settings.uploads_dir)
         except PayloadTooLarge:
-            return JSONResponse({"message": "Payload Too Large"}, 413, headers=headers)
+            return JSONResponse(PAYLOAD_TOO_LARGE, 413, headers=headers)
         except ClientDisconnect:
             return Response(status_code=400)
         try:
@@ -121,18 +129,27 @@ class Ingress:
                 upload.path.unlink(missing_ok=True)
 
     async def _accept(self, request: Request, tenant: str, headers: dict[str, str], upload) -> Response:
-        values, errors = parse_query(CREATE_PARAMS, request.query_params, self.f0_methods)
+        admitted = await self._admit(tenant, request.query_params, upload)
+        if isinstance(admitted, Job):
+            return JSONResponse(self._job_view(admitted, request), 200, headers=headers)
+        status, body = admitted
+        return JSONResponse(body, status, headers=headers)
+
+    async def _admit(self, tenant: str, query: Mapping[str, str], upload: Path | None) -> Job | tuple[int, dict]:
+        """The create checks after key, rate limit and size (422, 402, 404), then the job stored
+        and handed to the job actor: the job, or the refusal's (status, body)."""
+        values, errors = parse_query(CREATE_PARAMS, query, self.f0_methods)
         if upload is None:
             errors.append(missing(["body", "audioInfer"]))
         if errors:
-            return JSONResponse({"detail": errors}, 422, headers=headers)
+            return 422, {"detail": errors}
         try:
             fmt = await asyncio.to_thread(sniff_and_probe, upload)
         except AudioDecodeError:
-            return JSONResponse(INVALID_FILE, 402, headers=headers)
+            return 402, INVALID_FILE
         model_id = values.pop("model_id")
         if get_voice(self.settings.voices_dir, model_id) is None:
-            return JSONResponse({"message": "Model not found"}, 404, headers=headers)
+            return 404, {"message": "Model not found"}
 
         inference_id = uuid.uuid4().hex
         stored_upload = self.settings.uploads_dir / f"{inference_id}.{fmt}"
@@ -145,12 +162,36 @@ class Ingress:
         except Exception as exc:  # noqa: BLE001 - no job id was given out: drop the upload
             stored_upload.unlink(missing_ok=True)
             if isinstance(exc, RETRYABLE):
-                return JSONResponse({"message": "Service Unavailable"}, 503, headers=headers)
+                return 503, {"message": "Service Unavailable"}
             raise
         self.log.info("job accepted", extra={"inference_id": inference_id, "model_id": model_id,
                                              "tenant": tenant[:12], "format": fmt,
                                              "bytes": stored_upload.stat().st_size})
-        return JSONResponse(self._job_view(job, request), 200, headers=headers)
+        return job
+
+    async def convert_audio(self, audio: bytes, query: dict[str, str], result_format: str = "mp3") -> bytes:
+        """The create call for callers inside the cluster, through the application's Serve handle
+        (`rvc-serve batch --ray-address`): the same checks and the same durable job as a POST,
+        then the job's result (`mp3` or `flac`) once it has ended. No key and no rate limit:
+        whoever can call a handle has the cluster already. A refusal raises ValueError("<status>
+        <body>"), a failed job RuntimeError(<its error>)."""
+        if result_format not in RESULT_FORMATS:
+            raise ValueError(f"result_format must be one of {RESULT_FORMATS}")
+        if len(audio) > MAX_FILE_BYTES:
+            raise ValueError(f"413 {json.dumps(PAYLOAD_TOO_LARGE)}")
+        upload = self.settings.uploads_dir / f".upload-{secrets.token_hex(8)}"
+        try:
+            await asyncio.to_thread(_write_durably, upload, audio)
+            admitted = await self._admit(HANDLE_TENANT, query, upload)
+        finally:
+            upload.unlink(missing_ok=True)
+        if not isinstance(admitted, Job):
+            status, body = admitted
+            raise ValueError(f"{status} {json.dumps(body)}")
+        job = await self.tracker.wait.remote(admitted.inference_id, HANDLE_TENANT)
+        if job.status != SUCCESS:
+            raise RuntimeError(job.error or f"job {job.inference_id} ended {job.status}")
+        return await asyncio.to_thread(self.results.local_path(job.results[result_format]).read_bytes)
 
     async def get_job(self, request: Request) -> Response:
         gate = await self._gate(request)
@@ -250,6 +291,13 @@ def _fsync_dir(path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

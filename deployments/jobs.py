@@ -140,6 +140,14 @@ class JobTracker:
             return None
         return job
 
+    async def wait(self, inference_id: str, tenant: str) -> Job | None:
+        """`get` once the job has ended: its run is awaited, not polled. (After a restart of this
+        actor Ray sends the call again, and the new actor has resumed the job.)"""
+        task = self.tasks.get(inference_id)
+        if task is not None:
+            await asyncio.shield(task)  # a caller giving up must not cancel the job
+        return await self.get(inference_id, tenant)
+
     async def metrics_text(self) -> bytes:
         return generate_latest(self.metrics.registry)
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
-import secrets
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlencode
+
+from rvc_client.files import atomic_path
 
 URL_LIFETIME_S = 5 * 3600
 RESULT_ROUTE = "/results"
@@ -46,19 +45,8 @@ class LocalResultStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    @contextmanager
-    def writer(self, key: str) -> Iterator[Path]:
-        final = self.root / check_key(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        # Same directory, so the rename is atomic; keep the suffix, writers pick formats by it.
-        tmp = final.with_name(f".tmp-{secrets.token_hex(6)}-{final.name}")
-        try:
-            yield tmp
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+    def writer(self, key: str) -> AbstractContextManager[Path]:
+        return atomic_path(self.root / check_key(key))
 
     def local_path(self, key: str) -> Path | None:
         path = self.root / check_key(key)
