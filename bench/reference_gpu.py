@@ -3,8 +3,8 @@
     python bench/reference_gpu.py --oracle ORACLE_DIR -- <bench_reference.py arguments>
 
 The oracle is CPU fp32 only (it refuses any other reference Config). For a GPU comparison we
-let the reference choose as it does when deployed: its Config picks the GPU and fp16 (is_half)
-and its GPU chunking. Two stand-ins, both outside the timed model work: `ffmpeg` (the reference
+let the reference run on the GPU in the fp32 configuration its Config picks for GPUs without
+fast fp16 (chunking 1/6/38/41 s, as ours); its fp16 path needs fairseq's own HuBERT. Two stand-ins, both outside the timed model work: `ffmpeg` (the reference
 shells out to the ffmpeg CLI to decode; GPU machines here have none) decodes with soundfile +
 soxr to 16 kHz mono float32 instead, and `parselmouth`/`pyworld` (imported at module level for
 the pm/harvest methods, which are not benchmarked) are empty modules.
@@ -66,9 +66,14 @@ def main() -> None:
         try:
             from configs.config import Config
 
-            return Config()
+            cfg = Config()
         finally:
             sys.argv = saved
+        # The reference's own fp32 GPU configuration (what its Config picks for GPUs without fast
+        # fp16): its fp16 path cannot run on the oracle's HuBERT stand-in for fairseq.
+        cfg.is_half = False
+        cfg.x_pad, cfg.x_query, cfg.x_center, cfg.x_max = 1, 6, 38, 41
+        return cfg
 
     oc.reference_config = deployed_config
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
