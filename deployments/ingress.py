@@ -2,7 +2,9 @@
 
 Create runs the contract's checks in its order — key (403), rate limit (429), size (413),
 parameters (422), file type by content (402), model (404) — then stores the upload durably,
-hands the job to the job actor and answers RUNNING. It never runs a model.
+hands the job to the job actor and answers RUNNING. It never runs a model. A create with an
+`Idempotency-Key` the tenant used before answers the job made then (the new upload is dropped);
+DELETE on a job cancels it if it is still RUNNING.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from pipeline.audio import AudioDecodeError, sniff_and_probe
 from .jobs import RETRYABLE, get_or_create, job_tracker, limiter_name, one_line_error
 from .logs import get_logger
 from .openapi import openapi_document
-from .params import CREATE_PARAMS, PAGE_PARAMS, missing, parse_query
+from .params import CREATE_PARAMS, IDEMPOTENCY_HEADER, PAGE_PARAMS, check_idempotency_key, missing, parse_query
 from .ratelimit import RateLimiter
 from .registry import get_voice, list_voices, models_page
 from .results import RESULT_ROUTE, URL_LIFETIME_S, LocalResultStore, check_key, signed_url, verify
@@ -49,6 +51,7 @@ class Ingress:
         self.f0_methods = settings.f0_methods
         self.results = LocalResultStore(settings.results_dir)
         settings.uploads_dir.mkdir(parents=True, exist_ok=True)
+        settings.uploads_dir.chmod(0o700)  # uploads are the users' audio: the service user's only
         app_name = serve.get_replica_context().app_name
         self.limiter = get_or_create(RateLimiter, limiter_name(app_name))
         self.tracker = await job_tracker(app_name, settings, conversion)
@@ -63,6 +66,7 @@ class Ingress:
         routes = [
             ("/v1/inferences-vc", self.create_job, ["POST"]),
             ("/v1/inferences-vc/{inferenceId}", self.get_job, ["GET"]),
+            ("/v1/inferences-vc/{inferenceId}", self.cancel_job, ["DELETE"]),
             ("/v1/models-vc", self.list_models, ["GET"]),
             (RESULT_ROUTE + "/{inferenceId}/{name}", self.get_result, ["GET", "HEAD"]),
             ("/healthz", self.healthz, ["GET"]),
@@ -122,6 +126,9 @@ class Ingress:
 
     async def _accept(self, request: Request, tenant: str, headers: dict[str, str], upload) -> Response:
         values, errors = parse_query(CREATE_PARAMS, request.query_params, self.f0_methods)
+        idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
+        if (error := check_idempotency_key(idempotency_key)) is not None:
+            errors.append(error)
         if upload is None:
             errors.append(missing(["body", "audioInfer"]))
         if errors:
@@ -139,7 +146,9 @@ class Ingress:
         os.rename(upload, stored_upload)
         _fsync_dir(self.settings.uploads_dir)
         job = Job(inference_id=inference_id, tenant=tenant, model_id=model_id,
-                  params={**values, "seed": self.settings.seed}, upload_path=str(stored_upload))
+                  params={**values, "seed": self.settings.seed}, upload_path=str(stored_upload),
+                  idempotency_key=idempotency_key)
+        size = stored_upload.stat().st_size
         try:
             job = await self.tracker.submit.remote(job)
         except Exception as exc:  # noqa: BLE001 - no job id was given out: drop the upload
@@ -147,9 +156,12 @@ class Ingress:
             if isinstance(exc, RETRYABLE):
                 return JSONResponse({"message": "Service Unavailable"}, 503, headers=headers)
             raise
-        self.log.info("job accepted", extra={"inference_id": inference_id, "model_id": model_id,
-                                             "tenant": tenant[:12], "format": fmt,
-                                             "bytes": stored_upload.stat().st_size})
+        if job.inference_id != inference_id:  # a retry: the key's job exists, with its own upload
+            stored_upload.unlink(missing_ok=True)
+            self.log.info("idempotent create answered", extra={"inference_id": job.inference_id})
+        else:
+            self.log.info("job accepted", extra={"inference_id": inference_id, "model_id": model_id,
+                                                 "tenant": tenant[:12], "format": fmt, "bytes": size})
         return JSONResponse(self._job_view(job, request), 200, headers=headers)
 
     async def get_job(self, request: Request) -> Response:
@@ -158,6 +170,17 @@ class Ingress:
             return gate
         tenant, headers = gate
         job = await self.tracker.get.remote(request.path_params["inferenceId"], tenant)
+        if job is None:
+            return JSONResponse(NOT_FOUND, 404, headers=headers)
+        return JSONResponse(self._job_view(job, request), 200, headers=headers)
+
+    async def cancel_job(self, request: Request) -> Response:
+        """Cancel a RUNNING job; answers the job as it stands after (a finished one unchanged)."""
+        gate = await self._gate(request)
+        if isinstance(gate, Response):
+            return gate
+        tenant, headers = gate
+        job = await self.tracker.cancel.remote(request.path_params["inferenceId"], tenant)
         if job is None:
             return JSONResponse(NOT_FOUND, 404, headers=headers)
         return JSONResponse(self._job_view(job, request), 200, headers=headers)

@@ -18,6 +18,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from .logs import get_logger
+from .results import LocalResultStore
 from .settings import AppSettings
 from .store import FAILED, RUNNING, SUCCESS, Job, SQLiteJobStore
 
@@ -26,6 +27,7 @@ NAMESPACE = "rvc"
 RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError, BackPressureError,
              DeploymentUnavailableError, ReplicaUnavailableError)
 RETRY_DELAY_S = 1.0
+CANCELLED = "cancelled"
 
 
 def tracker_name(app_name: str) -> str:
@@ -110,6 +112,7 @@ class JobTracker:
         self.settings = settings
         self.conversion = conversion
         self.store = SQLiteJobStore(settings.db_path)
+        self.results = LocalResultStore(settings.results_dir)
         self.log = get_logger()
         self.metrics = _Metrics()
         self.slots = asyncio.Semaphore(settings.max_concurrent_jobs)
@@ -139,6 +142,19 @@ class JobTracker:
         if job is None or not hmac.compare_digest(job.tenant, tenant):
             return None
         return job
+
+    async def cancel(self, inference_id: str, tenant: str) -> Job | None:
+        """Cancel the job if it is RUNNING (it ends FAILED, "cancelled"); the job as it stands
+        now, or None if `tenant` has no such job. A finished job is returned unchanged."""
+        if await self.get(inference_id, tenant) is None:
+            return None
+        if await self._finish(inference_id, FAILED, error=CANCELLED):
+            task = self.tasks.get(inference_id)
+            if task is not None:
+                task.cancel()  # its attempt cancels the conversion call (see _attempt)
+            # Anything the conversion wrote before it stopped; the job will never point at it.
+            await asyncio.to_thread(self.results.remove, inference_id)
+        return await asyncio.to_thread(self.store.get, inference_id)
 
     async def metrics_text(self) -> bytes:
         return generate_latest(self.metrics.registry)
@@ -181,6 +197,9 @@ class JobTracker:
         response = self.conversion.convert.remote(request)
         try:
             result = await asyncio.wait_for(_resolve(response), self.settings.job_timeout_s)
+        except asyncio.CancelledError:  # the job was cancelled: stop its conversion too
+            response.cancel()
+            raise
         except asyncio.TimeoutError:
             response.cancel()
             await self._finish(inference_id, FAILED, error=f"timed out after {self.settings.job_timeout_s:g} s")
@@ -198,15 +217,20 @@ class JobTracker:
         return False
 
     async def _finish(self, inference_id: str, status: str, *, error: str | None = None,
-                      results: dict[str, str] | None = None) -> None:
+                      results: dict[str, str] | None = None) -> bool:
+        """End a RUNNING job; False if it had ended already (then `results` are nobody's and go)."""
         if not await asyncio.to_thread(self.store.finish, inference_id, status, error=error, results=results):
-            return
+            if results:
+                await asyncio.to_thread(self.results.remove, inference_id)
+            return False
         job = await asyncio.to_thread(self.store.get, inference_id)
         self.metrics.finished.labels(status).inc()
         self.metrics.duration.labels(status).observe((job.ended_us - job.created_us) / 1e6)
         Path(job.upload_path).unlink(missing_ok=True)
         self.log.info("job finished", extra={"inference_id": inference_id, "status": status, "error": error,
                                              "seconds": round((job.ended_us - job.created_us) / 1e6, 3)})
+        return True
+
 
     def _record_stats(self, stats: dict) -> None:
         for stage, latencies in stats.get("latency", {}).items():

@@ -12,6 +12,7 @@ import hmac
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -21,13 +22,21 @@ from urllib.parse import urlencode
 URL_LIFETIME_S = 5 * 3600
 RESULT_ROUTE = "/results"
 # A key is "<inferenceId>/<file name>": two safe path segments, never "..", never absolute.
-_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}/[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+_ID = r"[A-Za-z0-9_-]{1,64}"
+_ID_RE = re.compile(_ID)
+_KEY_RE = re.compile(_ID + r"/[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 
 
 def check_key(key: str) -> str:
     if not _KEY_RE.fullmatch(key) or ".." in key:
         raise ValueError(f"invalid result key {key!r}")
     return key
+
+
+def check_id(inference_id: str) -> str:
+    if not _ID_RE.fullmatch(inference_id):
+        raise ValueError(f"invalid inference id {inference_id!r}")
+    return inference_id
 
 
 class ResultStore(Protocol):
@@ -40,6 +49,9 @@ class ResultStore(Protocol):
 
     def external_url(self, key: str, expires_in_s: int) -> str | None:
         """A URL the store itself signs (object stores), or None: the service signs its own."""
+
+    def remove(self, inference_id: str) -> None:
+        """Delete every result of a job (nothing if there is none)."""
 
 
 class LocalResultStore:
@@ -56,6 +68,7 @@ class LocalResultStore:
             yield tmp
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o600)  # only the service (which streams it) reads a result
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
@@ -66,6 +79,9 @@ class LocalResultStore:
 
     def external_url(self, key: str, expires_in_s: int) -> str | None:
         return None
+
+    def remove(self, inference_id: str) -> None:
+        shutil.rmtree(self.root / check_id(inference_id), ignore_errors=True)
 
 
 def signature(secret: bytes, key: str, expires: int) -> str:

@@ -337,7 +337,10 @@ def test_openapi_matches_the_validation_tables():
     doc = openapi_document(("crepe", "rmvpe"))
     post = doc["paths"]["/v1/inferences-vc"]["post"]
     by_name = {p["name"]: p for p in post["parameters"]}
-    assert list(by_name) == [p.name for p in params.CREATE_PARAMS]
+    assert list(by_name) == [p.name for p in params.CREATE_PARAMS] + [params.IDEMPOTENCY_HEADER]
+    assert by_name[params.IDEMPOTENCY_HEADER]["in"] == "header"
+    assert by_name[params.IDEMPOTENCY_HEADER]["schema"]["pattern"] == params.IDEMPOTENCY_KEY_PATTERN
+    assert set(doc["paths"]["/v1/inferences-vc/{inferenceId}"]) == {"get", "delete"}
     assert by_name["modelId"]["required"] and not by_name["indexRate"]["required"]
     assert by_name["indexRate"]["schema"] == {"type": "number", "minimum": 0, "maximum": 1, "default": 0.76}
     assert by_name["f0Method"]["schema"]["enum"] == ["crepe", "rmvpe"]
