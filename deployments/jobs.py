@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from pathlib import Path
 
 import ray
@@ -19,6 +20,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from .logs import get_logger
 from .results import LocalResultStore
+from .retention import prune_once
 from .settings import AppSettings
 from .store import FAILED, RUNNING, SUCCESS, Job, SQLiteJobStore
 
@@ -120,6 +122,7 @@ class JobTracker:
         resumed = self.store.running()
         for job in resumed:
             self._schedule(job.inference_id)
+        self.retention = asyncio.get_running_loop().create_task(self._prune_periodically())
         self.log.info("job tracker started", extra={"resumed_jobs": len(resumed)})
 
     async def configured_with(self) -> AppSettings:
@@ -231,6 +234,16 @@ class JobTracker:
                                              "seconds": round((job.ended_us - job.created_us) / 1e6, 3)})
         return True
 
+    async def _prune_periodically(self) -> None:
+        while True:
+            try:
+                pruned = await asyncio.to_thread(prune_once, self.store, self.results, self.settings.uploads_dir,
+                                                 self.settings.retention_s, time.time())
+                if pruned.jobs or pruned.uploads:
+                    self.log.info("retention pruned", extra={"jobs": pruned.jobs, "uploads": pruned.uploads})
+            except Exception as exc:  # noqa: BLE001 - try again next round; never stop pruning
+                self.log.warning("retention pruning failed", extra={"error": one_line_error(exc)})
+            await asyncio.sleep(self.settings.retention_interval_s)
 
     def _record_stats(self, stats: dict) -> None:
         for stage, latencies in stats.get("latency", {}).items():

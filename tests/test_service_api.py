@@ -440,6 +440,26 @@ def test_cancel_of_a_finished_job_leaves_it_as_it_was(svc):
     assert httpx.get(after["inferenceUrl"], timeout=30).status_code == 200
 
 
+@pytest.fixture(scope="module")
+def forgetful(tmp_path_factory, serve_url):
+    app = _app(tmp_path_factory, serve_url, "forgetful", retention_s=3, retention_interval_s=0.5)
+    yield app
+    app.client.close()
+    delete_app(app.name)
+
+
+def test_retention_prunes_jobs_results_and_leftover_uploads(forgetful):
+    leftover = forgetful.data / "uploads" / "0123456789abcdef.wav"  # an ingress died before handing it over
+    leftover.write_bytes(wav_bytes())
+    job_id = _post(forgetful, {"modelId": "voice-a"}, wav_bytes()).json()["inferenceId"]
+    url = _wait_status(forgetful, job_id)["inferenceUrl"]
+    wait_for(lambda: _job(forgetful, job_id).status_code == 404, 30)
+    assert _job(forgetful, job_id).json() == {"message": "Not found"}
+    assert not (forgetful.data / "results" / job_id).exists() and not leftover.exists()
+    download = httpx.get(url, timeout=30)
+    assert download.status_code == 404 and download.json() == {"message": "Not found"}
+
+
 # --- models, operations ------------------------------------------------------------------------
 
 def test_models_pagination(svc):
