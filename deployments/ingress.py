@@ -31,7 +31,7 @@ from .registry import get_voice, list_voices, models_page
 from .results import RESULT_ROUTE, URL_LIFETIME_S, LocalResultStore, check_key, signed_url, verify
 from .settings import AppSettings, load_api_keys, url_secret
 from .store import FAILED, SUCCESS, Job, format_timestamp
-from .uploads import MAX_BODY_BYTES, PayloadTooLarge, receive_upload
+from .uploads import PayloadTooLarge, declared_too_large, receive_upload
 
 FORBIDDEN = {"message": "Forbidden"}
 NOT_FOUND = {"message": "Not found"}
@@ -108,8 +108,7 @@ class Ingress:
         if isinstance(gate, Response):
             return gate
         tenant, headers = gate
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        if declared_too_large(request.headers.get("content-length")):
             return JSONResponse({"message": "Payload Too Large"}, 413, headers=headers)
         try:
             upload = await receive_upload(request.headers.get("content-type"), request.stream(),
