@@ -282,6 +282,13 @@ def test_upload_reader_cuts_off_at_the_limit(tmp_path, monkeypatch):
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".upload")] == []
 
 
+def test_declared_length_over_the_limit():
+    assert [uploads.declared_too_large(v) for v in (None, "", "100", str(uploads.MAX_BODY_BYTES))] == [False] * 4
+    assert uploads.declared_too_large(str(uploads.MAX_BODY_BYTES + 1))
+    assert uploads.declared_too_large("9" * 5000)  # int() of it would raise
+    assert not uploads.declared_too_large("²") and not uploads.declared_too_large("-1")  # "²".isdigit() is True
+
+
 def test_upload_reader_memory_is_bounded(tmp_path):
     """50 MiB + 1 streamed through the reader: 413, and never more than a few chunks held."""
     import tracemalloc
