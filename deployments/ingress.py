@@ -2,7 +2,9 @@
 
 Create runs the contract's checks in its order — key (403), rate limit (429), size (413),
 parameters (422), file type by content (402), model (404) — then stores the upload durably,
-hands the job to the job actor and answers RUNNING. It never runs a model.
+hands the job to the job actor and answers RUNNING. It never runs a model. A create with an
+`Idempotency-Key` the tenant used before answers the job made then (the new upload is dropped);
+DELETE on a job cancels it if it is still RUNNING.
 """
 from __future__ import annotations
 
@@ -27,14 +29,14 @@ from pipeline.audio import AudioDecodeError, sniff_and_probe
 from .jobs import RETRYABLE, get_or_create, job_tracker, limiter_name, one_line_error
 from .logs import get_logger
 from .openapi import openapi_document
-from .params import CREATE_PARAMS, PAGE_PARAMS, missing, parse_query
+from .params import CREATE_PARAMS, IDEMPOTENCY_HEADER, PAGE_PARAMS, check_idempotency_key, missing, parse_query
 from .ratelimit import RateLimiter
 from .registry import get_voice, list_voices, models_page
 from .results import RESULT_ROUTE, URL_LIFETIME_S, LocalResultStore, check_key, signed_url, verify
 from .settings import AppSettings, load_api_keys, url_secret
 from .stages import RESULT_FORMATS
 from .store import FAILED, SUCCESS, Job, format_timestamp
-from .uploads import MAX_BODY_BYTES, MAX_FILE_BYTES, PayloadTooLarge, receive_upload
+from .uploads import MAX_FILE_BYTES, PayloadTooLarge, declared_too_large, receive_upload
 
 FORBIDDEN = {"message": "Forbidden"}
 NOT_FOUND = {"message": "Not found"}
@@ -57,6 +59,7 @@ class Ingress:
         self.f0_methods = settings.f0_methods
         self.results = LocalResultStore(settings.results_dir)
         settings.uploads_dir.mkdir(parents=True, exist_ok=True)
+        settings.uploads_dir.chmod(0o700)  # uploads are the users' audio: the service user's only
         app_name = serve.get_replica_context().app_name
         self.limiter = get_or_create(RateLimiter, limiter_name(app_name))
         self.tracker = await job_tracker(app_name, settings, conversion)
@@ -71,6 +74,7 @@ class Ingress:
         routes = [
             ("/v1/inferences-vc", self.create_job, ["POST"]),
             ("/v1/inferences-vc/{inferenceId}", self.get_job, ["GET"]),
+            ("/v1/inferences-vc/{inferenceId}", self.cancel_job, ["DELETE"]),
             ("/v1/models-vc", self.list_models, ["GET"]),
             (RESULT_ROUTE + "/{inferenceId}/{name}", self.get_result, ["GET", "HEAD"]),
             ("/healthz", self.healthz, ["GET"]),
@@ -112,8 +116,7 @@ class Ingress:
         if isinstance(gate, Response):
             return gate
         tenant, headers = gate
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        if declared_too_large(request.headers.get("content-length")):
             return JSONResponse(PAYLOAD_TOO_LARGE, 413, headers=headers)
         try:
             upload = await receive_upload(request.headers.get("content-type"), request.stream(),
@@ -129,16 +132,20 @@ class Ingress:
                 upload.path.unlink(missing_ok=True)
 
     async def _accept(self, request: Request, tenant: str, headers: dict[str, str], upload) -> Response:
-        admitted = await self._admit(tenant, request.query_params, upload)
+        admitted = await self._admit(tenant, request.query_params, upload, request.headers.get(IDEMPOTENCY_HEADER))
         if isinstance(admitted, Job):
             return JSONResponse(self._job_view(admitted, request), 200, headers=headers)
         status, body = admitted
         return JSONResponse(body, status, headers=headers)
 
-    async def _admit(self, tenant: str, query: Mapping[str, str], upload: Path | None) -> Job | tuple[int, dict]:
+    async def _admit(self, tenant: str, query: Mapping[str, str], upload: Path | None,
+                     idempotency_key: str | None = None) -> Job | tuple[int, dict]:
         """The create checks after key, rate limit and size (422, 402, 404), then the job stored
-        and handed to the job actor: the job, or the refusal's (status, body)."""
+        and handed to the job actor: the job (an earlier one of the same idempotency key), or
+        the refusal's (status, body)."""
         values, errors = parse_query(CREATE_PARAMS, query, self.f0_methods)
+        if (error := check_idempotency_key(idempotency_key)) is not None:
+            errors.append(error)
         if upload is None:
             errors.append(missing(["body", "audioInfer"]))
         if errors:
@@ -156,7 +163,9 @@ class Ingress:
         os.rename(upload, stored_upload)
         _fsync_dir(self.settings.uploads_dir)
         job = Job(inference_id=inference_id, tenant=tenant, model_id=model_id,
-                  params={**values, "seed": self.settings.seed}, upload_path=str(stored_upload))
+                  params={**values, "seed": self.settings.seed}, upload_path=str(stored_upload),
+                  idempotency_key=idempotency_key)
+        size = stored_upload.stat().st_size
         try:
             job = await self.tracker.submit.remote(job)
         except Exception as exc:  # noqa: BLE001 - no job id was given out: drop the upload
@@ -164,9 +173,12 @@ class Ingress:
             if isinstance(exc, RETRYABLE):
                 return 503, {"message": "Service Unavailable"}
             raise
-        self.log.info("job accepted", extra={"inference_id": inference_id, "model_id": model_id,
-                                             "tenant": tenant[:12], "format": fmt,
-                                             "bytes": stored_upload.stat().st_size})
+        if job.inference_id != inference_id:  # a retry: the key's job exists, with its own upload
+            stored_upload.unlink(missing_ok=True)
+            self.log.info("idempotent create answered", extra={"inference_id": job.inference_id})
+        else:
+            self.log.info("job accepted", extra={"inference_id": inference_id, "model_id": model_id,
+                                                 "tenant": tenant[:12], "format": fmt, "bytes": size})
         return job
 
     async def convert_audio(self, audio: bytes, query: dict[str, str], result_format: str = "mp3") -> bytes:
@@ -199,6 +211,17 @@ class Ingress:
             return gate
         tenant, headers = gate
         job = await self.tracker.get.remote(request.path_params["inferenceId"], tenant)
+        if job is None:
+            return JSONResponse(NOT_FOUND, 404, headers=headers)
+        return JSONResponse(self._job_view(job, request), 200, headers=headers)
+
+    async def cancel_job(self, request: Request) -> Response:
+        """Cancel a RUNNING job; answers the job as it stands after (a finished one unchanged)."""
+        gate = await self._gate(request)
+        if isinstance(gate, Response):
+            return gate
+        tenant, headers = gate
+        job = await self.tracker.cancel.remote(request.path_params["inferenceId"], tenant)
         if job is None:
             return JSONResponse(NOT_FOUND, 404, headers=headers)
         return JSONResponse(self._job_view(job, request), 200, headers=headers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from pathlib import Path
 
 import ray
@@ -18,6 +19,8 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from .logs import get_logger
+from .results import LocalResultStore
+from .retention import prune_once
 from .settings import AppSettings
 from .store import FAILED, RUNNING, SUCCESS, Job, open_job_store
 
@@ -26,6 +29,7 @@ NAMESPACE = "rvc"
 RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError, BackPressureError,
              DeploymentUnavailableError, ReplicaUnavailableError)
 RETRY_DELAY_S = 1.0
+CANCELLED = "cancelled"
 
 
 def tracker_name(app_name: str) -> str:
@@ -110,6 +114,7 @@ class JobTracker:
         self.settings = settings
         self.conversion = conversion
         self.store = open_job_store(settings)
+        self.results = LocalResultStore(settings.results_dir)
         self.log = get_logger()
         self.metrics = _Metrics()
         self.slots = asyncio.Semaphore(settings.max_concurrent_jobs)
@@ -117,6 +122,7 @@ class JobTracker:
         resumed = self.store.running()
         for job in resumed:
             self._schedule(job.inference_id)
+        self.retention = asyncio.get_running_loop().create_task(self._prune_periodically())
         self.log.info("job tracker started", extra={"resumed_jobs": len(resumed)})
 
     async def configured_with(self) -> AppSettings:
@@ -145,8 +151,21 @@ class JobTracker:
         actor Ray sends the call again, and the new actor has resumed the job.)"""
         task = self.tasks.get(inference_id)
         if task is not None:
-            await asyncio.shield(task)  # a caller giving up must not cancel the job
+            await asyncio.wait({task})  # neither cancels the job when a caller gives up nor raises its outcome
         return await self.get(inference_id, tenant)
+
+    async def cancel(self, inference_id: str, tenant: str) -> Job | None:
+        """Cancel the job if it is RUNNING (it ends FAILED, "cancelled"); the job as it stands
+        now, or None if `tenant` has no such job. A finished job is returned unchanged."""
+        if await self.get(inference_id, tenant) is None:
+            return None
+        if await self._finish(inference_id, FAILED, error=CANCELLED):
+            task = self.tasks.get(inference_id)
+            if task is not None:
+                task.cancel()  # its attempt cancels the conversion call (see _attempt)
+            # Anything the conversion wrote before it stopped; the job will never point at it.
+            await asyncio.to_thread(self.results.remove, inference_id)
+        return await asyncio.to_thread(self.store.get, inference_id)
 
     async def metrics_text(self) -> bytes:
         return generate_latest(self.metrics.registry)
@@ -189,6 +208,9 @@ class JobTracker:
         response = self.conversion.convert.remote(request)
         try:
             result = await asyncio.wait_for(_resolve(response), self.settings.job_timeout_s)
+        except asyncio.CancelledError:  # the job was cancelled: stop its conversion too
+            response.cancel()
+            raise
         except asyncio.TimeoutError:
             response.cancel()
             await self._finish(inference_id, FAILED, error=f"timed out after {self.settings.job_timeout_s:g} s")
@@ -206,15 +228,30 @@ class JobTracker:
         return False
 
     async def _finish(self, inference_id: str, status: str, *, error: str | None = None,
-                      results: dict[str, str] | None = None) -> None:
+                      results: dict[str, str] | None = None) -> bool:
+        """End a RUNNING job; False if it had ended already (then `results` are nobody's and go)."""
         if not await asyncio.to_thread(self.store.finish, inference_id, status, error=error, results=results):
-            return
+            if results:
+                await asyncio.to_thread(self.results.remove, inference_id)
+            return False
         job = await asyncio.to_thread(self.store.get, inference_id)
         self.metrics.finished.labels(status).inc()
         self.metrics.duration.labels(status).observe((job.ended_us - job.created_us) / 1e6)
         Path(job.upload_path).unlink(missing_ok=True)
         self.log.info("job finished", extra={"inference_id": inference_id, "status": status, "error": error,
                                              "seconds": round((job.ended_us - job.created_us) / 1e6, 3)})
+        return True
+
+    async def _prune_periodically(self) -> None:
+        while True:
+            try:
+                pruned = await asyncio.to_thread(prune_once, self.store, self.results, self.settings.uploads_dir,
+                                                 self.settings.retention_s, time.time())
+                if pruned.jobs or pruned.uploads:
+                    self.log.info("retention pruned", extra={"jobs": pruned.jobs, "uploads": pruned.uploads})
+            except Exception as exc:  # noqa: BLE001 - try again next round; never stop pruning
+                self.log.warning("retention pruning failed", extra={"error": one_line_error(exc)})
+            await asyncio.sleep(self.settings.retention_interval_s)
 
     def _record_stats(self, stats: dict) -> None:
         for stage, latencies in stats.get("latency", {}).items():

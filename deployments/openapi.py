@@ -5,7 +5,7 @@ ranges and defaults cannot drift apart; everything else is written out here.
 """
 from __future__ import annotations
 
-from .params import CREATE_PARAMS, PAGE_PARAMS, QueryParam
+from .params import CREATE_PARAMS, IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN, PAGE_PARAMS, QueryParam
 from .ratelimit import WINDOW_S
 from .results import RESULT_ROUTE, URL_LIFETIME_S
 from .uploads import MAX_FILE_BYTES
@@ -51,6 +51,16 @@ _VALIDATION = {"description": "Missing or malformed parameters (one entry per pr
 def _job_response(text: str) -> dict:
     return {"description": text, "headers": _RATE_HEADERS,
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}}
+
+
+_IDEMPOTENCY_KEY = {
+    "name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
+    "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+    "description": "Makes a retried create safe: a create with a key this API key used before answers the job "
+                   "made then (the retry's upload is dropped, nothing runs twice). Keys are per API key and "
+                   "are forgotten when their job is deleted by the retention policy.",
+}
+_INFERENCE_ID = {"name": "inferenceId", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 def openapi_document(f0_methods: tuple[str, ...]) -> dict:
@@ -103,7 +113,7 @@ def openapi_document(f0_methods: tuple[str, ...]) -> dict:
             "/v1/inferences-vc": {"post": {
                 "summary": "Create a voice-conversion job",
                 "security": [{"apiKey": []}],
-                "parameters": [_parameter(p, f0_methods) for p in CREATE_PARAMS],
+                "parameters": [_parameter(p, f0_methods) for p in CREATE_PARAMS] + [_IDEMPOTENCY_KEY],
                 "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                     "type": "object", "required": ["audioInfer"],
                     "properties": {"audioInfer": {
@@ -111,7 +121,8 @@ def openapi_document(f0_methods: tuple[str, ...]) -> dict:
                         "description": f"wav, mp3 or flac (decided by content), at most {MAX_FILE_BYTES} bytes"}},
                 }}}},
                 "responses": {
-                    "200": _job_response("Accepted; status RUNNING."),
+                    "200": _job_response("Accepted; status RUNNING. With an Idempotency-Key used before: "
+                                         "that job, as it stands now."),
                     "402": _message("Invalid file type, use: ['audio/x-wav', 'audio/mpeg', 'audio/flac']"),
                     **_AUTH_ERRORS,
                     "404": _message("Model not found"),
@@ -119,12 +130,26 @@ def openapi_document(f0_methods: tuple[str, ...]) -> dict:
                     "422": _VALIDATION,
                 },
             }},
-            "/v1/inferences-vc/{inferenceId}": {"get": {
-                "summary": "Get a job of this key",
-                "security": [{"apiKey": []}],
-                "parameters": [{"name": "inferenceId", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {"200": _job_response("The job."), **_AUTH_ERRORS, "404": _message("Not found")},
-            }},
+            "/v1/inferences-vc/{inferenceId}": {
+                "get": {
+                    "summary": "Get a job of this key",
+                    "security": [{"apiKey": []}],
+                    "parameters": [_INFERENCE_ID],
+                    "responses": {"200": _job_response("The job."), **_AUTH_ERRORS, "404": _message("Not found")},
+                },
+                "delete": {
+                    "summary": "Cancel a job of this key",
+                    "description": "A RUNNING job ends FAILED with error \"cancelled\"; its conversion is stopped "
+                                   "and its output never becomes available. A job that had already ended is "
+                                   "left as it was. Either way the answer is the job as it stands now, so a "
+                                   "repeated DELETE is harmless.",
+                    "security": [{"apiKey": []}],
+                    "parameters": [_INFERENCE_ID],
+                    "responses": {"200": _job_response("The job after the cancel (status FAILED, error "
+                                                       "\"cancelled\", unless it had ended before)."),
+                                  **_AUTH_ERRORS, "404": _message("Not found")},
+                },
+            },
             "/v1/models-vc": {"get": {
                 "summary": "List the voice models this key may use",
                 "security": [{"apiKey": []}],
@@ -146,7 +171,7 @@ def openapi_document(f0_methods: tuple[str, ...]) -> dict:
             RESULT_ROUTE + "/{inferenceId}/{name}": {"get": {
                 "summary": "Download a result (the signed inferenceUrl; no API key)",
                 "parameters": [
-                    {"name": "inferenceId", "in": "path", "required": True, "schema": {"type": "string"}},
+                    _INFERENCE_ID,
                     {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
                     {"name": "expires", "in": "query", "required": True, "schema": {"type": "integer"}},
                     {"name": "signature", "in": "query", "required": True, "schema": {"type": "string"}},

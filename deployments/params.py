@@ -6,8 +6,14 @@ one entry per problem, in the order the parameters are declared here, body probl
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+# Printable ASCII without spaces, as idempotency keys (UUIDs, hashes) are.
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~]{1,255}$"
+
 
 @dataclass(frozen=True)
 class QueryParam:
@@ -41,6 +47,14 @@ PAGE_PARAMS = (
 
 def missing(loc: list[str]) -> dict:
     return {"loc": loc, "msg": "field required", "type": "value_error.missing"}
+
+
+def check_idempotency_key(value: str | None) -> dict | None:
+    """The 422 entry for a malformed Idempotency-Key header; None when it is absent or valid."""
+    if value is None or re.fullmatch(IDEMPOTENCY_KEY_PATTERN, value):
+        return None
+    return {"loc": ["header", IDEMPOTENCY_HEADER], "msg": f'string does not match regex "{IDEMPOTENCY_KEY_PATTERN}"',
+            "type": "value_error.str.regex", "ctx": {"pattern": IDEMPOTENCY_KEY_PATTERN}}
 
 
 def _limit(value: float) -> int | float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import shutil
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
@@ -20,13 +21,21 @@ from rvc_client.files import atomic_path
 URL_LIFETIME_S = 5 * 3600
 RESULT_ROUTE = "/results"
 # A key is "<inferenceId>/<file name>": two safe path segments, never "..", never absolute.
-_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}/[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+_ID = r"[A-Za-z0-9_-]{1,64}"
+_ID_RE = re.compile(_ID)
+_KEY_RE = re.compile(_ID + r"/[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 
 
 def check_key(key: str) -> str:
     if not _KEY_RE.fullmatch(key) or ".." in key:
         raise ValueError(f"invalid result key {key!r}")
     return key
+
+
+def check_id(inference_id: str) -> str:
+    if not _ID_RE.fullmatch(inference_id):
+        raise ValueError(f"invalid inference id {inference_id!r}")
+    return inference_id
 
 
 class ResultStore(Protocol):
@@ -40,13 +49,17 @@ class ResultStore(Protocol):
     def external_url(self, key: str, expires_in_s: int) -> str | None:
         """A URL the store itself signs (object stores), or None: the service signs its own."""
 
+    def remove(self, inference_id: str) -> None:
+        """Delete every result of a job (nothing if there is none)."""
+
 
 class LocalResultStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
     def writer(self, key: str) -> AbstractContextManager[Path]:
-        return atomic_path(self.root / check_key(key))
+        # only the service (which streams it) reads a result
+        return atomic_path(self.root / check_key(key), mode=0o600)
 
     def local_path(self, key: str) -> Path | None:
         path = self.root / check_key(key)
@@ -54,6 +67,9 @@ class LocalResultStore:
 
     def external_url(self, key: str, expires_in_s: int) -> str | None:
         return None
+
+    def remove(self, inference_id: str) -> None:
+        shutil.rmtree(self.root / check_id(inference_id), ignore_errors=True)
 
 
 def signature(secret: bytes, key: str, expires: int) -> str:
@@ -69,7 +85,8 @@ def signed_url(secret: bytes, base_url: str, key: str, now: float, lifetime_s: i
 
 def verify(secret: bytes, key: str, expires: str | None, sig: str | None, now: float) -> bool:
     """True when the signature matches the key and expiry and the expiry is in the future."""
-    if not expires or not sig or not expires.isdigit():
+    # ASCII digits only, and few: int() refuses "²" and numbers of over 4300 digits.
+    if not expires or not sig or not re.fullmatch(r"[0-9]{1,15}", expires):
         return False
     expected = signature(secret, key, int(expires))
     return hmac.compare_digest(expected, sig) and int(expires) > now

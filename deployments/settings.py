@@ -20,6 +20,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .results import URL_LIFETIME_S
+
 ENV_DATA_DIR = "RVC_DATA_DIR"
 ENV_API_KEYS = "RVC_API_KEYS"
 ENV_API_KEYS_FILE = "RVC_API_KEYS_FILE"
@@ -132,6 +134,11 @@ class AppSettings(BaseModel):
     # A job interrupted this many times (job actor or replica crashes) is failed, not re-run.
     job_attempts: int = Field(3, ge=1)
     max_concurrent_jobs: int = Field(4, ge=1)
+    # Finished jobs and their results are deleted this long after they ended, and uploads no
+    # RUNNING job holds this long after they were written. Default: the result URL's lifetime
+    # plus a margin, so a URL fetched when the job ended works for its whole lifetime.
+    retention_s: float = Field(URL_LIFETIME_S + 3600.0, gt=0)
+    retention_interval_s: float = Field(600.0, gt=0)  # how often the job actor prunes
     voices_per_replica: int = Field(4, ge=1)
     seed: int = 0
     # Overrides of pipeline.convert.ChunkingConfig (x_pad, x_query, x_center, x_max; seconds).

@@ -44,13 +44,14 @@ class Job:
     error: str | None = None
     results: dict[str, str] | None = None  # format → result-store key
     attempts: int = 0
-    idempotency_key: str | None = None
+    idempotency_key: str | None = None  # the client's Idempotency-Key, unique per tenant
 
 
 class JobStore(Protocol):
     def create(self, job: Job) -> Job:
-        """Store a new RUNNING job durably; a job with the same id already stored is kept and
-        returned instead, so a retried create is harmless."""
+        """Store a new RUNNING job durably and return it. Nothing is stored, and the stored job is
+        returned instead, when a job with the same id exists, or one of the same tenant with the
+        same idempotency key (atomic: of two concurrent creates with one key, one job results)."""
 
     def get(self, inference_id: str) -> Job | None: ...
 
@@ -63,6 +64,10 @@ class JobStore(Protocol):
 
     def running(self) -> list[Job]:
         """Every RUNNING job, oldest first."""
+
+    def prune(self, ended_before_us: int) -> list[Job]:
+        """Delete every finished job that ended before the cutoff (its idempotency key with it) and
+        return the deleted jobs, whose files the caller then deletes. RUNNING jobs are kept."""
 
     def close(self) -> None: ...
 
@@ -79,12 +84,18 @@ CREATE TABLE IF NOT EXISTS jobs (
     ended_us INTEGER,
     error TEXT,
     results TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    idempotency_key TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_us);
+CREATE INDEX IF NOT EXISTS jobs_ended ON jobs (ended_us);
 """
+# After the column exists (stores created before it get it added on open).
+_IDEMPOTENCY_INDEX = ("CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (tenant, idempotency_key) "
+                      "WHERE idempotency_key IS NOT NULL")
 _COLUMNS = ("inference_id", "tenant", "model_id", "params", "upload_path", "status", "created_us",
-            "ended_us", "error", "results", "attempts")
+            "ended_us", "error", "results", "attempts", "idempotency_key")
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 
 
 class SQLiteJobStore:
@@ -98,15 +109,24 @@ class SQLiteJobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "idempotency_key" not in columns:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN idempotency_key TEXT")
+        self._db.execute(_IDEMPOTENCY_INDEX)
 
     def create(self, job: Job) -> Job:
         row = (job.inference_id, job.tenant, job.model_id, json.dumps(job.params), job.upload_path, job.status,
                job.created_us, job.ended_us, job.error,
-               None if job.results is None else json.dumps(job.results), job.attempts)
+               None if job.results is None else json.dumps(job.results), job.attempts, job.idempotency_key)
         with self._lock:
+            # Either unique constraint (id, or tenant + key) makes the insert a no-op.
             self._db.execute(f"INSERT OR IGNORE INTO jobs ({', '.join(_COLUMNS)}) "
                              f"VALUES ({', '.join('?' * len(_COLUMNS))})", row)
-            return self._get(job.inference_id)
+            stored = self._get(job.inference_id)
+            if stored is None:
+                stored = _job(self._db.execute(f"{_SELECT} WHERE tenant = ? AND idempotency_key = ?",
+                                               (job.tenant, job.idempotency_key)).fetchone())
+            return stored
 
     def get(self, inference_id: str) -> Job | None:
         with self._lock:
@@ -134,8 +154,13 @@ class SQLiteJobStore:
 
     def running(self) -> list[Job]:
         with self._lock:
-            rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE status = ? "
-                                    "ORDER BY created_us", (RUNNING,)).fetchall()
+            rows = self._db.execute(f"{_SELECT} WHERE status = ? ORDER BY created_us", (RUNNING,)).fetchall()
+        return [_job(row) for row in rows]
+
+    def prune(self, ended_before_us: int) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute(f"DELETE FROM jobs WHERE status IN (?, ?) AND ended_us < ? "
+                                    f"RETURNING {', '.join(_COLUMNS)}", (SUCCESS, FAILED, ended_before_us)).fetchall()
         return [_job(row) for row in rows]
 
     def close(self) -> None:
@@ -143,8 +168,7 @@ class SQLiteJobStore:
             self._db.close()
 
     def _get(self, inference_id: str) -> Job | None:
-        row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE inference_id = ?",
-                               (inference_id,)).fetchone()
+        row = self._db.execute(f"{_SELECT} WHERE inference_id = ?", (inference_id,)).fetchone()
         return None if row is None else _job(row)
 
 

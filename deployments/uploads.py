@@ -26,6 +26,13 @@ class PayloadTooLarge(Exception):
     pass
 
 
+def declared_too_large(content_length: str | None) -> bool:
+    """Whether a Content-Length header declares a body over the limit (so it is refused unread).
+    Only ASCII digits count (str.isdigit also takes "²", which int() refuses)."""
+    value = (content_length or "").strip()
+    return value.isascii() and value.isdigit() and (len(value) > 18 or int(value) > MAX_BODY_BYTES)
+
+
 @dataclass
 class Upload:
     path: Path | None  # the complete file part on disk; None when the body had no such part
@@ -68,7 +75,8 @@ class _FilePart:
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self._headers.get(b"content-disposition"))
         if options.get(b"name") == FILE_FIELD and self.file is None:
-            self.file = open(self.path, "wb")
+            # Private to the service user; O_EXCL: never write through a planted file or link.
+            self.file = os.fdopen(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
             self.writing = True
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:

@@ -20,6 +20,8 @@ MP3_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000
 # Inputs we agree to decode: real recordings, not headers that declare absurd sizes.
 MIN_INPUT_RATE, MAX_INPUT_RATE, MAX_CHANNELS = 4000, 384000, 16
 _BLOCK_FRAMES = 1 << 16
+# Real wav files have a handful of chunks before their data; walking millions is a DoS.
+_MAX_WAV_CHUNKS = 256
 
 # 5th-order Butterworth high-pass at 48 Hz, applied forward and backward (the reference's).
 _HP_B, _HP_A = signal.butter(N=5, Wn=48, btype="high", fs=SAMPLE_RATE)
@@ -62,7 +64,8 @@ def sniff_and_probe(path: str | Path) -> str:
     try:
         with sf.SoundFile(path) as f:
             _check_shape(f.samplerate, f.channels, f.frames)
-            first = f.read(min(f.frames, _BLOCK_FRAMES), dtype="float32", always_2d=True)
+            block = min(f.frames, _BLOCK_FRAMES)
+            first = f.read(block, dtype="float32", always_2d=True)
             if f.frames > _BLOCK_FRAMES:
                 f.seek(f.frames - _BLOCK_FRAMES)
                 last = f.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
@@ -70,8 +73,10 @@ def sniff_and_probe(path: str | Path) -> str:
                 last = first
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
         raise AudioDecodeError(f"cannot decode {fmt}: {e}") from None
-    if len(first) == 0 or len(last) == 0:
-        raise AudioDecodeError(f"{fmt} file has no decodable audio")
+    # A cut mp3 keeps the frame count its Xing/Info header declares; libmpg123 then just stops
+    # early. Every declared frame must decode, up to the last one.
+    if len(first) < block or len(last) < block:
+        raise AudioDecodeError(f"truncated {fmt}: fewer frames decode than its header declares")
     if not (np.isfinite(first).all() and np.isfinite(last).all()):
         raise AudioDecodeError(f"{fmt} file has non-finite samples")
     return fmt
@@ -91,14 +96,24 @@ def _check_wav_data_present(path: Path) -> None:
     size = path.stat().st_size
     with open(path, "rb") as f:
         riff = f.read(12)
+        # RF64 keeps the real data size in its ds64 chunk (bytes 8-16 of its body) and puts
+        # 0xFFFFFFFF in the data chunk's own 32-bit size.
+        data_size_64 = None
         if riff[:4] == b"RF64":
-            return  # 64-bit sizes live in a ds64 chunk; libsndfile checks those itself
+            ds64 = f.read(24)
+            if ds64[:4] != b"ds64":
+                raise AudioDecodeError("RF64 file without a ds64 chunk")
+            data_size_64 = int.from_bytes(ds64[16:24], "little")
         pos = 12
-        while pos + 8 <= size:
+        for _ in range(_MAX_WAV_CHUNKS):
+            if pos + 8 > size:
+                break
             f.seek(pos)
             chunk = f.read(8)
             chunk_id, chunk_len = chunk[:4], int.from_bytes(chunk[4:8], "little")
             if chunk_id == b"data":
+                if chunk_len == 0xFFFFFFFF and data_size_64 is not None:
+                    chunk_len = data_size_64
                 if chunk_len == 0:
                     raise AudioDecodeError("wav data chunk is empty")
                 if pos + 8 + chunk_len > size:
@@ -107,7 +122,7 @@ def _check_wav_data_present(path: Path) -> None:
                         f"{size - pos - 8} present")
                 return
             pos += 8 + chunk_len + (chunk_len & 1)
-    raise AudioDecodeError("wav has no data chunk")
+    raise AudioDecodeError("wav has no data chunk (among its first chunks)")
 
 
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

@@ -16,9 +16,9 @@ def partial_name(dest: Path) -> Path:
 
 
 @contextmanager
-def atomic_path(dest: str | Path) -> Iterator[Path]:
-    """A temporary path beside `dest` to write to; renamed onto `dest` when the block ends
-    without error, removed otherwise."""
+def atomic_path(dest: str | Path, mode: int | None = None) -> Iterator[Path]:
+    """A temporary path beside `dest` to write to; renamed onto `dest` (with permission bits
+    `mode`, if given) when the block ends without error, removed otherwise."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_name(dest)
@@ -26,6 +26,8 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

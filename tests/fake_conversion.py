@@ -3,7 +3,8 @@
 Its behaviour is picked by the voice's model id, so one app serves every scenario:
 `*-fail` raises, `*-slow` takes 3 s, `*-hang` outlives the job timeout; anything else writes
 a short tone as the job's MP3 and FLAC at once. Every call is appended to `<data>/calls.log`
-(replicas are other processes) so tests can count attempts.
+(replicas are other processes) so tests can count attempts; a call cancelled while it waits
+is appended to `<data>/cancelled.log`.
 """
 from __future__ import annotations
 
@@ -34,10 +35,15 @@ class FakeConversion:
             log.write(f"{inference_id} {model_id}\n")
         if model_id.endswith("-fail"):
             raise ValueError("synthetic failure: the input could not be converted\nsecond line")
-        if model_id.endswith("-slow"):
-            await asyncio.sleep(3)
-        if model_id.endswith("-hang"):
-            await asyncio.sleep(600)
+        try:
+            if model_id.endswith("-slow"):
+                await asyncio.sleep(3)
+            if model_id.endswith("-hang"):
+                await asyncio.sleep(600)
+        except asyncio.CancelledError:
+            with open(self.settings.data_dir / "cancelled.log", "a") as log:
+                log.write(f"{inference_id}\n")
+            raise
         rate = 44100
         tone = (0.2 * np.sin(2 * np.pi * 330 * np.arange(int(TONE_SECONDS * rate)) / rate)).astype(np.float32)
         keys = {}

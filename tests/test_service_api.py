@@ -10,6 +10,7 @@ import json
 import re
 import sqlite3
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
@@ -56,8 +57,8 @@ def svc(tmp_path_factory, serve_url):
 
 
 def _post(svc, query: dict | None, audio: bytes | None = None, key: str | None = KEY_A, filename: str = "in.wav",
-          content_type: str = "audio/wav") -> httpx.Response:
-    headers = {"x-api-key": key} if key else {}
+          content_type: str = "audio/wav", headers: dict | None = None) -> httpx.Response:
+    headers = {**({"x-api-key": key} if key else {}), **(headers or {})}
     files = {"audioInfer": (filename, audio, content_type)} if audio is not None else None
     if files is None:  # still a multipart request, just without the file part
         files = {"other": ("x.txt", b"x", "text/plain")}
@@ -348,6 +349,115 @@ def test_conversion_replica_killed_mid_job(svc):
     # Never stuck RUNNING; here the retry on a fresh replica succeeds.
     assert done["status"] == "SUCCESS", done.get("error")
     assert _calls(svc).count(job["inferenceId"]) >= 2
+
+
+# --- idempotency, cancel ------------------------------------------------------------------------
+
+def _uploads(svc) -> set[str]:
+    return {p.name for p in (svc.data / "uploads").iterdir()}
+
+
+def test_idempotency_key_makes_a_retried_create_return_the_same_job(svc):
+    key = f"create-{uuid.uuid4()}"
+    before = _uploads(svc)
+    first = _post(svc, {"modelId": "voice-slow"}, wav_bytes(), headers={"Idempotency-Key": key})
+    assert first.status_code == 200
+    job_id = first.json()["inferenceId"]
+    # Retries, also concurrent ones, answer the same job and keep no second upload.
+    with ThreadPoolExecutor(4) as pool:
+        retries = list(pool.map(lambda _: _post(svc, {"modelId": "voice-slow"}, wav_bytes(),
+                                                headers={"Idempotency-Key": key}), range(4)))
+    assert [(r.status_code, r.json()["inferenceId"]) for r in retries] == [(200, job_id)] * 4
+    assert _uploads(svc) - before <= {f"{job_id}.wav"}
+    done = _wait_status(svc, job_id)
+    assert done["status"] == "SUCCESS"
+    assert _calls(svc).count(job_id) == 1  # run once
+    # A retry after the end answers the finished job.
+    late = _post(svc, {"modelId": "voice-slow"}, wav_bytes(), headers={"Idempotency-Key": key}).json()
+    assert late["inferenceId"] == job_id and late["status"] == "SUCCESS" and late["inferenceUrl"]
+    assert not _uploads(svc) - before
+    # Keys are per API key: another tenant's same key is its own job.
+    other = _post(svc, {"modelId": "voice-a"}, wav_bytes(), key=KEY_B, headers={"Idempotency-Key": key}).json()
+    assert other["inferenceId"] != job_id
+    # Without a key every create is a new job.
+    ids = {_post(svc, {"modelId": "voice-a"}, wav_bytes()).json()["inferenceId"] for _ in range(2)}
+    assert len(ids) == 2
+
+
+@pytest.mark.parametrize("value", ["has space", "x" * 256, "ünïcode"])
+def test_malformed_idempotency_key_is_422(svc, value):
+    response = _post(svc, {"modelId": "voice-a"}, wav_bytes(), headers={"Idempotency-Key": value.encode()})
+    assert response.status_code == 422
+    pattern = "^[!-~]{1,255}$"
+    assert response.json() == {"detail": [{"loc": ["header", "Idempotency-Key"],
+                                           "msg": f'string does not match regex "{pattern}"',
+                                           "type": "value_error.str.regex", "ctx": {"pattern": pattern}}]}
+
+
+def _cancel(svc, inference_id: str, key: str | None = KEY_A) -> httpx.Response:
+    return svc.client.delete(f"/v1/inferences-vc/{inference_id}", headers={"x-api-key": key} if key else {})
+
+
+def _cancelled(svc) -> list[str]:
+    log = svc.data / "cancelled.log"
+    return log.read_text().split() if log.exists() else []
+
+
+def test_cancel_running_job(svc):
+    job = _post(svc, {"modelId": "voice-slow"}, wav_bytes()).json()
+    job_id = job["inferenceId"]
+    wait_for(lambda: job_id in _calls(svc), 20)  # its conversion is under way
+    for response in (_cancel(svc, job_id, key=None), _cancel(svc, job_id, key="wrong")):
+        assert response.status_code == 403 and response.json() == FORBIDDEN
+    for response in (_cancel(svc, job_id, key=KEY_B), _cancel(svc, "0" * 32), _cancel(svc, "..%2F..%2Fjobs.sqlite3")):
+        assert response.status_code == 404 and response.json() == {"message": "Not found"}
+
+    response = _cancel(svc, job_id)
+    assert response.status_code == 200 and _rate_headers(response)
+    cancelled = response.json()
+    assert set(cancelled) == JOB_KEYS | {"error"}
+    assert (cancelled["status"], cancelled["error"], cancelled["inferenceUrl"]) == ("FAILED", "cancelled", None)
+    assert TIMESTAMP.fullmatch(cancelled["jobEndTime"])
+    assert _job(svc, job_id).json() == cancelled
+    wait_for(lambda: job_id in _cancelled(svc), 20)  # the conversion call itself was cancelled
+    assert not (svc.data / "uploads" / f"{job_id}.wav").exists()
+    # Past the moment its conversion would have written the output: nothing appeared.
+    time.sleep(3.5)
+    assert not (svc.data / "results" / job_id).exists()
+    assert _job(svc, job_id).json() == cancelled
+    # Cancelling again changes nothing and says so.
+    assert _cancel(svc, job_id).json() == cancelled
+    assert _calls(svc).count(job_id) == 1
+
+
+def test_cancel_of_a_finished_job_leaves_it_as_it_was(svc):
+    job_id = _post(svc, {"modelId": "voice-a"}, wav_bytes()).json()["inferenceId"]
+    done = _wait_status(svc, job_id)
+    response = _cancel(svc, job_id)
+    assert response.status_code == 200
+    after = response.json()
+    assert after["status"] == "SUCCESS" and after["jobEndTime"] == done["jobEndTime"]
+    assert httpx.get(after["inferenceUrl"], timeout=30).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def forgetful(tmp_path_factory, serve_url):
+    app = _app(tmp_path_factory, serve_url, "forgetful", retention_s=3, retention_interval_s=0.5)
+    yield app
+    app.client.close()
+    delete_app(app.name)
+
+
+def test_retention_prunes_jobs_results_and_leftover_uploads(forgetful):
+    leftover = forgetful.data / "uploads" / "0123456789abcdef.wav"  # an ingress died before handing it over
+    leftover.write_bytes(wav_bytes())
+    job_id = _post(forgetful, {"modelId": "voice-a"}, wav_bytes()).json()["inferenceId"]
+    url = _wait_status(forgetful, job_id)["inferenceUrl"]
+    wait_for(lambda: _job(forgetful, job_id).status_code == 404, 30)
+    assert _job(forgetful, job_id).json() == {"message": "Not found"}
+    assert not (forgetful.data / "results" / job_id).exists() and not leftover.exists()
+    download = httpx.get(url, timeout=30)
+    assert download.status_code == 404 and download.json() == {"message": "Not found"}
 
 
 # --- models, operations ------------------------------------------------------------------------

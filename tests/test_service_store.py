@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from deployments.store import FAILED, RUNNING, SUCCESS, Job, SQLiteJobStore, format_timestamp
+from deployments.store import FAILED, RUNNING, SUCCESS, Job, SQLiteJobStore, format_timestamp, now_us
 
 
 def _job(i: str, tenant: str = "t1", created_us: int | None = None) -> Job:
@@ -88,3 +88,82 @@ def test_concurrent_creates_from_threads(tmp_path):
 def test_timestamp_format():
     assert format_timestamp(1704140150428000) == "2024-01-01 20:15:50.428000 +00:00"
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6} \+00:00", format_timestamp(1))
+
+
+def _keyed(i: str, key: str | None, tenant: str = "t1") -> Job:
+    job = _job(i, tenant=tenant)
+    job.idempotency_key = key
+    return job
+
+
+def test_idempotency_key_returns_the_first_job_per_tenant(tmp_path):
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+    first = store.create(_keyed("a", "retry-1"))
+    again = store.create(_keyed("b", "retry-1"))
+    assert again == first and store.get("b") is None  # nothing stored for the retry
+    # Another tenant's identical key is its own job; no key never deduplicates.
+    assert store.create(_keyed("c", "retry-1", tenant="t2")).inference_id == "c"
+    assert store.create(_keyed("d", None)).inference_id == "d"
+    assert store.create(_keyed("e", None)).inference_id == "e"
+    assert {j.inference_id for j in store.running()} == {"a", "c", "d", "e"}
+    assert store.get("a").idempotency_key == "retry-1" and store.get("d").idempotency_key is None
+
+
+def test_concurrent_creates_with_one_key_make_one_job(tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    SQLiteJobStore(path).close()
+    # Separate connections (as separate processes would have) racing on the same key.
+    stores = [SQLiteJobStore(path) for _ in range(8)]
+    results: list[Job] = []
+    barrier = threading.Barrier(len(stores))
+
+    def create(i: int) -> None:
+        barrier.wait()
+        results.append(stores[i].create(_keyed(f"j{i}", "same")))
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({j.inference_id for j in results}) == 1
+    assert [j.inference_id for j in stores[0].running()] == [results[0].inference_id]
+
+
+def test_prune_deletes_only_finished_jobs_before_the_cutoff(tmp_path):
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+    for name in ("old-ok", "old-failed", "new-ok", "running"):
+        store.create(_keyed(name, f"key-{name}"))
+    store.finish("old-ok", SUCCESS, results={"mp3": "old-ok/output.mp3"})
+    store.finish("old-failed", FAILED, error="cancelled")
+    cutoff = now_us() + 1
+    while now_us() <= cutoff:  # "new-ok" ends strictly after the cutoff
+        pass
+    store.finish("new-ok", SUCCESS, results={"mp3": "new-ok/output.mp3"})
+
+    pruned = store.prune(cutoff)
+    assert sorted(j.inference_id for j in pruned) == ["old-failed", "old-ok"]
+    assert {j.inference_id: j.results for j in pruned}["old-ok"] == {"mp3": "old-ok/output.mp3"}
+    assert store.get("old-ok") is None and store.get("old-failed") is None
+    assert store.get("new-ok").status == SUCCESS and store.get("running").status == RUNNING
+    assert store.prune(cutoff) == []
+    # A pruned job's idempotency key is forgotten: the same key makes a new job now.
+    assert store.create(_keyed("fresh", "key-old-ok")).inference_id == "fresh"
+    # Far in the future, still no RUNNING job goes.
+    assert {j.inference_id for j in store.prune(now_us() + 10**12)} == {"new-ok"}
+    assert [j.inference_id for j in store.running()] == ["running", "fresh"]
+
+
+def test_store_from_before_idempotency_keys_is_upgraded(tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript("""CREATE TABLE jobs (inference_id TEXT PRIMARY KEY, tenant TEXT NOT NULL,
+        model_id TEXT NOT NULL, params TEXT NOT NULL, upload_path TEXT NOT NULL, status TEXT NOT NULL,
+        created_us INTEGER NOT NULL, ended_us INTEGER, error TEXT, results TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0);
+        INSERT INTO jobs VALUES ('old', 't1', 'demo', '{}', '/u/old.wav', 'RUNNING', 1, NULL, NULL, NULL, 0);""")
+    db.close()
+    store = SQLiteJobStore(path)
+    assert store.get("old").idempotency_key is None
+    assert store.create(_keyed("new", "k")).idempotency_key == "k"
+    assert store.create(_keyed("newer", "k")).inference_id == "new"

@@ -282,6 +282,13 @@ def test_upload_reader_cuts_off_at_the_limit(tmp_path, monkeypatch):
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".upload")] == []
 
 
+def test_declared_length_over_the_limit():
+    assert [uploads.declared_too_large(v) for v in (None, "", "100", str(uploads.MAX_BODY_BYTES))] == [False] * 4
+    assert uploads.declared_too_large(str(uploads.MAX_BODY_BYTES + 1))
+    assert uploads.declared_too_large("9" * 5000)  # int() of it would raise
+    assert not uploads.declared_too_large("²") and not uploads.declared_too_large("-1")  # "²".isdigit() is True
+
+
 def test_upload_reader_memory_is_bounded(tmp_path):
     """50 MiB + 1 streamed through the reader: 413, and never more than a few chunks held."""
     import tracemalloc
@@ -337,7 +344,10 @@ def test_openapi_matches_the_validation_tables():
     doc = openapi_document(("crepe", "rmvpe"))
     post = doc["paths"]["/v1/inferences-vc"]["post"]
     by_name = {p["name"]: p for p in post["parameters"]}
-    assert list(by_name) == [p.name for p in params.CREATE_PARAMS]
+    assert list(by_name) == [p.name for p in params.CREATE_PARAMS] + [params.IDEMPOTENCY_HEADER]
+    assert by_name[params.IDEMPOTENCY_HEADER]["in"] == "header"
+    assert by_name[params.IDEMPOTENCY_HEADER]["schema"]["pattern"] == params.IDEMPOTENCY_KEY_PATTERN
+    assert set(doc["paths"]["/v1/inferences-vc/{inferenceId}"]) == {"get", "delete"}
     assert by_name["modelId"]["required"] and not by_name["indexRate"]["required"]
     assert by_name["indexRate"]["schema"] == {"type": "number", "minimum": 0, "maximum": 1, "default": 0.76}
     assert by_name["f0Method"]["schema"]["enum"] == ["crepe", "rmvpe"]
