@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import audio as audio_io
 from .hubert import Hubert, HubertConfig, content_features, load_hubert
 from .index import RetrievalIndex, blend
-from .pitch import PitchModels, estimate_pitch
+from .pitch import PitchModels, PitchRequest, estimate_pitch_batch
 from .synthesizer import SynthNoise, Voice
 
 WINDOW = 160  # samples per f0 frame at 16 kHz (10 ms)
@@ -166,9 +166,21 @@ def chunk_noise(seed: int, preceding_chunks: Sequence[int], voice: Voice) -> Syn
 def estimate_input_pitch(prepared: PreparedInput, params: ConversionParams,
                          models: PitchModels) -> tuple[np.ndarray, np.ndarray]:
     """(coarse [p_len] int64, pitchf [p_len] float32) over the whole padded input."""
-    dither = dither_for(params.seed, prepared.audio_pad.shape[0] // WINDOW + 1)
-    return estimate_pitch(prepared.audio_pad, prepared.p_len, params.f0_method, models,
-                          f0_up_key=params.f0_up_key, filter_radius=params.filter_radius, dither=dither)
+    return estimate_input_pitch_batch([(prepared, params)], models)[0]
+
+
+def estimate_input_pitch_batch(inputs: Sequence[tuple[PreparedInput, ConversionParams]],
+                               models: PitchModels) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`estimate_input_pitch` of several inputs; those of one f0 method run together."""
+    out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(inputs)
+    for method in {params.f0_method for _, params in inputs}:
+        mine = [i for i, (_, params) in enumerate(inputs) if params.f0_method == method]
+        requests = [PitchRequest(p.audio_pad, p.p_len, params.f0_up_key, params.filter_radius,
+                                 dither_for(params.seed, p.audio_pad.shape[0] // WINDOW + 1))
+                    for p, params in (inputs[i] for i in mine)]
+        for i, track in zip(mine, estimate_pitch_batch(requests, method, models)):
+            out[i] = track
+    return out
 
 
 @torch.inference_mode()
@@ -407,10 +419,12 @@ class Converter:
                                  f"{r.voice.feature_dim}")
         with clock("prepare"):
             prepared = [prepare_input(r.audio16k, self.chunking) for r in requests]
-        pitches: list[tuple[np.ndarray | None, np.ndarray | None]] = []
-        for r, p in zip(requests, prepared):
-            with clock("pitch"), self._networks():
-                pitches.append(estimate_input_pitch(p, r.params, self.pitch_models) if r.voice.f0 else (None, None))
+        pitches: list[tuple[np.ndarray | None, np.ndarray | None]] = [(None, None)] * len(requests)
+        voiced = [i for i, r in enumerate(requests) if r.voice.f0]
+        with clock("pitch"), self._networks():
+            tracks = estimate_input_pitch_batch([(prepared[i], requests[i].params) for i in voiced], self.pitch_models)
+        for i, track in zip(voiced, tracks):
+            pitches[i] = track
         # every chunk of every request: (request, chunk number, audio)
         chunks = [(ri, ci, p.audio_pad[c.start:c.end]) for ri, p in enumerate(prepared) for ci, c in enumerate(p.chunks)]
         feats0: dict[tuple[int, int], torch.Tensor] = {}

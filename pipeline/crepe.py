@@ -10,6 +10,7 @@ every frame gets a random triangular +-20 cent dither. The dither comes from the
 """
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -131,23 +132,30 @@ def _log_probs(salience: Tensor) -> Tensor:
     return torch.log(probs + torch.finfo(torch.float32).tiny)
 
 
-def viterbi(log_prob: Tensor) -> Tensor:
+def viterbi(log_prob: Tensor, lengths: Tensor | None = None) -> Tensor:
     """Most likely bin sequence under CREPE's transition prior, as librosa.sequence.viterbi.
 
-    log_prob: [B, T, 360] float32 (log of per-frame bin probabilities). Returns [B, T] int64.
-    Same float64 sums and same tie-breaking (lowest bin) as librosa, so the same path; all B
-    sequences are decoded at once on log_prob's device.
+    log_prob: [B, T, 360] float32 (log of per-frame bin probabilities); `lengths` [B]: frames of
+    each sequence (default all T; frames past a length are ignored). Returns [B, T] int64, each
+    row's path up to its length (the rest repeats its last state). Same float64 sums and same
+    tie-breaking (lowest bin) as librosa, so the same path; all B sequences are decoded at once
+    on log_prob's device, in one pass of max(lengths) steps.
 
     librosa maximises over all 360 predecessors. Only the 23 within reach have a non-zero
     transition; every other one scores value + log(tiny), so the best far move starts from the
     overall best bin, unless that bin is within reach, and then its near move beats every far one.
     """
     device = log_prob.device
+    n_steps = log_prob.shape[1]
+    if lengths is None:
+        lengths = torch.full((log_prob.shape[0],), n_steps, device=device)
+    lengths = lengths.to(device)
     log_near = torch.from_numpy(_LOG_NEAR).to(device)  # [360, 23]
     bins = torch.arange(PITCH_BINS, device=device)
     value = log_prob[:, 0].double() + torch.from_numpy(_LOG_INIT).to(device)  # [B, 360]
+    final = value  # each row's value at its last frame
     pointers = []
-    for t in range(1, log_prob.shape[1]):
+    for t in range(1, n_steps):
         padded = F.pad(value, (_REACH, _REACH), value=-float("inf"))
         near_best, offset = (padded.unfold(-1, 2 * _REACH + 1, 1) + log_near).max(dim=-1)  # [B, 360]
         near_from = bins - _REACH + offset
@@ -158,10 +166,12 @@ def viterbi(log_prob: Tensor) -> Tensor:
         )
         value = log_prob[:, t].double() + torch.where(far, far_best, near_best)
         pointers.append(torch.where(far, far_from, near_from))
-    state = value.argmax(dim=-1)  # [B]
+        final = torch.where((lengths - 1 == t)[:, None], value, final)
+    state = final.argmax(dim=-1)  # [B]
     path = [state]
-    for pointer in reversed(pointers):
-        state = pointer.gather(1, state[:, None])[:, 0]
+    for t in range(n_steps - 1, 0, -1):  # pointers[t - 1] leads from frame t back to t − 1
+        back = pointers[t - 1].gather(1, state[:, None])[:, 0]
+        state = torch.where(t < lengths, back, state)  # rows shorter than t + 1 wait at their end
         path.append(state)
     return torch.stack(path[::-1], dim=1)
 
@@ -195,39 +205,61 @@ def crepe_f0(
     `batch_size` frames as torchcrepe does. `dither`: a Generator to draw from, or the [N] draws
     (float64 cents) to add, e.g. recorded from torchcrepe.
     """
-    device = model.classifier.weight.device
-    audio = audio16k.to(device=device, dtype=torch.float32)
-    n_frames = 1 + audio.numel() // HOP_LENGTH
-    noise = _dither_cents(dither, n_frames).to(device)
+    return crepe_f0_batch(model, [audio16k], batch_size=batch_size, fmin=fmin, fmax=fmax, dithers=[dither])[0]
 
-    windows = F.pad(audio, (WINDOW_SIZE // 2, WINDOW_SIZE // 2)).unfold(0, WINDOW_SIZE, HOP_LENGTH)
+
+@torch.inference_mode()
+def crepe_f0_batch(
+    model: Crepe,
+    audios: Sequence[Tensor],
+    *,
+    batch_size: int = BATCH_FRAMES,
+    fmin: float = 50.0,
+    fmax: float = 1100.0,
+    dithers: Sequence[np.ndarray | np.random.Generator],
+) -> list[tuple[Tensor, Tensor]]:
+    """`crepe_f0` of several inputs, each with its own dither; every input's path pieces are
+    decoded in shared viterbi passes (one pass costs the same for 1 or 100 pieces on a GPU)."""
+    device = model.classifier.weight.device
     low, high = _bin(fmin, torch.floor), _bin(fmax, torch.ceil)
-    # Batches are independent (the path restarts at each), so a long file is processed a group of
-    # batches at a time: memory is bounded by the group, not the file; groups are decoded side by side.
-    group = batch_size * BATCHES_PER_GROUP
     # The network sees every frame alone, so batches of any size give the same values; on the CPU
     # the reference's 512 keeps them bitwise equal, on a GPU a whole group fills the device.
+    group = batch_size * BATCHES_PER_GROUP
     network_batch = group if device.type == "cuda" else batch_size
-    bins, periodicity = [], []
-    for group_start in range(0, n_frames, group):
-        group_end = min(group_start + group, n_frames)
+    saliences, noises = [], []
+    for audio, dither in zip(audios, dithers):
+        audio = audio.to(device=device, dtype=torch.float32)
+        n_frames = 1 + audio.numel() // HOP_LENGTH
+        noises.append(_dither_cents(dither, n_frames).to(device))
+        windows = F.pad(audio, (WINDOW_SIZE // 2, WINDOW_SIZE // 2)).unfold(0, WINDOW_SIZE, HOP_LENGTH)
         salience = torch.cat([
             # normalised in torchcrepe's layout (same sums), then made contiguous: the convs run
             # ~1.7x faster on contiguous frames on CPU
-            model(_normalise(windows[start:min(start + network_batch, group_end)].T.contiguous().T).contiguous())
-            for start in range(group_start, group_end, network_batch)
+            model(_normalise(windows[start:start + network_batch].T.contiguous().T).contiguous())
+            for start in range(0, n_frames, network_batch)
         ]).float()  # [frames, 360], float32 even under a caller's reduced-precision autocast
         salience[:, :low] = -float("inf")
         salience[:, high:] = -float("inf")
-        # Whole batches are decoded side by side; a shorter last batch separately.
-        n_whole = salience.shape[0] // batch_size * batch_size
-        batches = [salience[:n_whole].view(-1, batch_size, PITCH_BINS), salience[n_whole:][None]]
-        group_bins = torch.cat([viterbi(_log_probs(b)).flatten() for b in batches if b.numel()])
-        bins.append(group_bins)
-        periodicity.append(salience.gather(1, group_bins[:, None])[:, 0])
-    bins = torch.cat(bins)  # [N]
-    cents = bins * CENTS_PER_BIN + CENTS_OFFSET + noise
-    return 10 * 2 ** (cents / 1200), torch.cat(periodicity)
+        saliences.append(salience)
+    # Every input's path restarts each batch_size frames: decode all pieces of all inputs side by
+    # side, BATCHES_PER_GROUP × 4 at a time (bounded memory for the back-pointers).
+    pieces = [(i, start) for i, sal in enumerate(saliences) for start in range(0, sal.shape[0], batch_size)]
+    bins = [torch.empty(sal.shape[0], dtype=torch.int64, device=device) for sal in saliences]
+    per_pass = BATCHES_PER_GROUP * 4
+    for first in range(0, len(pieces), per_pass):
+        chunk = pieces[first:first + per_pass]
+        lengths = torch.tensor([min(batch_size, saliences[i].shape[0] - start) for i, start in chunk])
+        log_prob = torch.zeros(len(chunk), int(lengths.max()), PITCH_BINS, device=device)
+        for row, (i, start) in enumerate(chunk):
+            log_prob[row, :lengths[row]] = _log_probs(saliences[i][start:start + batch_size][None])[0]
+        path = viterbi(log_prob, lengths)
+        for row, (i, start) in enumerate(chunk):
+            bins[i][start:start + lengths[row]] = path[row, :lengths[row]]
+    out = []
+    for salience, noise, b in zip(saliences, noises, bins):
+        cents = b * CENTS_PER_BIN + CENTS_OFFSET + noise
+        out.append((10 * 2 ** (cents / 1200), salience.gather(1, b[:, None])[:, 0]))
+    return out
 
 
 def median_filter(x: Tensor, width: int) -> Tensor:

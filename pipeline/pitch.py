@@ -6,6 +6,7 @@ offers: crepe (full), crepe-tiny and rmvpe.
 
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,7 @@ import numpy as np
 import scipy.signal
 import torch
 
-from pipeline.crepe import HOP_LENGTH, SAMPLE_RATE, Crepe, crepe_f0, load_crepe, rvc_crepe_postprocess
+from pipeline.crepe import HOP_LENGTH, SAMPLE_RATE, Crepe, crepe_f0_batch, load_crepe, rvc_crepe_postprocess
 
 if TYPE_CHECKING:
     from pipeline.rmvpe import Rmvpe
@@ -25,8 +26,10 @@ __all__ = [
     "PITCH_METHODS",
     "SAMPLE_RATE",
     "PitchModels",
+    "PitchRequest",
     "coarse_pitch",
     "estimate_pitch",
+    "estimate_pitch_batch",
     "median_filter_f0",
     "shift_f0",
 ]
@@ -128,19 +131,40 @@ def estimate_pitch(
     rmvpe when filter_radius <= 2. `dither`: crepe's per-frame cent noise, a Generator or the
     recorded draws; None draws from a fresh unseeded Generator (random, as in the reference).
     """
+    return estimate_pitch_batch([PitchRequest(audio_pad, p_len, f0_up_key, filter_radius, dither)], method,
+                                models)[0]
+
+
+@dataclass(frozen=True)
+class PitchRequest:
+    """One input of `estimate_pitch_batch` (see `estimate_pitch` for the fields)."""
+
+    audio_pad: np.ndarray
+    p_len: int
+    f0_up_key: int = 0
+    filter_radius: int = 3
+    dither: np.ndarray | np.random.Generator | None = None
+
+
+def estimate_pitch_batch(requests: Sequence[PitchRequest], method: str,
+                         models: PitchModels) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`estimate_pitch` of several inputs of one method; crepe decodes them in shared passes."""
     model = models.get(method)
     if method == "rmvpe":
         from pipeline.rmvpe import rmvpe_f0
 
-        f0 = rmvpe_f0(model, audio_pad, threshold=_RMVPE_THRESHOLD)
+        tracks = [rmvpe_f0(model, r.audio_pad, threshold=_RMVPE_THRESHOLD) for r in requests]
     else:
-        f0, periodicity = crepe_f0(
+        raw = crepe_f0_batch(
             model,
-            torch.tensor(audio_pad, dtype=torch.float32),
+            [torch.tensor(r.audio_pad, dtype=torch.float32) for r in requests],
             fmin=F0_MIN,
             fmax=F0_MAX,
-            dither=np.random.default_rng() if dither is None else dither,
+            dithers=[np.random.default_rng() if r.dither is None else r.dither for r in requests],
         )
-        f0 = rvc_crepe_postprocess(f0, periodicity).cpu().numpy()
-    f0 = shift_f0(median_filter_f0(f0, filter_radius), f0_up_key)[:p_len]
-    return coarse_pitch(f0), f0.astype(np.float32)
+        tracks = [rvc_crepe_postprocess(f0, periodicity).cpu().numpy() for f0, periodicity in raw]
+    out = []
+    for r, f0 in zip(requests, tracks):
+        f0 = shift_f0(median_filter_f0(f0, r.filter_radius), r.f0_up_key)[:r.p_len]
+        out.append((coarse_pitch(f0), f0.astype(np.float32)))
+    return out

@@ -12,6 +12,7 @@ from pipeline.crepe import (
     PITCH_BINS,
     Crepe,
     crepe_f0,
+    crepe_f0_batch,
     load_crepe,
     mean_filter,
     median_filter,
@@ -220,3 +221,26 @@ def test_long_files_are_processed_in_groups_with_the_same_result(monkeypatch):
     monkeypatch.setattr(crepe_module, "BATCHES_PER_GROUP", 2)  # 201 frames → 4 groups
     f0, pd = crepe_f0(model, audio, batch_size=32, dither=dither)
     assert torch.equal(f0, whole_f0) and torch.equal(pd, whole_pd)
+
+
+def test_viterbi_of_sequences_of_different_lengths_in_one_pass():
+    mats = probability_matrices(np.random.default_rng(1))
+    lengths = [60, 17, 1, 42]
+    probs = [mats["smooth"][:, :n] for n in lengths[:2]] + [mats["jumps"][:, :n] for n in lengths[2:]]
+    log_prob = torch.zeros(len(lengths), max(lengths), PITCH_BINS)
+    for row, prob in enumerate(probs):
+        log_prob[row, : prob.shape[1]] = torch.from_numpy(np.log(prob + np.finfo(np.float32).tiny)).T
+    paths = viterbi(log_prob, torch.tensor(lengths))
+    for row, (prob, n) in enumerate(zip(probs, lengths)):
+        np.testing.assert_array_equal(paths[row, :n].numpy(), librosa_path(prob), err_msg=f"row {row}")
+
+
+def test_several_inputs_decode_as_each_alone():
+    model = load_crepe("tiny", "cpu")
+    audios = [voiced_signal(s, seed=k) for k, s in enumerate((1.3, 0.4, 6.2))]  # 6.2 s: two 512-frame pieces
+    dithers = [np.random.default_rng(k).uniform(-20, 20, 1 + a.size // HOP_LENGTH) for k, a in enumerate(audios)]
+    together = crepe_f0_batch(model, [torch.from_numpy(a) for a in audios], dithers=dithers)
+    for a, d, (f0, pd) in zip(audios, dithers, together):
+        alone_f0, alone_pd = crepe_f0(model, torch.from_numpy(a), dither=d)
+        torch.testing.assert_close(f0, alone_f0, rtol=0, atol=0)
+        torch.testing.assert_close(pd, alone_pd, rtol=0, atol=0)
