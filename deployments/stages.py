@@ -4,13 +4,15 @@ Each stage is a thin adapter over one `pipeline.convert` stage function, so the 
 computes exactly what `rvc-serve convert` computes (same chunks, same seeded noise per chunk,
 same dither per frame, wherever each piece runs):
 
-    ContentFeatures   HuBERT/ContentVec features of one chunk          (chunk_features)
-    PitchEstimator    f0 of the whole padded input                     (estimate_input_pitch)
-    Synthesis         index blend + synthesizer for one chunk, one     (retrieve, chunk_noise,
-                      voice (+ its index) cached per model id (LRU)     synthesize_chunk)
+    ContentFeatures   HuBERT/ContentVec features of chunks             (chunk_features_batch)
+    PitchEstimator    f0 of whole padded inputs                        (estimate_input_pitch_batch)
+    Synthesis         index blend + synthesizer for chunks of one      (retrieve, chunk_noise,
+                      voice (+ its index) cached per model id (LRU)     synthesize_chunks)
     Conversion        load → prepare → pitch ∥ features → synthesis per chunk → join → write
 
-Each replica loads only the models its stage uses.
+Each replica loads only the models its stage uses. The model stages batch concurrent calls
+(`@serve.batch`, sized by each stage's max_batch_size / batch_wait_timeout_s): chunks of any
+jobs share one forward pass, and each result is the one the call would get alone.
 """
 from __future__ import annotations
 
@@ -30,6 +32,12 @@ from .settings import AppSettings
 RESULT_FORMATS = ("mp3", "flac")  # lossy (the inferenceUrl) and the lossless copy
 
 
+def _batching(method, stage) -> None:
+    """Size a `@serve.batch` method from the stage's settings."""
+    method.set_max_batch_size(stage.max_batch_size)
+    method.set_batch_wait_timeout_s(stage.batch_wait_timeout_s)
+
+
 def _device() -> str:
     """The replica's torch device (Ray hides GPUs from replicas that did not ask for one), with
     torch's CPU threads matched to the CPUs the replica reserved."""
@@ -45,14 +53,30 @@ class ContentFeatures:
     def __init__(self, settings: AppSettings) -> None:
         from pipeline.hubert import load_hubert
 
-        self.hubert = load_hubert(settings.hubert, device=_device())
+        self.device = _device()
+        self.precision = settings.precision
+        self.hubert = load_hubert(settings.hubert, device=self.device)
+        _batching(self._extract, settings.stages.features)
 
     async def extract(self, chunk_audio: np.ndarray, version: str) -> np.ndarray:
         """Features [T50, C] float32 of one chunk of the padded input."""
-        from pipeline.convert import chunk_features
+        return await self._extract(chunk_audio, version)
 
-        feats = await asyncio.to_thread(chunk_features, self.hubert, chunk_audio, version)
-        return feats.cpu().numpy()
+    @serve.batch
+    async def _extract(self, chunks: list[np.ndarray], versions: list[str]) -> list[np.ndarray]:
+        from pipeline.convert import chunk_features_batch, network_precision
+
+        def run() -> list[np.ndarray]:
+            out: list[np.ndarray | None] = [None] * len(chunks)
+            for version in set(versions):
+                mine = [i for i, v in enumerate(versions) if v == version]
+                with network_precision(self.device, self.precision):
+                    feats = chunk_features_batch(self.hubert, [chunks[i] for i in mine], version, len(mine))
+                for i, f in zip(mine, feats):
+                    out[i] = f.cpu().numpy()
+            return out
+
+        return await asyncio.to_thread(run)
 
     async def ready(self) -> bool:
         return True
@@ -63,14 +87,25 @@ class PitchEstimator:
     def __init__(self, settings: AppSettings) -> None:
         from pipeline.pitch import PitchModels
 
-        self.models = PitchModels(device=_device(), rmvpe_path=settings.rmvpe)
+        self.device = _device()
+        self.precision = settings.precision
+        self.models = PitchModels(device=self.device, rmvpe_path=settings.rmvpe)
         self.models.get("crepe")  # the default method is loaded before the replica reports ready
+        _batching(self._estimate, settings.stages.pitch)
 
     async def estimate(self, prepared, params) -> tuple[np.ndarray, np.ndarray]:
         """(coarse, pitchf) over the whole padded input, dithered from the job's seed."""
-        from pipeline.convert import estimate_input_pitch
+        return await self._estimate(prepared, params)
 
-        return await asyncio.to_thread(estimate_input_pitch, prepared, params, self.models)
+    @serve.batch
+    async def _estimate(self, prepared: list, params: list) -> list[tuple[np.ndarray, np.ndarray]]:
+        from pipeline.convert import estimate_input_pitch_batch, network_precision
+
+        def run() -> list[tuple[np.ndarray, np.ndarray]]:
+            with network_precision(self.device, self.precision):
+                return estimate_input_pitch_batch(list(zip(prepared, params)), self.models)
+
+        return await asyncio.to_thread(run)
 
     async def ready(self) -> bool:
         return True
@@ -101,6 +136,7 @@ class Synthesis:
 
         self.settings = settings
         self.device = _device()
+        self.precision = settings.precision
         self.chunking = ChunkingConfig(**settings.chunking)
         self.evictions = 0
         # Serve runs the loader inside the calling request's task: a task found here loaded
@@ -112,6 +148,7 @@ class Synthesis:
             return await self._load(model_id)
 
         self.cached_voice = serve.multiplexed(max_num_models_per_replica=settings.voices_per_replica)(load)
+        _batching(self._synthesize, settings.stages.synthesis)
 
     async def _load(self, model_id: str) -> _CachedVoice:
         from pipeline.index import load_index
@@ -137,7 +174,7 @@ class Synthesis:
         voice's rate, padding trimmed, plus this call's voice-cache events."""
         import torch
 
-        from pipeline.convert import chunk_noise, retrieve, synthesize_chunk
+        from pipeline.convert import ChunkSynthesis, chunk_noise, retrieve
 
         task = asyncio.current_task()
         try:
@@ -145,21 +182,34 @@ class Synthesis:
         finally:
             loaded = task in self.loading_tasks
             self.loading_tasks.discard(task)
-        voice, index = cached.voice, cached.index
         # Arrays from the object store are read-only; torch wants writable memory.
         feats0 = torch.from_numpy(np.array(feats0)).to(self.device)
         coarse = None if coarse is None else np.array(coarse)
         pitchf = None if pitchf is None else np.array(pitchf)
-        trim = voice.sample_rate * self.chunking.x_pad
-
-        def run() -> np.ndarray:
-            feats = retrieve(feats0, index, params)
-            return synthesize_chunk(voice, feats, feats0, coarse, pitchf, chunk_samples, params,
-                                    chunk_noise(params.seed, preceding_chunks, voice), trim)
-
-        audio = await asyncio.to_thread(run)
+        feats = await asyncio.to_thread(retrieve, feats0, cached.index, params)
+        item = ChunkSynthesis(feats, feats0, coarse, pitchf, chunk_samples, params,
+                              chunk_noise(params.seed, preceding_chunks, cached.voice))
+        audio = await self._synthesize(cached, item)
         evictions, self.evictions = self.evictions, 0
         return {"audio": audio, "voice_cache": {"hit": int(not loaded), "miss": int(loaded), "eviction": evictions}}
+
+    @serve.batch
+    async def _synthesize(self, voices: list[_CachedVoice], items: list) -> list[np.ndarray]:
+        """Chunks of concurrent calls, one batch per voice (Serve splits batches by model id;
+        grouping again keeps that an optimisation, not a correctness condition)."""
+        from pipeline.convert import network_precision, synthesize_chunks
+
+        def run() -> list[np.ndarray]:
+            out: list[np.ndarray | None] = [None] * len(items)
+            for voice in {id(c.voice): c.voice for c in voices}.values():
+                mine = [i for i, c in enumerate(voices) if c.voice is voice]
+                with network_precision(self.device, self.precision):
+                    audio = synthesize_chunks(voice, [items[i] for i in mine], voice.sample_rate * self.chunking.x_pad)
+                for i, a in zip(mine, audio):
+                    out[i] = a
+            return out
+
+        return await asyncio.to_thread(run)
 
     async def ready(self) -> bool:
         return True

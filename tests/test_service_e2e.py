@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.service_support import TEST_STAGES, delete_app, run_app, serve_url, wait_for, write_keys  # noqa: F401
+from tests.service_support import TEST_STAGE, TEST_STAGES, delete_app, run_app, serve_url, wait_for, write_keys  # noqa: F401
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("pipeline.pitch")
@@ -23,6 +23,9 @@ pytest.importorskip("pipeline.synthesizer")
 KEY = "e2e-key-0123456789"
 # Small chunking constants (seconds) so a 7 s input is cut into 4 chunks that fan out.
 CHUNKING = {"x_pad": 1, "x_query": 1, "x_center": 2, "x_max": 3}
+# The chunks of a job arrive together: features and synthesis run them as batches.
+BATCHING = {"max_ongoing_requests": 4, "max_batch_size": 4, "batch_wait_timeout_s": 0.05}
+STAGES = {**TEST_STAGES, "features": {**TEST_STAGE, **BATCHING}, "synthesis": {**TEST_STAGE, **BATCHING}}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,7 @@ def e2e(tmp_path_factory, serve_url):
     data = tmp_path_factory.mktemp("e2e")
     app = build_app({"data_dir": str(data), "api_keys_file": str(write_keys(data / "keys", KEY)),
                      "chunking": CHUNKING, "voices_per_replica": 1, "job_timeout_s": 600,
-                     "rate_limit_per_minute": 10000, "stages": TEST_STAGES})
+                     "rate_limit_per_minute": 10000, "stages": STAGES})
     other = data / "other.pth"  # a second voice, registered after the builder wrote the demo
     save_voice(random_voice_checkpoint(7, version="v1", sample_rate=32000, f0=True), other)
     add_model(data, "other", other)
@@ -106,7 +109,9 @@ def test_chunked_job_equals_local_conversion(e2e, tmp_path):
 
     job_id = done["inferenceId"]
     flac, flac_rate = sf.read(e2e.data / "results" / job_id / "output.flac", dtype="int16")
-    assert flac_rate == rate and np.array_equal(flac, expected)
+    # batched chunks (padded to the longest) differ from lone ones by float rounding only
+    assert flac_rate == rate and flac.shape == expected.shape
+    assert np.abs(flac.astype(np.int32) - expected).max() <= 1
 
     mp3 = httpx.get(done["inferenceUrl"], timeout=60)
     assert mp3.status_code == 200 and mp3.headers["content-type"] == "audio/mpeg"
@@ -124,7 +129,7 @@ def test_more_voices_than_slots_each_output_is_its_voice(e2e, tmp_path):
     for model_id in ("demo", "other", "demo"):  # one slot per replica: every switch reloads
         done = _convert(e2e, wav, model_id)
         flac, _ = sf.read(e2e.data / "results" / done["inferenceId"] / "output.flac", dtype="int16")
-        assert np.array_equal(flac, expected[model_id]), model_id
+        assert np.abs(flac.astype(np.int32) - expected[model_id]).max() <= 1, model_id
     metrics = e2e.client.get("/metrics").text
     misses = float(re.search(r'rvc_voice_cache_events_total\{event="miss"\} (\S+)', metrics).group(1))
     evictions = float(re.search(r'rvc_voice_cache_events_total\{event="eviction"\} (\S+)', metrics).group(1))
