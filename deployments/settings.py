@@ -146,6 +146,10 @@ class AppSettings(BaseModel):
     retention_s: float = Field(URL_LIFETIME_S + 3600.0, gt=0)
     retention_interval_s: float = Field(600.0, gt=0)  # how often the job actor prunes
     voices_per_replica: int = Field(4, ge=1)
+    # crepe f0 of inputs longer than this many frames (10 ms) is cut into pieces of it that run
+    # on any pitch replicas (a multiple of crepe's 512-frame viterbi period: the joined track is
+    # exact); rmvpe always runs whole.
+    pitch_piece_frames: int = Field(4096, ge=512, multiple_of=512)
     # The networks' precision on GPUs (CPUs always run fp32): fp16 keeps the output within 1e-2
     # relative of fp32 and is the fastest there (docs/performance.md); fp32 is exact.
     precision: Literal["fp32", "fp16"] = "fp16"  # bf16 measured 0.5-0.9 relative: not offered

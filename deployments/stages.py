@@ -5,7 +5,8 @@ computes exactly what `rvc-serve convert` computes (same chunks, same seeded noi
 same dither per frame, wherever each piece runs):
 
     ContentFeatures   HuBERT/ContentVec features of chunks             (chunk_features_batch)
-    PitchEstimator    f0 of whole padded inputs                        (estimate_input_pitch_batch)
+    PitchEstimator    f0 of whole padded inputs, or of 512-frame-     (estimate_input_pitch_batch,
+                      aligned crepe pieces of long ones                 crepe_piece_batch)
     Synthesis         index blend + synthesizer for chunks of one      (retrieve, chunk_noise,
                       voice (+ its index) cached per model id (LRU)     synthesize_chunks)
     Conversion        load → prepare → pitch ∥ features → synthesis per chunk → join → write
@@ -92,10 +93,31 @@ class PitchEstimator:
         self.models = PitchModels(device=self.device, rmvpe_path=settings.rmvpe)
         self.models.get("crepe")  # the default method is loaded before the replica reports ready
         _batching(self._estimate, settings.stages.pitch)
+        _batching(self._estimate_pieces, settings.stages.pitch)
 
     async def estimate(self, prepared, params) -> tuple[np.ndarray, np.ndarray]:
         """(coarse, pitchf) over the whole padded input, dithered from the job's seed."""
         return await self._estimate(prepared, params)
+
+    async def estimate_piece(self, piece, method: str) -> tuple[np.ndarray, np.ndarray]:
+        """Raw crepe (f0, periodicity) of one piece of a long input (pipeline.pitch.crepe_pieces)."""
+        return await self._estimate_pieces(piece, method)
+
+    @serve.batch
+    async def _estimate_pieces(self, pieces: list, methods: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        from pipeline.convert import network_precision
+        from pipeline.pitch import crepe_piece_batch
+
+        def run() -> list[tuple[np.ndarray, np.ndarray]]:
+            out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(pieces)
+            for method in set(methods):
+                mine = [i for i, m in enumerate(methods) if m == method]
+                with network_precision(self.device, self.precision):
+                    for i, raw in zip(mine, crepe_piece_batch([pieces[i] for i in mine], method, self.models)):
+                        out[i] = raw
+            return out
+
+        return await asyncio.to_thread(run)
 
     @serve.batch
     async def _estimate(self, prepared: list, params: list) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -254,8 +276,7 @@ class Conversion:
             lambda: prepare_input(load_audio(request["upload_path"]), ChunkingConfig(**self.settings.chunking))))
         self.log.info("conversion started", extra={**extra, "chunks": len(prepared.chunks),
                                                    "seconds": round(prepared.audio_hp.shape[0] / 16000, 3)})
-        pitch = (asyncio.ensure_future(timed("pitch", self.pitch.estimate.remote(prepared, params)))
-                 if info.f0 else None)
+        pitch = asyncio.ensure_future(timed("pitch", self._pitch(prepared, params))) if info.f0 else None
         synthesis = self.synthesis.options(multiplexed_model_id=model_id)
 
         async def chunk_audio(i: int, chunk) -> dict:
@@ -288,6 +309,26 @@ class Conversion:
         cache = {event: sum(p["voice_cache"][event] for p in pieces) for event in ("hit", "miss", "eviction")}
         self.log.info("conversion done", extra={**extra, "output_seconds": round(out.shape[0] / info.sample_rate, 3)})
         return {"results": keys, "stats": {"latency": dict(latency), "voice_cache": cache}}
+
+
+    async def _pitch(self, prepared, params) -> tuple[np.ndarray, np.ndarray]:
+        """The input's (coarse, pitchf): whole on one pitch replica, or for a long crepe input in
+        512-frame-aligned pieces spread over the replicas and joined here (the same track)."""
+        from pipeline.convert import input_pitch_request
+        from pipeline.pitch import crepe_pieces, crepe_track, finish_pitch
+
+        piece_frames = self.settings.pitch_piece_frames
+        if params.f0_method == "rmvpe" or prepared.p_len < piece_frames:
+            return await self.pitch.estimate.remote(prepared, params)
+        request = input_pitch_request(prepared, params)
+        pieces = crepe_pieces(request.audio_pad, request.dither, piece_frames)
+        raw = await _all_or_cancel([self.pitch.estimate_piece.remote(p, params.f0_method) for p in pieces])
+
+        def join() -> tuple[np.ndarray, np.ndarray]:
+            f0 = crepe_track(np.concatenate([f for f, _ in raw]), np.concatenate([p for _, p in raw]))
+            return finish_pitch(f0, request)
+
+        return await asyncio.to_thread(join)
 
 
 async def _all_or_cancel(awaitables: list) -> list:

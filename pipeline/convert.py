@@ -169,15 +169,19 @@ def estimate_input_pitch(prepared: PreparedInput, params: ConversionParams,
     return estimate_input_pitch_batch([(prepared, params)], models)[0]
 
 
+def input_pitch_request(prepared: PreparedInput, params: ConversionParams) -> PitchRequest:
+    """The pitch estimation of a whole padded input, dithered from the job's seed."""
+    return PitchRequest(prepared.audio_pad, prepared.p_len, params.f0_up_key, params.filter_radius,
+                        dither_for(params.seed, prepared.audio_pad.shape[0] // WINDOW + 1))
+
+
 def estimate_input_pitch_batch(inputs: Sequence[tuple[PreparedInput, ConversionParams]],
                                models: PitchModels) -> list[tuple[np.ndarray, np.ndarray]]:
     """`estimate_input_pitch` of several inputs; those of one f0 method run together."""
     out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(inputs)
     for method in {params.f0_method for _, params in inputs}:
         mine = [i for i, (_, params) in enumerate(inputs) if params.f0_method == method]
-        requests = [PitchRequest(p.audio_pad, p.p_len, params.f0_up_key, params.filter_radius,
-                                 dither_for(params.seed, p.audio_pad.shape[0] // WINDOW + 1))
-                    for p, params in (inputs[i] for i in mine)]
+        requests = [input_pitch_request(*inputs[i]) for i in mine]
         for i, track in zip(mine, estimate_pitch_batch(requests, method, models)):
             out[i] = track
     return out

@@ -176,16 +176,20 @@ def viterbi(log_prob: Tensor, lengths: Tensor | None = None) -> Tensor:
     return torch.stack(path[::-1], dim=1)
 
 
-def _dither_cents(dither: np.ndarray | np.random.Generator, n_frames: int) -> Tensor:
-    """Triangular noise on [-20, 20] cents per frame (torchcrepe's scipy triang(c=0.5))."""
+def dither_draws(dither: np.ndarray | np.random.Generator, n_frames: int) -> np.ndarray:
+    """[n_frames] float64 triangular noise on [-20, 20] cents (torchcrepe's scipy triang(c=0.5)):
+    drawn from a Generator, or given draws checked for length."""
     if isinstance(dither, np.random.Generator):
-        noise = dither.triangular(-CENTS_PER_BIN, 0.0, CENTS_PER_BIN, size=n_frames)
-    else:
-        noise = np.asarray(dither, dtype=np.float64)
-        if noise.shape != (n_frames,):
-            raise ValueError(f"dither has shape {noise.shape}, expected ({n_frames},)")
+        return dither.triangular(-CENTS_PER_BIN, 0.0, CENTS_PER_BIN, size=n_frames)
+    noise = np.asarray(dither, dtype=np.float64)
+    if noise.shape != (n_frames,):
+        raise ValueError(f"dither has shape {noise.shape}, expected ({n_frames},)")
+    return noise
+
+
+def _dither_cents(dither: np.ndarray | np.random.Generator, n_frames: int) -> Tensor:
     # torchcrepe adds the float64 draws after casting them to the float32 cents
-    return torch.tensor(noise, dtype=torch.float32)
+    return torch.tensor(dither_draws(dither, n_frames), dtype=torch.float32)
 
 
 @torch.inference_mode()
@@ -217,9 +221,16 @@ def crepe_f0_batch(
     fmin: float = 50.0,
     fmax: float = 1100.0,
     dithers: Sequence[np.ndarray | np.random.Generator],
+    pads: Sequence[tuple[int, int]] | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
     """`crepe_f0` of several inputs, each with its own dither; every input's path pieces are
-    decoded in shared viterbi passes (one pass costs the same for 1 or 100 pieces on a GPU)."""
+    decoded in shared viterbi passes (one pass costs the same for 1 or 100 pieces on a GPU).
+
+    `pads`: zeros added (left, right) to each input before framing; default the centring
+    (512, 512). A piece of a longer signal passes its real neighbouring samples instead, with
+    zeros only where the signal ends (see `crepe_piece`), and gets that signal's frames."""
+    if pads is None:
+        pads = [(WINDOW_SIZE // 2, WINDOW_SIZE // 2)] * len(audios)
     device = model.classifier.weight.device
     low, high = _bin(fmin, torch.floor), _bin(fmax, torch.ceil)
     # The network sees every frame alone, so batches of any size give the same values; on the CPU
@@ -227,11 +238,11 @@ def crepe_f0_batch(
     group = batch_size * BATCHES_PER_GROUP
     network_batch = group if device.type == "cuda" else batch_size
     saliences, noises = [], []
-    for audio, dither in zip(audios, dithers):
+    for audio, dither, pad in zip(audios, dithers, pads):
         audio = audio.to(device=device, dtype=torch.float32)
-        n_frames = 1 + audio.numel() // HOP_LENGTH
+        n_frames = 1 + (audio.numel() + sum(pad) - WINDOW_SIZE) // HOP_LENGTH
         noises.append(_dither_cents(dither, n_frames).to(device))
-        windows = F.pad(audio, (WINDOW_SIZE // 2, WINDOW_SIZE // 2)).unfold(0, WINDOW_SIZE, HOP_LENGTH)
+        windows = F.pad(audio, pad).unfold(0, WINDOW_SIZE, HOP_LENGTH)
         salience = torch.cat([
             # normalised in torchcrepe's layout (same sums), then made contiguous: the convs run
             # ~1.7x faster on contiguous frames on CPU

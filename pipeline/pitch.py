@@ -14,7 +14,8 @@ import numpy as np
 import scipy.signal
 import torch
 
-from pipeline.crepe import HOP_LENGTH, SAMPLE_RATE, Crepe, crepe_f0_batch, load_crepe, rvc_crepe_postprocess
+from pipeline.crepe import (BATCH_FRAMES as CREPE_PERIOD, HOP_LENGTH, SAMPLE_RATE, WINDOW_SIZE, Crepe, crepe_f0_batch,
+                            dither_draws, load_crepe, rvc_crepe_postprocess)
 
 if TYPE_CHECKING:
     from pipeline.rmvpe import Rmvpe
@@ -26,10 +27,15 @@ __all__ = [
     "PITCH_METHODS",
     "SAMPLE_RATE",
     "PitchModels",
+    "CrepePiece",
     "PitchRequest",
     "coarse_pitch",
     "estimate_pitch",
+    "crepe_piece_batch",
+    "crepe_pieces",
+    "crepe_track",
     "estimate_pitch_batch",
+    "finish_pitch",
     "median_filter_f0",
     "shift_f0",
 ]
@@ -149,22 +155,64 @@ class PitchRequest:
 def estimate_pitch_batch(requests: Sequence[PitchRequest], method: str,
                          models: PitchModels) -> list[tuple[np.ndarray, np.ndarray]]:
     """`estimate_pitch` of several inputs of one method; crepe decodes them in shared passes."""
-    model = models.get(method)
     if method == "rmvpe":
         from pipeline.rmvpe import rmvpe_f0
 
+        model = models.get(method)
         tracks = [rmvpe_f0(model, r.audio_pad, threshold=_RMVPE_THRESHOLD) for r in requests]
-    else:
-        raw = crepe_f0_batch(
-            model,
-            [torch.tensor(r.audio_pad, dtype=torch.float32) for r in requests],
-            fmin=F0_MIN,
-            fmax=F0_MAX,
-            dithers=[np.random.default_rng() if r.dither is None else r.dither for r in requests],
-        )
-        tracks = [rvc_crepe_postprocess(f0, periodicity).cpu().numpy() for f0, periodicity in raw]
-    out = []
-    for r, f0 in zip(requests, tracks):
-        f0 = shift_f0(median_filter_f0(f0, r.filter_radius), r.f0_up_key)[:r.p_len]
-        out.append((coarse_pitch(f0), f0.astype(np.float32)))
-    return out
+        return [finish_pitch(f0, r) for r, f0 in zip(requests, tracks)]
+    pieces = [crepe_pieces(r.audio_pad, np.random.default_rng() if r.dither is None else r.dither)[0] for r in requests]
+    raw = crepe_piece_batch(pieces, method, models)
+    return [finish_pitch(crepe_track(*track), r) for r, track in zip(requests, raw)]
+
+
+@dataclass(frozen=True)
+class CrepePiece:
+    """Frames [start, end) of an input's crepe track, computable apart from the rest: the
+    samples their windows read (the input's own neighbours, zeros only past its ends) and their
+    dither draws. Pieces start at multiples of the 512-frame viterbi period, so pieces computed
+    apart and joined equal the whole track."""
+
+    samples: np.ndarray  # float32
+    pad: tuple[int, int]
+    start: int
+    end: int
+    dither: np.ndarray  # [end - start] float64 cents
+
+
+def crepe_pieces(audio_pad: np.ndarray, dither: np.ndarray | np.random.Generator,
+                 piece_frames: int | None = None) -> list[CrepePiece]:
+    """Cut an input's crepe frames into pieces of `piece_frames` (a multiple of 512; None: one
+    piece)."""
+    n_frames = 1 + audio_pad.shape[0] // HOP_LENGTH
+    piece_frames = piece_frames or n_frames
+    if piece_frames % CREPE_PERIOD and piece_frames < n_frames:
+        raise ValueError(f"piece_frames must be a multiple of {CREPE_PERIOD}, got {piece_frames}")
+    draws = dither_draws(dither, n_frames)
+    half, n = WINDOW_SIZE // 2, audio_pad.shape[0]
+    pieces = []
+    for start in range(0, n_frames, piece_frames):
+        end = min(start + piece_frames, n_frames)
+        first, last = start * HOP_LENGTH - half, (end - 1) * HOP_LENGTH + half  # samples [first, last)
+        samples = np.asarray(audio_pad[max(first, 0):min(last, n)], dtype=np.float32)
+        pieces.append(CrepePiece(samples, (max(-first, 0), max(last - n, 0)), start, end, draws[start:end]))
+    return pieces
+
+
+def crepe_piece_batch(pieces: Sequence[CrepePiece], method: str,
+                      models: PitchModels) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Raw crepe (f0 Hz, periodicity), each [end - start] float32, of pieces of any inputs."""
+    raw = crepe_f0_batch(models.get(method), [torch.from_numpy(np.array(p.samples)) for p in pieces],
+                         fmin=F0_MIN, fmax=F0_MAX, dithers=[p.dither for p in pieces], pads=[p.pad for p in pieces])
+    return [(f0.cpu().numpy(), periodicity.cpu().numpy()) for f0, periodicity in raw]
+
+
+def crepe_track(f0: np.ndarray, periodicity: np.ndarray) -> np.ndarray:
+    """The joined raw pieces of a whole input → its f0 track (RVC's crepe smoothing)."""
+    return rvc_crepe_postprocess(torch.from_numpy(f0), torch.from_numpy(periodicity)).numpy()
+
+
+def finish_pitch(f0: np.ndarray, request: PitchRequest) -> tuple[np.ndarray, np.ndarray]:
+    """A whole input's f0 track → (coarse, pitchf): median filter, shift, p_len cut."""
+    f0 = shift_f0(median_filter_f0(f0, request.filter_radius), request.f0_up_key)[:request.p_len]
+    return coarse_pitch(f0), f0.astype(np.float32)

@@ -14,8 +14,13 @@ from pipeline.pitch import (
     HOP_LENGTH,
     PITCH_METHODS,
     PitchModels,
+    PitchRequest,
     coarse_pitch,
+    crepe_piece_batch,
+    crepe_pieces,
+    crepe_track,
     estimate_pitch,
+    finish_pitch,
     median_filter_f0,
     shift_f0,
 )
@@ -193,3 +198,27 @@ def test_unknown_method_names_the_valid_ones():
 def test_models_are_loaded_once():
     models = PitchModels()
     assert models.get("crepe-tiny") is models.get("crepe-tiny")
+
+
+def test_crepe_pieces_computed_apart_join_into_the_whole_track():
+    """512-frame-aligned pieces with their real neighbouring samples (as the service fans a long
+    input out over pitch replicas) give exactly the whole input's pitch."""
+    models = PitchModels()
+    audio_pad = voiced_signal(12.3, seed=4)  # 1231 frames: pieces of 512, 512, 207
+    dither = np.random.default_rng(5).uniform(-20, 20, 1 + audio_pad.size // HOP_LENGTH)
+    pieces = crepe_pieces(audio_pad, dither, piece_frames=512)
+    assert [(p.start, p.end) for p in pieces] == [(0, 512), (512, 1024), (1024, 1231)]
+    assert pieces[0].pad == (512, 0) and pieces[1].pad == (0, 0) and pieces[2].pad[0] == 0
+    raw = [crepe_piece_batch([p], "crepe-tiny", models)[0] for p in reversed(pieces)][::-1]  # each apart
+    joined = crepe_track(np.concatenate([f for f, _ in raw]), np.concatenate([d for _, d in raw]))
+    request = PitchRequest(audio_pad, audio_pad.size // HOP_LENGTH, f0_up_key=2, filter_radius=5, dither=dither)
+    coarse, pitchf = finish_pitch(joined, request)
+    whole = estimate_pitch(audio_pad, request.p_len, "crepe-tiny", models, f0_up_key=2, filter_radius=5, dither=dither)
+    np.testing.assert_array_equal(coarse, whole[0])
+    np.testing.assert_array_equal(pitchf, whole[1])
+    assert (pitchf > 0).mean() > 0.5  # voiced: the comparison covers real pitch values
+
+
+def test_crepe_pieces_must_follow_the_viterbi_period():
+    with pytest.raises(ValueError, match="multiple of 512"):
+        crepe_pieces(np.zeros(16000 * 12), np.zeros(1201), piece_frames=500)
