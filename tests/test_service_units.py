@@ -31,6 +31,12 @@ def test_settings_reject_unknown_keys_and_coerce_cli_strings(tmp_path):
     assert s.stages.synthesis.num_gpus == 0.5 and s.stages.synthesis.max_ongoing_requests == 2
     with pytest.raises(ValidationError):
         settings.AppSettings.model_validate({"stages": {"pitch": {"min_replicas": 3, "max_replicas": 2}}})
+    # a batch larger than the requests a replica takes at once would never fill
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        settings.AppSettings.model_validate({"stages": {"features": {"max_batch_size": 8, "max_ongoing_requests": 4}}})
+    for bad in ({"precision": "bf16"}, {"pitch_piece_frames": 1000}, {"pitch_piece_frames": 0}):
+        with pytest.raises(ValidationError):
+            settings.AppSettings.model_validate(bad)
 
 
 def test_settings_defaults_from_environment(tmp_path, monkeypatch):
