@@ -71,13 +71,16 @@ def write_keys(path: Path, *keys: str) -> Path:
     return path
 
 
-def register_fake_voice(data_dir: Path, model_id: str, created_at: str = "2024-01-01 00:00:00.000000 +00:00") -> None:
-    """A registry entry without real weights: the ingress and fake conversions only read meta."""
+def register_fake_voice(data_dir: Path, model_id: str, created_at: str = "2024-01-01 00:00:00.000000 +00:00",
+                        owner: str | None = None) -> None:
+    """A registry entry without real weights: the ingress and fake conversions only read meta.
+    `owner`: the owning tenant id (public when None)."""
     d = data_dir / "voices" / model_id
     d.mkdir(parents=True, exist_ok=True)
     (d / "model.pth").write_bytes(b"not loaded by these tests")
-    (d / "meta.json").write_text(json.dumps({"modelId": model_id, "name": model_id, "version": "v2",
-                                             "sampleRate": 40000, "f0": True, "createdAt": created_at}))
+    meta = {"modelId": model_id, "name": model_id, "version": "v2", "sampleRate": 40000, "f0": True,
+            "createdAt": created_at}
+    (d / "meta.json").write_text(json.dumps(meta if owner is None else {**meta, "owner": owner}))
 
 
 def wav_bytes(seconds: float = 0.5, rate: int = 16000, path: Path | None = None) -> bytes:
