@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,25 @@ def register_fake_voice(data_dir: Path, model_id: str, created_at: str = "2024-0
     meta = {"modelId": model_id, "name": model_id, "version": "v2", "sampleRate": 40000, "f0": True,
             "createdAt": created_at}
     (d / "meta.json").write_text(json.dumps(meta if owner is None else {**meta, "owner": owner}))
+
+
+def streamed_multipart(file_bytes: int, boundary: str = "rvc-test-boundary") -> tuple[dict, int, Iterator[bytes]]:
+    """A multipart body whose `audioInfer` part holds `file_bytes` zero bytes, made 1 MiB at a
+    time as it is sent: (its Content-Type header, its length, its chunks)."""
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"audioInfer\"; filename=\"big.wav\"\r\n"
+            f"Content-Type: audio/wav\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        block = bytes(1024 * 1024)
+        left = file_bytes
+        while left:
+            n = min(left, len(block))
+            yield block[:n]
+            left -= n
+        yield tail
+    return {"Content-Type": f"multipart/form-data; boundary={boundary}"}, len(head) + file_bytes + len(tail), chunks()
 
 
 def wav_bytes(seconds: float = 0.5, rate: int = 16000, path: Path | None = None) -> bytes:
