@@ -56,13 +56,40 @@ def _demo_assets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _owner_key(args: argparse.Namespace) -> str | None:
+    """The owner's API key, from --owner-key-file or the variable --owner-key-env names (never
+    from the command line, where other users could read it); None for a public voice."""
+    from .settings import read_keys_file
+
+    if args.owner_key_file is not None:
+        source = str(args.owner_key_file)
+        try:
+            keys = read_keys_file(args.owner_key_file)
+        except OSError as e:
+            raise ValueError(f"cannot read {source}: {e.strerror}") from None
+    elif args.owner_key_env is not None:
+        source = f"${args.owner_key_env}"
+        value = os.environ.get(args.owner_key_env, "").strip()
+        keys = [value] if value else []
+    else:
+        return None
+    if len(keys) != 1:
+        raise ValueError(f"{source} must hold exactly one API key, found {len(keys)}")
+    return keys[0]
+
+
 def _models_add(args: argparse.Namespace) -> int:
     from .registry import add_model
+    from .settings import hash_key
 
-    info = add_model(args.data_dir, args.model_id, args.pth, args.index, name=args.name)
+    key = _owner_key(args)
+    owner = None if key is None else hash_key(key)
+    info = add_model(args.data_dir, args.model_id, args.pth, args.index, name=args.name, owner=owner)
     index = "with index" if info.index_path else "without index"
+    # The tenant's 12-hex prefix, as in the service's logs; never the key.
+    visibility = "public" if owner is None else f"owned by tenant {owner[:12]}"
     print(f"registered {info.model_id}: {info.version}, {info.sample_rate} Hz, "
-          f"{'f0' if info.f0 else 'no f0'}, {index}")
+          f"{'f0' if info.f0 else 'no f0'}, {index}, {visibility}")
     return 0
 
 
@@ -235,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--index", type=Path, help="its .index (optional)")
     add.add_argument("--name", help="display name (default: the id)")
     add.add_argument("--data-dir", type=Path, default=Path(os.environ.get("RVC_DATA_DIR", "data")))
+    visibility = add.add_mutually_exclusive_group()
+    visibility.add_argument("--public", action="store_true", help="every API key may use it (the default)")
+    visibility.add_argument("--owner-key-file", type=Path, metavar="FILE",
+                            help="only the API key in FILE may use it (stored as the key's SHA-256 tenant id)")
+    visibility.add_argument("--owner-key-env", metavar="VAR",
+                            help="only the API key in environment variable VAR may use it")
     add.set_defaults(func=_models_add)
 
     k8s = sub.add_parser("k8s", help="the KubeRay deployment (k8s/ overlays)").add_subparsers(

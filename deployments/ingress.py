@@ -155,7 +155,9 @@ class Ingress:
         except AudioDecodeError:
             return 402, INVALID_FILE
         model_id = values.pop("model_id")
-        if get_voice(self.settings.voices_dir, model_id) is None:
+        voice = get_voice(self.settings.voices_dir, model_id)
+        # Another tenant's voice is answered exactly like a missing one: no existence oracle.
+        if voice is None or not (tenant == HANDLE_TENANT or voice.visible_to(tenant)):
             return 404, {"message": "Model not found"}
 
         inference_id = uuid.uuid4().hex
@@ -184,9 +186,10 @@ class Ingress:
     async def convert_audio(self, audio: bytes, query: dict[str, str], result_format: str = "mp3") -> bytes:
         """The create call for callers inside the cluster, through the application's Serve handle
         (`rvc-serve batch --ray-address`): the same checks and the same durable job as a POST,
-        then the job's result (`mp3` or `flac`) once it has ended. No key and no rate limit:
-        whoever can call a handle has the cluster already. A refusal raises ValueError("<status>
-        <body>"), a failed job RuntimeError(<its error>)."""
+        then the job's result (`mp3` or `flac`) once it has ended. No key, no rate limit, and
+        every voice, public or owned: whoever can call a handle has the cluster (and the
+        registry's files) already. Its jobs belong to HANDLE_TENANT, which no key sees. A refusal
+        raises ValueError("<status> <body>"), a failed job RuntimeError(<its error>)."""
         if result_format not in RESULT_FORMATS:
             raise ValueError(f"result_format must be one of {RESULT_FORMATS}")
         if len(audio) > MAX_FILE_BYTES:
@@ -230,11 +233,12 @@ class Ingress:
         gate = await self._gate(request)
         if isinstance(gate, Response):
             return gate
-        _, headers = gate
+        tenant, headers = gate
         values, errors = parse_query(PAGE_PARAMS, request.query_params)
         if errors:
             return JSONResponse({"detail": errors}, 422, headers=headers)
         voices = await asyncio.to_thread(list_voices, self.settings.voices_dir)
+        voices = [v for v in voices if v.visible_to(tenant)]
         body = models_page(voices, values["page"], values["per_page"], self._base_url(request))
         return JSONResponse(body, 200, headers=headers)
 

@@ -152,6 +152,9 @@ def openapi_document(f0_methods: tuple[str, ...]) -> dict:
             },
             "/v1/models-vc": {"get": {
                 "summary": "List the voice models this key may use",
+                "description": "The public voices plus those owned by this key, ordered by modelId. A voice "
+                               "of another key is neither listed nor usable (a create naming it is 404 "
+                               "\"Model not found\", as for a missing one).",
                 "security": [{"apiKey": []}],
                 "parameters": [_parameter(p, f0_methods) for p in PAGE_PARAMS],
                 "responses": {

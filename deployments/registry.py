@@ -2,10 +2,14 @@
 
     voices/<modelId>/model.pth     the RVC voice checkpoint
     voices/<modelId>/*.index       optional retrieval index (an "added_" faiss index)
-    voices/<modelId>/meta.json     name, version, sampleRate, f0, createdAt (written on add)
+    voices/<modelId>/meta.json     name, version, sampleRate, f0, createdAt, owner (written on add)
 
 A voice is listed only once its meta.json exists, and `add_model` moves a fully validated
 directory into place with one rename, so the service never sees half a voice.
+
+A voice is public (no `owner`: every key may use it, e.g. the demo voice) or owned by one
+tenant (`owner` is the tenant id, the SHA-256 hex of its API key, as `settings.hash_key`):
+only that key sees it.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ MODEL_FILE = "model.pth"
 META_FILE = "meta.json"
 INDEX_FILE = "added.index"
 _MODEL_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_TENANT_RE = re.compile(r"[0-9a-f]{64}")
 DEFAULT_PER_PAGE, MAX_PER_PAGE = 20, 100
 
 
@@ -41,6 +46,10 @@ class VoiceInfo:
     created_at: str
     model_path: Path
     index_path: Path | None
+    owner: str | None = None  # the owning tenant; None: public
+
+    def visible_to(self, tenant: str) -> bool:
+        return self.owner is None or self.owner == tenant
 
     def as_json(self) -> dict:
         return {"modelId": self.model_id, "name": self.name, "version": self.version,
@@ -82,7 +91,8 @@ def get_voice(voices_dir: Path, model_id: str) -> VoiceInfo | None:
         return None
     return VoiceInfo(model_id=model_id, name=meta.get("name", model_id), version=meta["version"],
                      sample_rate=int(meta["sampleRate"]), f0=bool(meta["f0"]),
-                     created_at=meta["createdAt"], model_path=model_path, index_path=find_index(directory))
+                     created_at=meta["createdAt"], model_path=model_path, index_path=find_index(directory),
+                     owner=meta.get("owner"))
 
 
 def list_voices(voices_dir: Path) -> list[VoiceInfo]:
@@ -113,8 +123,9 @@ def models_page(voices: list[VoiceInfo], page: int, per_page: int, base_url: str
     }
 
 
-def write_meta(directory: Path, model_id: str, name: str | None = None) -> dict:
-    """Load the voice (and its index) to validate them, then write meta.json from what loaded.
+def write_meta(directory: Path, model_id: str, name: str | None = None, owner: str | None = None) -> dict:
+    """Load the voice (and its index) to validate them, then write meta.json from what loaded,
+    with `owner` (a tenant id) when the voice is not public.
 
     Raises pipeline.assets.AssetError (or RegistryError) when a file does not load or the index
     does not fit the voice."""
@@ -130,6 +141,8 @@ def write_meta(directory: Path, model_id: str, name: str | None = None) -> dict:
                                 f"uses {voice.feature_dim}-d features")
     meta = {"modelId": model_id, "name": name or model_id, "version": voice.version,
             "sampleRate": int(voice.sample_rate), "f0": bool(voice.f0), "createdAt": format_timestamp(now_us())}
+    if owner is not None:
+        meta["owner"] = owner
     tmp = directory / f".{META_FILE}.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, directory / META_FILE)
@@ -137,11 +150,14 @@ def write_meta(directory: Path, model_id: str, name: str | None = None) -> dict:
 
 
 def add_model(data_dir: str | Path, model_id: str, pth: str | Path, index: str | Path | None = None,
-              name: str | None = None) -> VoiceInfo:
-    """Register a voice: copy its files aside, validate them by loading, then move the directory
-    into `<data_dir>/voices/<model_id>` in one rename. Refuses an id that already exists."""
+              name: str | None = None, owner: str | None = None) -> VoiceInfo:
+    """Register a voice, public or owned by the tenant `owner`: copy its files aside, validate
+    them by loading, then move the directory into `<data_dir>/voices/<model_id>` in one rename.
+    Refuses an id that already exists."""
     from pipeline.assets import AssetError  # torch: kept out of the ingress's imports
 
+    if owner is not None and not _TENANT_RE.fullmatch(owner):
+        raise RegistryError("owner must be a tenant id (the SHA-256 hex of its API key)")
     voices_dir = Path(data_dir) / "voices"
     final = voice_dir(voices_dir, model_id)
     if final.exists():
@@ -155,7 +171,7 @@ def add_model(data_dir: str | Path, model_id: str, pth: str | Path, index: str |
         if index is not None:
             shutil.copyfile(index, staging / INDEX_FILE)
         try:
-            write_meta(staging, model_id, name)
+            write_meta(staging, model_id, name, owner)
         except AssetError as e:  # name the user's file, not our staging copy
             message = str(e).replace(str(staging / MODEL_FILE), str(pth))
             if index is not None:

@@ -229,11 +229,15 @@ def configured_api_keys(settings: AppSettings, environ: dict[str, str] | None = 
     """The raw keys from `RVC_API_KEYS` and `settings.api_keys_file` (blank lines and # comments
     skipped). Empty when the operator configured none."""
     environ = os.environ if environ is None else environ
-    keys = [k.strip() for k in environ.get(ENV_API_KEYS, "").split(",")]
+    keys = [k for k in (k.strip() for k in environ.get(ENV_API_KEYS, "").split(",")) if k]
     if settings.api_keys_file is not None:
-        for line in settings.api_keys_file.read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            keys.append(line)
+        keys += read_keys_file(settings.api_keys_file)
+    return keys
+
+
+def read_keys_file(path: Path) -> list[str]:
+    """The keys in a key file: one a line, blank lines and # comments skipped."""
+    keys = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
     return [k for k in keys if k]
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -71,13 +72,35 @@ def write_keys(path: Path, *keys: str) -> Path:
     return path
 
 
-def register_fake_voice(data_dir: Path, model_id: str, created_at: str = "2024-01-01 00:00:00.000000 +00:00") -> None:
-    """A registry entry without real weights: the ingress and fake conversions only read meta."""
+def register_fake_voice(data_dir: Path, model_id: str, created_at: str = "2024-01-01 00:00:00.000000 +00:00",
+                        owner: str | None = None) -> None:
+    """A registry entry without real weights: the ingress and fake conversions only read meta.
+    `owner`: the owning tenant id (public when None)."""
     d = data_dir / "voices" / model_id
     d.mkdir(parents=True, exist_ok=True)
     (d / "model.pth").write_bytes(b"not loaded by these tests")
-    (d / "meta.json").write_text(json.dumps({"modelId": model_id, "name": model_id, "version": "v2",
-                                             "sampleRate": 40000, "f0": True, "createdAt": created_at}))
+    meta = {"modelId": model_id, "name": model_id, "version": "v2", "sampleRate": 40000, "f0": True,
+            "createdAt": created_at}
+    (d / "meta.json").write_text(json.dumps(meta if owner is None else {**meta, "owner": owner}))
+
+
+def streamed_multipart(file_bytes: int, boundary: str = "rvc-test-boundary") -> tuple[dict, int, Iterator[bytes]]:
+    """A multipart body whose `audioInfer` part holds `file_bytes` zero bytes, made 1 MiB at a
+    time as it is sent: (its Content-Type header, its length, its chunks)."""
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"audioInfer\"; filename=\"big.wav\"\r\n"
+            f"Content-Type: audio/wav\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        block = bytes(1024 * 1024)
+        left = file_bytes
+        while left:
+            n = min(left, len(block))
+            yield block[:n]
+            left -= n
+        yield tail
+    return {"Content-Type": f"multipart/form-data; boundary={boundary}"}, len(head) + file_bytes + len(tail), chunks()
 
 
 def wav_bytes(seconds: float = 0.5, rate: int = 16000, path: Path | None = None) -> bytes:

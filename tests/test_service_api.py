@@ -22,7 +22,7 @@ from deployments.results import signature
 from deployments.settings import URL_SECRET_FILE, AppSettings
 from deployments.uploads import MAX_FILE_BYTES
 from tests.service_support import (TEST_STAGES, delete_app, register_fake_voice, run_app, serve_url,  # noqa: F401
-                                   wait_for, wav_bytes, write_keys)
+                                   streamed_multipart, wait_for, wav_bytes, write_keys)
 
 KEY_A, KEY_B = "key-alpha-0123456789", "key-beta-0123456789"
 VOICES = ("voice-a", "voice-b", "voice-fail", "voice-hang", "voice-slow")
@@ -133,36 +133,20 @@ def test_413_by_declared_length_without_reading_the_body(svc):
     assert time.monotonic() - started < 10  # answered while 100 MB were still "to come"
 
 
-def _streamed_multipart(file_bytes: int, boundary: str = "rvc-test-boundary"):
-    def chunks():
-        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"audioInfer\"; filename=\"big.wav\"\r\n"
-               f"Content-Type: audio/wav\r\n\r\n").encode()
-        block = b"\0" * (1024 * 1024)
-        left = file_bytes
-        while left:
-            n = min(left, len(block))
-            yield block[:n]
-            left -= n
-        yield f"\r\n--{boundary}--\r\n".encode()
-    return {"Content-Type": f"multipart/form-data; boundary={boundary}"}, chunks()
-
-
 def test_413_while_streaming(svc):
-    headers, body = _streamed_multipart(MAX_FILE_BYTES + 1)  # chunked: no Content-Length to refuse by
+    headers, _, body = streamed_multipart(MAX_FILE_BYTES + 1)  # chunked: no Content-Length to refuse by
     response = svc.client.post("/v1/inferences-vc", params={"modelId": "voice-a"}, content=body,
                                headers={**headers, "x-api-key": KEY_A})
     assert response.status_code == 413 and response.json() == {"message": "Payload Too Large"}
     assert _rate_headers(response)
     assert not [p for p in (svc.data / "uploads").iterdir()]  # the partial upload is gone
     # Exactly at the limit the file is read whole (and then refused for its content).
-    headers, body = _streamed_multipart(MAX_FILE_BYTES)
+    headers, _, body = streamed_multipart(MAX_FILE_BYTES)
     response = svc.client.post("/v1/inferences-vc", params={"modelId": "voice-a"}, content=body,
                                headers={**headers, "x-api-key": KEY_A})
     assert response.status_code == 402 and response.json() == INVALID_FILE
-    # Memory: our reader keeps none of the body (test_service_units.test_upload_reader_memory_is_bounded).
-    # Ray Serve 2.60 itself moves a request body from its proxy into the replica without flow
-    # control (proxy.py MessageQueue, http_util.ASGIReceiveProxy.fetch_until_disconnect), so the
-    # replica's RSS does grow with a large body even under a handler that only counts bytes.
+    # Memory: test_service_body_memory (the ingress replica's, measured) and
+    # test_service_units.test_upload_reader_memory_is_bounded (the reader's).
 
 
 # --- 422 ---------------------------------------------------------------------------------------

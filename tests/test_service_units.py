@@ -234,6 +234,28 @@ def test_add_model_validates_by_loading(tmp_path):
     assert not any(p.name.startswith(".adding") for p in (tmp_path / "voices").iterdir())
 
 
+def test_voice_owner_decides_visibility(tmp_path):
+    pytest.importorskip("pipeline.synthesizer")
+    from pipeline.synthesizer import random_voice_checkpoint, save_voice
+
+    source = tmp_path / "src.pth"
+    save_voice(random_voice_checkpoint(3, version="v2", sample_rate=40000, f0=True), source)
+    alice, bob = settings.hash_key("alice-key"), settings.hash_key("bob-key")
+    owned = registry.add_model(tmp_path, "alices", source, owner=alice)
+    public = registry.add_model(tmp_path, "everyones", source)
+    assert json.loads((tmp_path / "voices" / "alices" / "meta.json").read_text())["owner"] == alice
+    assert "owner" not in json.loads((tmp_path / "voices" / "everyones" / "meta.json").read_text())
+    assert (owned.owner, public.owner) == (alice, None)
+    assert owned.visible_to(alice) and not owned.visible_to(bob)
+    assert public.visible_to(alice) and public.visible_to(bob)
+    assert "owner" not in owned.as_json()
+    # Only a tenant id can own a voice (a key given by mistake, or the Serve-handle tenant, cannot).
+    for bad in ("alice-key", "serve-handle", alice.upper(), alice[:-1]):
+        with pytest.raises(registry.RegistryError):
+            registry.add_model(tmp_path, "nope", source, owner=bad)
+    assert not (tmp_path / "voices" / "nope").exists()
+
+
 # --- streaming upload reader ------------------------------------------------------------------
 
 def _multipart(parts: list[tuple[str, bytes]], boundary: str = "XyZ") -> tuple[str, bytes]:
