@@ -140,11 +140,14 @@ class Synthesis:
         from pipeline.convert import chunk_noise, retrieve, synthesize_chunk
 
         task = asyncio.current_task()
+        started = time.perf_counter()
         try:
             cached = await self.cached_voice(serve.get_multiplexed_model_id())
         finally:
             loaded = task in self.loading_tasks
             self.loading_tasks.discard(task)
+        # A miss's wait is the cold load as a request sees it (queued behind other loads included).
+        voice_load_s = time.perf_counter() - started if loaded else None
         voice, index = cached.voice, cached.index
         # Arrays from the object store are read-only; torch wants writable memory.
         feats0 = torch.from_numpy(np.array(feats0)).to(self.device)
@@ -159,7 +162,8 @@ class Synthesis:
 
         audio = await asyncio.to_thread(run)
         evictions, self.evictions = self.evictions, 0
-        return {"audio": audio, "voice_cache": {"hit": int(not loaded), "miss": int(loaded), "eviction": evictions}}
+        return {"audio": audio, "voice_cache": {"hit": int(not loaded), "miss": int(loaded), "eviction": evictions},
+                "voice_load_s": voice_load_s}
 
     async def ready(self) -> bool:
         return True
@@ -223,6 +227,7 @@ class Conversion:
         pieces = await _all_or_cancel([chunk_audio(i, c) for i, c in enumerate(prepared.chunks)]
                                       + ([pitch] if pitch is not None else []))
         pieces = pieces[:len(prepared.chunks)]
+        latency["voice_load"] += [p["voice_load_s"] for p in pieces if p["voice_load_s"] is not None]
         out = to_int16(finish_output([p["audio"] for p in pieces], prepared, params, info.sample_rate))
 
         def write() -> dict[str, str]:
