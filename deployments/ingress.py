@@ -163,7 +163,7 @@ class Ingress:
         inference_id = uuid.uuid4().hex
         stored_upload = self.settings.uploads_dir / f"{inference_id}.{fmt}"
         os.rename(upload, stored_upload)
-        _fsync_dir(self.settings.uploads_dir)
+        await asyncio.to_thread(_fsync_dir, self.settings.uploads_dir)
         job = Job(inference_id=inference_id, tenant=tenant, model_id=model_id,
                   params={**values, "seed": self.settings.seed}, upload_path=str(stored_upload),
                   idempotency_key=idempotency_key)

@@ -199,11 +199,14 @@ class Synthesis:
         from pipeline.convert import ChunkSynthesis, chunk_noise, retrieve
 
         task = asyncio.current_task()
+        started = time.perf_counter()
         try:
             cached = await self.cached_voice(serve.get_multiplexed_model_id())
         finally:
             loaded = task in self.loading_tasks
             self.loading_tasks.discard(task)
+        # A miss's wait is the cold load as a request sees it (queued behind other loads included).
+        voice_load_s = time.perf_counter() - started if loaded else None
         # Arrays from the object store are read-only; torch wants writable memory.
         feats0 = torch.from_numpy(np.array(feats0)).to(self.device)
         coarse = None if coarse is None else np.array(coarse)
@@ -213,7 +216,8 @@ class Synthesis:
                               chunk_noise(params.seed, preceding_chunks, cached.voice))
         audio = await self._synthesize(cached, item)
         evictions, self.evictions = self.evictions, 0
-        return {"audio": audio, "voice_cache": {"hit": int(not loaded), "miss": int(loaded), "eviction": evictions}}
+        return {"audio": audio, "voice_cache": {"hit": int(not loaded), "miss": int(loaded), "eviction": evictions},
+                "voice_load_s": voice_load_s}
 
     @serve.batch
     async def _synthesize(self, voices: list[_CachedVoice], items: list) -> list[np.ndarray]:
@@ -294,6 +298,7 @@ class Conversion:
         pieces = await _all_or_cancel([chunk_audio(i, c) for i, c in enumerate(prepared.chunks)]
                                       + ([pitch] if pitch is not None else []))
         pieces = pieces[:len(prepared.chunks)]
+        latency["voice_load"] += [p["voice_load_s"] for p in pieces if p["voice_load_s"] is not None]
         out = to_int16(finish_output([p["audio"] for p in pieces], prepared, params, info.sample_rate))
 
         def write() -> dict[str, str]:

@@ -6,6 +6,7 @@ the file (50 × 1024 × 1024 bytes); the body as a whole may add a little multip
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -91,11 +92,14 @@ class _FilePart:
             self.writing = False
             self.complete = True
 
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
+    def close(self, durable: bool = False) -> None:
+        """Close the file (once; later calls do nothing), on disk first when `durable`."""
+        file, self.file = self.file, None
+        if file is not None:
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
+            file.close()
 
 
 async def receive_upload(content_type: str | None, body: AsyncIterator[bytes], dest_dir: Path) -> Upload:
@@ -131,12 +135,14 @@ async def receive_upload(content_type: str | None, body: AsyncIterator[bytes], d
                 parser.finalize()
             except FormParserError:
                 parser = None
+        if parser is None or not part.complete:
+            part.close()
+            part.path.unlink(missing_ok=True)
+            return Upload(None)
+        # fsync waits for the disk: in a thread, so the event loop serves other requests meanwhile.
+        await asyncio.to_thread(part.close, True)
     except BaseException:
         part.close()
         part.path.unlink(missing_ok=True)
         raise
-    part.close()
-    if parser is None or not part.complete:
-        part.path.unlink(missing_ok=True)
-        return Upload(None)
     return Upload(part.path, part.size)

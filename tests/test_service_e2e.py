@@ -135,3 +135,6 @@ def test_more_voices_than_slots_each_output_is_its_voice(e2e, tmp_path):
     misses = float(re.search(r'rvc_voice_cache_events_total\{event="miss"\} (\S+)', metrics).group(1))
     evictions = float(re.search(r'rvc_voice_cache_events_total\{event="eviction"\} (\S+)', metrics).group(1))
     assert misses >= 3 and evictions >= 2
+    # Every miss loaded its voice, and the load's time is on the stage histogram.
+    loads = float(re.search(r'rvc_stage_latency_seconds_count\{stage="voice_load"\} (\S+)', metrics).group(1))
+    assert loads == misses

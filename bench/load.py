@@ -1,0 +1,488 @@
+"""Service load test: the job API on 127.0.0.1 under concurrent clients, with 1…N distinct voices.
+
+    .venv/bin/python bench/load.py [--full] [--concurrency 1,4] [--voices 1,3] [--jobs N]
+        [--audio-seconds 1 | --upload-mb 5] [--f0-method crepe-tiny] [--mode jobs|posts]
+        [--conversion real|fake] [--think-s 0] [--synthesis-replicas 1] [--voices-per-replica 4]
+        [--warm] [--time-limit-s 240] [--out bench/results/load.json]
+
+It starts its own local Ray and Serve (the app of serve_config.yaml through `build_app`, with
+fixed replica counts, on a free port, with a fresh data directory holding the demo voice and
+its copies `voice-NN`, so the conversion stages are the real ones on random weights), runs one
+cell per (voices, concurrency) and stops everything it started. Each cell runs closed-loop
+clients, each picking a voice at random (seeded) per request:
+
+    jobs   each client POSTs, polls its job until it ends, then POSTs again: POST latency,
+           job latency (the service's own start/end times), jobs per minute and audio-seconds
+           converted per wall-second over the cell;
+    posts  each client POSTs back to back (the jobs run afterwards): POST latency only.
+           With `--conversion fake` the conversion is tests/fake_conversion.py, so the jobs
+           cost no model time and the upload path is what is measured.
+
+Per cell it also reads the service's /metrics before and after (voice-cache hits, misses,
+evictions; cold voice loads, the `voice_load` stage; mean latency per stage) and the CPU
+seconds every process of its Ray used per request (by actor: which does not depend on what
+else runs on the machine, where latencies do). The peak RSS of each of those processes
+(replicas, proxy, controller, job and rate-limit actors) is sampled throughout. `--warm`
+converts once with every voice before the cells. The default is a quick run (a few minutes
+on 2 cores); `--full` is the issue's matrix (concurrency 1/4/16/32 × 1/3/20 voices). Prints
+a table and writes JSON; it asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import secrets
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np  # noqa: E402
+
+API_KEY = "bench-load-" + secrets.token_hex(8)
+APP = "rvc"
+FULL_CONCURRENCY, FULL_VOICES = (1, 4, 16, 32), (1, 3, 20)
+POLL_FIRST_S, POLL_MAX_S = 0.5, 2.0  # a client's job polls: the first after 0.5 s, then ×1.5 up to 2 s
+TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f %z"  # the contract's jobStartTime / jobEndTime
+IDLE_SAMPLE_S = 3.0  # the service's own CPU use with no client, measured once after start
+
+
+@dataclass
+class CellResult:
+    """What the clients of one cell saw; the service-side counters are added by `run_cell`."""
+
+    post_s: list[float] = field(default_factory=list)  # latency of each accepted POST
+    job_s: list[float] = field(default_factory=list)  # the service's jobStartTime → jobEndTime
+    statuses: Counter = field(default_factory=Counter)  # POST answers by HTTP status
+    failed_jobs: int = 0
+    unfinished_jobs: int = 0  # still RUNNING when the cell's time ran out
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (linear interpolation, as numpy), or None without values."""
+    return float(np.percentile(values, q)) if values else None
+
+
+def summarize(cell: CellResult, wall_s: float, audio_seconds: float) -> dict:
+    """The cell's figures: POST and job latency (p50/p99/max, seconds), jobs per minute and
+    audio-seconds converted per wall-second over the cell's wall time."""
+    done = len(cell.job_s)
+    return {
+        "posts_accepted": len(cell.post_s), "post_statuses": {str(k): v for k, v in sorted(cell.statuses.items())},
+        "post_p50_s": percentile(cell.post_s, 50), "post_p99_s": percentile(cell.post_s, 99),
+        "post_max_s": max(cell.post_s, default=None),
+        "jobs_succeeded": done, "jobs_failed": cell.failed_jobs, "jobs_unfinished": cell.unfinished_jobs,
+        "job_p50_s": percentile(cell.job_s, 50), "job_p99_s": percentile(cell.job_s, 99),
+        "wall_s": wall_s,
+        "jobs_per_minute": 60.0 * done / wall_s if wall_s > 0 else None,
+        "audio_s_per_wall_s": done * audio_seconds / wall_s if wall_s > 0 else None,
+    }
+
+
+def service_delta(before: dict[str, float], after: dict[str, float]) -> dict:
+    """What the service counted between two /metrics scrapes: voice-cache events and hit rate,
+    the cold voice loads, and the mean latency of each stage call."""
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    hits, misses, loads = d.get("cache:hit", 0.0), d.get("cache:miss", 0.0), d.get("count:voice_load", 0.0)
+    stages = sorted(k.split(":", 1)[1] for k in d if k.startswith("count:") and d[k] > 0)
+    return {"voice_cache": {"hits": hits, "misses": misses, "evictions": d.get("cache:eviction", 0.0),
+                            "hit_rate": hits / (hits + misses) if hits + misses else None,
+                            "cold_loads": loads, "cold_load_mean_s": d.get("sum:voice_load", 0.0) / loads if loads else None,
+                            "cold_loads_within_1s": d.get("le1:voice_load", 0.0)},
+            "stage_mean_s": {stage: d[f"sum:{stage}"] / d[f"count:{stage}"] for stage in stages}}
+
+
+def parse_service_metrics(text: str) -> dict[str, float]:
+    """The counters `service_delta` compares, from the /metrics text: "cache:<event>", and per
+    stage "count:<stage>", "sum:<stage>" and "le1:<stage>" (calls within 1 s)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "rvc_voice_cache_events_total":
+                values[f"cache:{labels['event']}"] = sample.value
+            elif sample.name == "rvc_stage_latency_seconds_count":
+                values[f"count:{labels['stage']}"] = sample.value
+            elif sample.name == "rvc_stage_latency_seconds_sum":
+                values[f"sum:{labels['stage']}"] = sample.value
+            elif sample.name == "rvc_stage_latency_seconds_bucket" and float(labels["le"]) == 1.0:
+                values[f"le1:{labels['stage']}"] = sample.value
+    return values
+
+
+class ProcessSampler:
+    """Peak RSS and CPU time of each Ray process below this one (the Ray it started), by pid and
+    actor name. CPU seconds per request do not depend on what else runs on the machine; latency does."""
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        import psutil
+
+        self._me = psutil.Process()
+        self._interval = interval_s
+        self.names: dict[int, str] = {}
+        self.peak_rss: dict[int, int] = {}
+        self.cpu_s: dict[int, float] = {}  # last seen user + system seconds
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "ProcessSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self) -> None:
+        import psutil
+
+        for proc in self._me.children(recursive=True):
+            try:
+                with proc.oneshot():
+                    title = (proc.cmdline() or [proc.name()])[0]
+                    rss = proc.memory_info().rss
+                    times = proc.cpu_times()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            with self._lock:
+                # "ray::ServeReplica:rvc:Synthesis.synthesize" → "Synthesis", ".../raylet" → "raylet";
+                # idle workers keep the name they had.
+                name = (title.removeprefix("ray::").split(".")[0].split(":")[-1] if title.startswith("ray::")
+                        else Path(title).name)
+                if name != "IDLE":
+                    self.names[proc.pid] = name
+                self.peak_rss[proc.pid] = max(self.peak_rss.get(proc.pid, 0), rss)
+                self.cpu_s[proc.pid] = times.user + times.system
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sample()
+
+    def cpu_by_name(self) -> Counter:
+        """CPU seconds so far, summed by actor or process name."""
+        self.sample()
+        with self._lock:
+            totals: Counter = Counter()
+            for pid, seconds in self.cpu_s.items():
+                totals[self.names.get(pid, "process")] += seconds
+            return totals
+
+    def peak_rss_mb(self) -> dict[str, float]:
+        """Peak RSS by "<actor or process> pid=<pid>" (replicas of one deployment are separate)."""
+        with self._lock:
+            return {f"{self.names.get(pid, 'process')} pid={pid}": round(rss / 2**20, 1)
+                    for pid, rss in sorted(self.peak_rss.items(), key=lambda kv: self.names.get(kv[0], ""))}
+
+
+def multipart_body(audio: bytes) -> tuple[bytes, str]:
+    """The POST body, encoded once (so the clients spend no CPU on it) and its content type."""
+    boundary = secrets.token_hex(16)
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"audioInfer\"; filename=\"in.wav\"\r\n"
+            "Content-Type: audio/wav\r\n\r\n").encode()
+    return head + audio + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+async def run_clients(base_url: str, body: bytes, content_type: str, voices: list[str], *, concurrency: int,
+                      requests: int, mode: str, query: dict[str, str], deadline: float, seed: int,
+                      think_s: float = 0.0) -> CellResult:
+    """`concurrency` closed-loop clients sending `requests` creates in all (or until `deadline`),
+    each pausing a random (exponential) time of mean `think_s` before each create. A job's
+    latency is the service's own (its start and end times), so polling may be sparse: every
+    poll costs the service an HTTP request, and polling fast would load what is measured."""
+    import httpx
+
+    result = CellResult()
+    rng = random.Random(seed)
+    budget = iter(range(requests))
+    headers = {"x-api-key": API_KEY, "content-type": content_type}
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while next(budget, None) is not None and time.monotonic() < deadline:
+            if think_s:
+                await asyncio.sleep(rng.expovariate(1 / think_s))
+            voice = rng.choice(voices)
+            started = time.perf_counter()
+            response = await http.post("/v1/inferences-vc", params={**query, "modelId": voice},
+                                       content=body, headers=headers)
+            result.statuses[response.status_code] += 1
+            if response.status_code != 200:
+                continue
+            result.post_s.append(time.perf_counter() - started)
+            if mode == "posts":
+                continue
+            job_url = f"/v1/inferences-vc/{response.json()['inferenceId']}"
+            poll_s = POLL_FIRST_S
+            while True:
+                await asyncio.sleep(poll_s)
+                poll_s = min(POLL_MAX_S, 1.5 * poll_s)
+                if time.monotonic() > deadline:
+                    result.unfinished_jobs += 1
+                    return
+                job = (await http.get(job_url, headers={"x-api-key": API_KEY})).json()
+                if job["status"] == "SUCCESS":
+                    result.job_s.append(job_seconds(job))
+                    break
+                if job["status"] == "FAILED":
+                    result.failed_jobs += 1
+                    break
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    return result
+
+
+def job_seconds(job: dict) -> float:
+    """A finished job's time from acceptance to its end, from the contract's timestamps."""
+    start, end = (datetime.strptime(job[k], TIMESTAMP_FORMAT) for k in ("jobStartTime", "jobEndTime"))
+    return (end - start).total_seconds()
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    import httpx
+
+    return parse_service_metrics(httpx.get(f"{base_url}/metrics", timeout=30).text)
+
+
+def make_audio(seconds: float, work: Path) -> Path:
+    """A 44.1 kHz mono PCM16 wav of speech-like sound (what users upload: decode resamples)."""
+    import soundfile as sf
+
+    from pipeline.demo import synthetic_speech
+
+    path = work / f"input_{seconds:g}s.wav"
+    sf.write(path, synthetic_speech(seconds, sample_rate=44100, seed=0), 44100, subtype="PCM_16")
+    return path
+
+
+def register_voices(data_dir: Path, count: int) -> list[str]:
+    """`voice-00`… : copies of the demo voice (its weights and index), registered as an operator
+    does (`rvc-serve models add`, which loads each to validate it). Each copy is its own cache entry."""
+    from deployments.app import DEMO_VOICE
+    from deployments.registry import add_model, get_voice
+
+    demo = get_voice(data_dir / "voices", DEMO_VOICE)
+    ids = [f"voice-{i:02d}" for i in range(count)]
+    for model_id in ids:
+        if get_voice(data_dir / "voices", model_id) is None:
+            add_model(data_dir, model_id, demo.model_path, demo.index_path)
+    return ids
+
+
+def app_args(args: argparse.Namespace, data_dir: Path) -> dict:
+    """serve_config.yaml's application args with this run's data directory, keys, a limit no
+    client reaches, and fixed replica counts (autoscaling would blur the cells)."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    base = next(a for a in config["applications"] if a["name"] == APP)["args"]
+    stages = {}
+    for name, stage in base["stages"].items():
+        replicas = args.synthesis_replicas if name == "synthesis" else stage["min_replicas"]
+        stages[name] = {**stage, "min_replicas": replicas, "max_replicas": replicas,
+                        "graceful_shutdown_timeout_s": 1}
+    keys = data_dir / "api-keys"
+    keys.write_text(API_KEY + "\n")
+    return {**base, "data_dir": str(data_dir), "api_keys_file": str(keys), "rate_limit_per_minute": 10**9,
+            "voices_per_replica": args.voices_per_replica, "stages": stages}
+
+
+def start_service(args: argparse.Namespace, settings_args: dict) -> str:
+    """Local Ray + Serve on a free port with the app (real stages, or the fake conversion)."""
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app, ingress_app
+    from deployments.settings import AppSettings
+
+    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
+             object_store_memory=512 * 1024 * 1024)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 300})
+    if args.conversion == "fake":
+        from tests.fake_conversion import FakeConversion
+
+        settings = AppSettings.model_validate(settings_args)
+        app = ingress_app(settings, FakeConversion.options(ray_actor_options={"num_cpus": 0}).bind(settings))
+    else:
+        app = build_app(settings_args)
+    serve.run(app, name=APP, route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def run_cell(base_url: str, procs: ProcessSampler, idle_cpu: float, body: bytes, content_type: str,
+             voices: list[str], concurrency: int, deadline: float, query: dict[str, str], audio_seconds: float,
+             args: argparse.Namespace) -> dict:
+    """One (voices, concurrency) cell: the clients' figures, the service's CPU per request and
+    its voice-cache counters over the cell."""
+    before = scrape(base_url)
+    cpu0, driver_cpu0 = procs.cpu_by_name(), time.process_time()
+    started = time.perf_counter()
+    cell = asyncio.run(run_clients(
+        base_url, body, content_type, voices, concurrency=concurrency,
+        requests=args.jobs or (2 * concurrency if args.full else max(3, concurrency)), mode=args.mode, query=query, deadline=deadline,
+        seed=args.seed + 1000 * len(voices) + concurrency, think_s=args.think_s))
+    wall = time.perf_counter() - started
+    sent = max(1, sum(cell.statuses.values()))
+    cpu = procs.cpu_by_name()
+    cpu.subtract(cpu0)
+    return {"voices": len(voices), "concurrency": concurrency, **summarize(cell, wall, audio_seconds),
+            "service_cpu_s_per_request": sum(cpu.values()) / sent,
+            "service_cpu_s_per_request_above_idle": (sum(cpu.values()) - idle_cpu * wall) / sent,
+            "cpu_s_per_request_by_process": {k: round(v / sent, 4) for k, v in cpu.most_common() if v > 0},
+            "driver_cpu_s_per_request": (time.process_time() - driver_cpu0) / sent,
+            "load_avg": os.getloadavg()[0],
+            **service_delta(before, scrape(base_url))}
+
+
+def stop_service() -> None:
+    """Stop the Serve and the Ray this run started (the detached job actors go with the Ray)."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+
+
+def print_table(cells: list[dict]) -> None:
+    cols = [("voices", "{:>6}"), ("concurrency", "{:>4}"), ("jobs_succeeded", "{:>5}"), ("post_p50_s", "{:>8}"),
+            ("post_p99_s", "{:>8}"), ("job_p50_s", "{:>8}"), ("jobs_per_minute", "{:>8}"),
+            ("audio_s_per_wall_s", "{:>8}"), ("hit_rate", "{:>6}"), ("cold_load_mean_s", "{:>8}")]
+    heads = ["voices", "conc", "jobs", "POSTp50", "POSTp99", "job p50", "jobs/min", "audio/s", "hit", "cold s"]
+    print(" ".join(fmt.format(h) for (_, fmt), h in zip(cols, heads)))
+    for cell in cells:
+        row = {**cell, **cell["voice_cache"]}
+        print(" ".join(fmt.format("-" if row[k] is None else
+                                  (f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k])))
+                       for k, fmt in cols))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="the full matrix: concurrency 1,4,16,32 × voices 1,3,20")
+    ap.add_argument("--concurrency", default="1,4", help="comma-separated client counts")
+    ap.add_argument("--voices", default="1,3", help="comma-separated distinct-voice counts")
+    ap.add_argument("--jobs", type=int, default=0,
+                    help="creates per cell (default: one per client, at least 3; --full: two per client)")
+    ap.add_argument("--mode", choices=["jobs", "posts"], default="jobs")
+    ap.add_argument("--conversion", choices=["real", "fake"], default="real")
+    ap.add_argument("--think-s", type=float, default=0.0,
+                    help="mean pause of each client before each create (0: back to back)")
+    ap.add_argument("--audio-seconds", type=float, default=1.0, help="length of the uploaded speech")
+    ap.add_argument("--upload-mb", type=float, default=0.0,
+                    help="instead of --audio-seconds: an upload of this size (44.1 kHz mono PCM16 wav)")
+    ap.add_argument("--f0-method", default="crepe-tiny", choices=["crepe", "crepe-tiny"])
+    ap.add_argument("--synthesis-replicas", type=int, default=1)
+    ap.add_argument("--voices-per-replica", type=int, default=4)
+    ap.add_argument("--warm", action="store_true", help="convert once with every voice before the cells")
+    ap.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--cell-time-limit-s", type=float, help="default 120 (--full: 900)")
+    ap.add_argument("--time-limit-s", type=float, help="for the whole run after start-up; default 240 (--full: 7200)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", help="data directory to use (default: a fresh temporary one, removed after)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
+    args = ap.parse_args(argv)
+    if args.full:
+        args.concurrency = ",".join(map(str, FULL_CONCURRENCY))
+        args.voices = ",".join(map(str, FULL_VOICES))
+    args.cell_time_limit_s = args.cell_time_limit_s or (900.0 if args.full else 120.0)
+    args.time_limit_s = args.time_limit_s or (7200.0 if args.full else 240.0)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    voice_counts = [int(v) for v in args.voices.split(",")]
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="rvc-load-"))
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                "load_avg_at_start": os.getloadavg()},
+                    "config": {k: v for k, v in vars(args).items() if k not in ("work", "out")}, "cells": []}
+    try:
+        from deployments.app import prepare_data_dir
+        from deployments.settings import AppSettings
+
+        data_dir = work / "data"
+        data_dir.mkdir(exist_ok=True)
+        settings_args = app_args(args, data_dir.resolve())
+        prepare_data_dir(AppSettings.model_validate(settings_args))
+        voices = register_voices(data_dir, max(voice_counts))
+        audio_path = (make_audio(args.upload_mb * 2**20 / (2 * 44100), work) if args.upload_mb
+                      else make_audio(args.audio_seconds, work))
+        audio = audio_path.read_bytes()
+        audio_seconds = (len(audio) - 44) / (2 * 44100)
+        body, content_type = multipart_body(audio)
+        result["config"]["upload_bytes"] = len(audio)
+        query = {"f0Method": args.f0_method}
+
+        with ProcessSampler() as procs:
+            try:
+                started = time.perf_counter()
+                base_url = start_service(args, settings_args)
+                result["service_start_s"] = time.perf_counter() - started
+                print(f"service up at {base_url} in {result['service_start_s']:.1f} s; upload {len(audio)} bytes "
+                      f"({audio_seconds:.2f} s of audio)", flush=True)
+                idle0 = procs.cpu_by_name()
+                time.sleep(IDLE_SAMPLE_S)
+                idle = procs.cpu_by_name()
+                idle.subtract(idle0)
+                idle_cpu = sum(idle.values()) / IDLE_SAMPLE_S
+                result["idle_cpu_s_per_s"] = idle_cpu
+                run_deadline = time.monotonic() + args.time_limit_s
+                if args.warm:  # one job per voice, one after another, before any cell
+                    before = scrape(base_url)
+                    for voice in voices:
+                        asyncio.run(run_clients(base_url, body, content_type, [voice], concurrency=1, requests=1,
+                                                mode="jobs", query=query, deadline=run_deadline, seed=args.seed))
+                    result["warm_up"] = service_delta(before, scrape(base_url))
+                for n_voices in voice_counts:
+                    for concurrency in concurrencies:
+                        deadline = min(run_deadline, time.monotonic() + args.cell_time_limit_s)
+                        if time.monotonic() >= deadline:
+                            print(f"time limit reached: cell voices={n_voices} concurrency={concurrency} skipped")
+                            continue
+                        summary = run_cell(base_url, procs, idle_cpu, body, content_type, voices[:n_voices],
+                                           concurrency, deadline, query, audio_seconds, args)
+                        result["cells"].append(summary)
+                        print(json.dumps(summary), flush=True)
+            finally:
+                stop_service()
+        result["peak_rss_mb"] = procs.peak_rss_mb()
+        result["audio_seconds_per_job"] = audio_seconds
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    print_table(result["cells"])
+    for name, mb in result.get("peak_rss_mb", {}).items():
+        print(f"peak RSS {mb:8.1f} MB  {name}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The load benchmark's arithmetic and its reading of the service's /metrics (no service runs)."""
+import asyncio
+from collections import Counter
+
+import pytest
+from prometheus_client import generate_latest
+
+from bench.load import (CellResult, job_seconds, multipart_body, parse_service_metrics, percentile,
+                        service_delta, summarize)
+from deployments.jobs import _Metrics
+from deployments.uploads import receive_upload
+
+
+def test_percentiles_and_rates():
+    cell = CellResult(post_s=[0.01 * i for i in range(1, 101)], job_s=[2.0, 4.0, 6.0],
+                      statuses=Counter({200: 100, 503: 2}), failed_jobs=1)
+    summary = summarize(cell, wall_s=30.0, audio_seconds=5.0)
+    assert summary["post_p50_s"] == pytest.approx(0.505)
+    assert summary["post_p99_s"] == pytest.approx(0.9901)
+    assert summary["post_max_s"] == pytest.approx(1.0)
+    assert summary["job_p50_s"] == pytest.approx(4.0)
+    assert summary["jobs_per_minute"] == pytest.approx(6.0)  # 3 jobs in 30 s
+    assert summary["audio_s_per_wall_s"] == pytest.approx(0.5)  # 15 audio seconds in 30 s
+    assert summary["post_statuses"] == {"200": 100, "503": 2} and summary["jobs_failed"] == 1
+    assert percentile([], 99) is None
+    assert summarize(CellResult(), 10.0, 5.0)["post_p99_s"] is None
+
+
+def test_job_latency_from_the_contract_timestamps():
+    job = {"jobStartTime": "2024-05-01 23:59:58.750000 +00:00", "jobEndTime": "2024-05-02 00:00:01.000000 +00:00"}
+    assert job_seconds(job) == pytest.approx(2.25)
+
+
+def test_voice_cache_figures_from_the_job_actors_metrics():
+    metrics = _Metrics()
+    before = parse_service_metrics(generate_latest(metrics.registry).decode())
+    metrics.voice_cache.labels("hit").inc(19)
+    metrics.voice_cache.labels("miss").inc(1)
+    metrics.voice_cache.labels("eviction").inc(2)
+    for seconds in (0.4, 1.5):
+        metrics.stage.labels("voice_load").observe(seconds)
+    metrics.stage.labels("synthesis").observe(0.2)  # another stage: not a voice load
+    after = parse_service_metrics(generate_latest(metrics.registry).decode())
+    delta = service_delta(before, after)
+    cache = delta["voice_cache"]
+    assert cache["hits"] == 19 and cache["misses"] == 1 and cache["evictions"] == 2
+    assert cache["hit_rate"] == pytest.approx(0.95)
+    assert cache["cold_loads"] == 2 and cache["cold_load_mean_s"] == pytest.approx(0.95)
+    assert cache["cold_loads_within_1s"] == 1
+    assert delta["stage_mean_s"] == pytest.approx({"voice_load": 0.95, "synthesis": 0.2})
+    assert service_delta(after, after) == {"voice_cache": {**cache, "hits": 0, "misses": 0, "evictions": 0,
+                                                           "hit_rate": None, "cold_loads": 0, "cold_load_mean_s": None,
+                                                           "cold_loads_within_1s": 0}, "stage_mean_s": {}}
+
+def test_prebuilt_body_is_the_upload_the_service_receives(tmp_path):
+    audio = bytes(range(256)) * 1000
+    body, content_type = multipart_body(audio)
+
+    async def chunks():
+        for i in range(0, len(body), 4096):
+            yield body[i:i + 4096]
+
+    upload = asyncio.run(receive_upload(content_type, chunks(), tmp_path))
+    assert upload.path.read_bytes() == audio
