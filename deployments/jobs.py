@@ -163,8 +163,6 @@ class JobTracker:
             task = self.tasks.get(inference_id)
             if task is not None:
                 task.cancel()  # its attempt cancels the conversion call (see _attempt)
-            # Anything the conversion wrote before it stopped; the job will never point at it.
-            await asyncio.to_thread(self.results.remove, inference_id)
         return await asyncio.to_thread(self.store.get, inference_id)
 
     async def metrics_text(self) -> bytes:
@@ -234,6 +232,10 @@ class JobTracker:
             if results:
                 await asyncio.to_thread(self.results.remove, inference_id)
             return False
+        if status == FAILED:
+            # Whatever an attempt wrote before it failed (an MP3 when the disk filled up during
+            # the FLAC, a cancelled one's output): the job will never point at it.
+            await asyncio.to_thread(self.results.remove, inference_id)
         job = await asyncio.to_thread(self.store.get, inference_id)
         self.metrics.finished.labels(status).inc()
         self.metrics.duration.labels(status).observe((job.ended_us - job.created_us) / 1e6)

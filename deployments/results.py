@@ -11,7 +11,8 @@ import hashlib
 import hmac
 import re
 import shutil
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlencode
@@ -20,6 +21,8 @@ from rvc_client.files import atomic_path
 
 URL_LIFETIME_S = 5 * 3600
 RESULT_ROUTE = "/results"
+# A write that failed with less than this free beside it failed for want of space.
+FULL_BELOW_BYTES = 1 << 20
 # A key is "<inferenceId>/<file name>": two safe path segments, never "..", never absolute.
 _ID = r"[A-Za-z0-9_-]{1,64}"
 _ID_RE = re.compile(_ID)
@@ -36,6 +39,10 @@ def check_id(inference_id: str) -> str:
     if not _ID_RE.fullmatch(inference_id):
         raise ValueError(f"invalid inference id {inference_id!r}")
     return inference_id
+
+
+class ResultStoreFull(OSError):
+    pass
 
 
 class ResultStore(Protocol):
@@ -57,9 +64,18 @@ class LocalResultStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    def writer(self, key: str) -> AbstractContextManager[Path]:
+    @contextmanager
+    def writer(self, key: str) -> Iterator[Path]:
         # only the service (which streams it) reads a result
-        return atomic_path(self.root / check_key(key), mode=0o600)
+        with atomic_path(self.root / check_key(key), mode=0o600) as path:
+            try:
+                yield path
+            except Exception as exc:
+                # libsndfile reports a full disk as "System error."; say what it was. Checked
+                # before the partial file goes, while the space it took is still taken.
+                if shutil.disk_usage(path.parent).free < FULL_BELOW_BYTES:
+                    raise ResultStoreFull("no space left in the result store") from exc
+                raise
 
     def local_path(self, key: str) -> Path | None:
         path = self.root / check_key(key)

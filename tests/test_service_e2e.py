@@ -138,3 +138,42 @@ def test_more_voices_than_slots_each_output_is_its_voice(e2e, tmp_path):
     # Every miss loaded its voice, and the load's time is on the stage histogram.
     loads = float(re.search(r'rvc_stage_latency_seconds_count\{stage="voice_load"\} (\S+)', metrics).group(1))
     assert loads == misses
+
+
+def test_synthesis_replica_killed_mid_chunk(e2e, tmp_path):
+    """The job is run again on the replacement replica, and what it serves is the whole,
+    exact conversion, nothing of the interrupted attempt."""
+    import sqlite3
+
+    import ray
+
+    wav = _speech_wav(tmp_path, 2.0, seed=11)
+    response = e2e.client.post("/v1/inferences-vc", params={"modelId": "other", "f0Method": "crepe-tiny"},
+                               files={"audioInfer": ("in.wav", wav.read_bytes(), "audio/wav")})
+    assert response.status_code == 200, response.text
+    job_id = response.json()["inferenceId"]
+    (replica,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith("SERVE_REPLICA::e2e#Synthesis")]
+    synthesis = ray.get_actor(replica["name"], namespace=replica["namespace"])
+    # Answered beside the replica's requests (its own concurrency group): > 0 while a chunk runs.
+    wait_for(lambda: ray.get(synthesis.get_num_ongoing_requests.remote()) > 0, 600, interval_s=0.05)
+    ray.kill(synthesis, no_restart=True)
+
+    def finished():
+        body = e2e.client.get(f"/v1/inferences-vc/{job_id}").json()
+        return body if body["status"] != "RUNNING" else None
+
+    done = wait_for(finished, 600, interval_s=1)
+    assert done["status"] == "SUCCESS", done.get("error")
+    attempts = sqlite3.connect(e2e.data / "jobs.sqlite3").execute(
+        "SELECT attempts FROM jobs WHERE inference_id = ?", (job_id,)).fetchone()[0]
+    assert attempts == 2
+    expected, rate = _local_reference(e2e, wav, "other", f0_method="crepe-tiny")
+    flac, flac_rate = sf.read(e2e.data / "results" / job_id / "output.flac", dtype="int16")
+    assert flac_rate == rate and np.array_equal(flac, expected)
+    mp3 = httpx.get(done["inferenceUrl"], timeout=60)
+    assert mp3.status_code == 200
+    (tmp_path / "out.mp3").write_bytes(mp3.content)
+    assert abs(sf.info(tmp_path / "out.mp3").duration - expected.shape[0] / rate) < 0.06
+    assert not [p for p in (e2e.data / "results" / job_id).iterdir() if p.name.startswith(".")]
+    assert not list((e2e.data / "uploads").iterdir())
