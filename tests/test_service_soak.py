@@ -26,7 +26,7 @@ from tests.test_service_faults import _whole_tone
 
 pytestmark = pytest.mark.soak
 
-JOBS = int(os.environ.get("RVC_SOAK_JOBS", "400"))
+JOBS = int(os.environ.get("RVC_SOAK_JOBS", "300"))
 CONCURRENCY = 8
 WARMUP_JOBS = max(50, JOBS // 5)
 # Long enough for a client on a loaded machine to fetch a result it has just seen finish.
@@ -112,7 +112,7 @@ def _run_jobs(app, soak: Soak) -> None:
             return f"create: {response.status_code} {response.text}"
         job = response.json()
         while job["status"] == "RUNNING":
-            time.sleep(0.05)
+            time.sleep(0.1)
             job = client.get(f"/v1/inferences-vc/{job['inferenceId']}").json()
         if job["status"] != "SUCCESS":
             return f"{job['status']}: {job.get('error')}"
