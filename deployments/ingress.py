@@ -259,10 +259,8 @@ class Ingress:
                       request.query_params.get("signature"), time.time()):
             return JSONResponse(FORBIDDEN, 403)
         path = self.results.local_path(key)
-        if path is None:
-            return JSONResponse(NOT_FOUND, 404)
-        return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
-                            filename=f"{inference_id}{path.suffix}")
+        response = None if path is None else await asyncio.to_thread(result_response, path, inference_id)
+        return response or JSONResponse(NOT_FOUND, 404)
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -325,6 +323,33 @@ def _write_durably(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+class _OpenedFileResponse(FileResponse):
+    """A FileResponse over a file opened before it was made. FileResponse opens its path only
+    after sending the headers: a result deleted (retention, a failed job's cleanup) in between
+    would go out as headers with a full Content-Length and no body. An open descriptor keeps
+    the file readable; FileResponse reopens it through /proc (Linux), ranges and all."""
+
+    def __init__(self, fd: int, **kwargs) -> None:
+        super().__init__(f"/proc/self/fd/{fd}", stat_result=os.fstat(fd), **kwargs)
+        self.fd = fd
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            os.close(self.fd)
+
+
+def result_response(path: Path, inference_id: str) -> Response | None:
+    """The result file at `path`, whole however long its download takes; None if it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    return _OpenedFileResponse(fd, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
+                               filename=f"{inference_id}{path.suffix}")
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

@@ -41,8 +41,12 @@ def serve_url():
     from ray import serve
 
     if "url" not in _state:
+        # The GCS keeps the events of the last N tasks for the state API (Ray's default: 100,000,
+        # ~14 MB more GCS memory per 1,000 soak jobs until then); a small N makes long runs (the soak)
+        # reach that bound at once instead of reading as growth.
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=192 * 1024 * 1024,
-                 log_to_driver=False, ignore_reinit_error=True)
+                 log_to_driver=False, ignore_reinit_error=True,
+                 _system_config={"task_events_max_num_task_in_gcs": 1000})
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
         _state["url"] = f"http://127.0.0.1:{port}"

@@ -7,6 +7,7 @@ tests/test_service_e2e.py kills a synthesis replica under the real stages.
 """
 from __future__ import annotations
 
+import asyncio
 import http.client
 import io
 import os
@@ -24,7 +25,7 @@ from tests.fake_conversion import TONE_SECONDS
 from tests.service_support import delete_app, run_app, serve_url, wait_for, wav_bytes  # noqa: F401
 from tests.test_service_api import KEY_A, _app, _calls, _job, _post
 
-JOB_TIMEOUT_S = 6
+JOB_TIMEOUT_S = 12  # a `-slow` job takes 3 s, unless something is wrong
 # A voice's outcome: SUCCESS, or FAILED with this error.
 OUTCOMES = {"voice-a": None, "voice-slow": None, "voice-fail": "synthetic failure: the input could not be converted",
             "voice-hang": f"timed out after {JOB_TIMEOUT_S} s"}
@@ -75,6 +76,36 @@ def _assert_ended_cleanly(app, ended: dict[str, dict], expected: dict[str, str |
             assert "\n" not in body["error"] and not (results / inference_id).exists()
         assert not list(uploads.glob(f"{inference_id}.*"))
     assert not [p for p in results.rglob("*") if PARTIAL_MARK in p.name]
+
+
+def _asgi_get(response, headers: list[tuple[bytes, bytes]]) -> tuple[int, dict[bytes, bytes], bytes]:
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def receive() -> dict:
+        raise AssertionError("not read under ASGI 2.4")
+
+    scope = {"type": "http", "method": "GET", "headers": headers, "asgi": {"spec_version": "2.4"}}
+    asyncio.run(response(scope, receive, send))
+    return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_a_result_deleted_as_its_url_answers_is_still_served_whole(tmp_path):
+    from deployments.ingress import result_response
+
+    data = os.urandom(300_000)
+    path = tmp_path / "output.mp3"
+    fds = len(os.listdir("/proc/self/fd"))
+    for headers, expected in (([], data), ([(b"range", b"bytes=1000-1999")], data[1000:2000])):
+        path.write_bytes(data)
+        response = result_response(path, "job")
+        path.unlink()  # retention or a failed job's cleanup, between the answer and its body
+        status, sent_headers, body = _asgi_get(response, headers)
+        assert status in (200, 206) and body == expected and int(sent_headers[b"content-length"]) == len(expected)
+    assert len(os.listdir("/proc/self/fd")) == fds  # each response closed its file
+    assert result_response(path, "job") is None
 
 
 @pytest.fixture(scope="module")
