@@ -209,22 +209,19 @@ class Ingress:
         return await asyncio.to_thread(self.results.local_path(job.results[result_format]).read_bytes)
 
     async def get_job(self, request: Request) -> Response:
-        gate = await self._gate(request)
-        if isinstance(gate, Response):
-            return gate
-        tenant, headers = gate
-        job = await self.tracker.get.remote(request.path_params["inferenceId"], tenant)
-        if job is None:
-            return JSONResponse(NOT_FOUND, 404, headers=headers)
-        return JSONResponse(self._job_view(job, request), 200, headers=headers)
+        return await self._job_answer(request, self.tracker.get)
 
     async def cancel_job(self, request: Request) -> Response:
         """Cancel a RUNNING job; answers the job as it stands after (a finished one unchanged)."""
+        return await self._job_answer(request, self.tracker.cancel)
+
+    async def _job_answer(self, request: Request, tracker_method) -> Response:
+        """The key's job named in the path, after `tracker_method(id, tenant)`; 404 if it has none."""
         gate = await self._gate(request)
         if isinstance(gate, Response):
             return gate
         tenant, headers = gate
-        job = await self.tracker.cancel.remote(request.path_params["inferenceId"], tenant)
+        job = await tracker_method.remote(request.path_params["inferenceId"], tenant)
         if job is None:
             return JSONResponse(NOT_FOUND, 404, headers=headers)
         return JSONResponse(self._job_view(job, request), 200, headers=headers)
