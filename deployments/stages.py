@@ -39,6 +39,17 @@ def _batching(method, stage) -> None:
     method.set_batch_wait_timeout_s(stage.batch_wait_timeout_s)
 
 
+def _per_group(keys: list, run) -> list:
+    """A batch's results in call order, computed group by group: `run(key, indices)` returns the
+    results of the calls at `indices`, which share `key` (a voice, a version, a method)."""
+    out = [None] * len(keys)
+    for key in dict.fromkeys(keys):
+        mine = [i for i, k in enumerate(keys) if k == key]
+        for i, result in zip(mine, run(key, mine)):
+            out[i] = result
+    return out
+
+
 def _device() -> str:
     """The replica's torch device (Ray hides GPUs from replicas that did not ask for one), with
     torch's CPU threads matched to the CPUs the replica reserved."""
@@ -67,17 +78,12 @@ class ContentFeatures:
     async def _extract(self, chunks: list[np.ndarray], versions: list[str]) -> list[np.ndarray]:
         from pipeline.convert import chunk_features_batch, network_precision
 
-        def run() -> list[np.ndarray]:
-            out: list[np.ndarray | None] = [None] * len(chunks)
-            for version in set(versions):
-                mine = [i for i, v in enumerate(versions) if v == version]
-                with network_precision(self.device, self.precision):
-                    feats = chunk_features_batch(self.hubert, [chunks[i] for i in mine], version, len(mine))
-                for i, f in zip(mine, feats):
-                    out[i] = f.cpu().numpy()
-            return out
+        def run(version: str, mine: list[int]) -> list[np.ndarray]:
+            with network_precision(self.device, self.precision):
+                feats = chunk_features_batch(self.hubert, [chunks[i] for i in mine], version, len(mine))
+            return [f.cpu().numpy() for f in feats]
 
-        return await asyncio.to_thread(run)
+        return await asyncio.to_thread(_per_group, versions, run)
 
     async def ready(self) -> bool:
         return True
@@ -108,16 +114,11 @@ class PitchEstimator:
         from pipeline.convert import network_precision
         from pipeline.pitch import crepe_piece_batch
 
-        def run() -> list[tuple[np.ndarray, np.ndarray]]:
-            out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(pieces)
-            for method in set(methods):
-                mine = [i for i, m in enumerate(methods) if m == method]
-                with network_precision(self.device, self.precision):
-                    for i, raw in zip(mine, crepe_piece_batch([pieces[i] for i in mine], method, self.models)):
-                        out[i] = raw
-            return out
+        def run(method: str, mine: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+            with network_precision(self.device, self.precision):
+                return crepe_piece_batch([pieces[i] for i in mine], method, self.models)
 
-        return await asyncio.to_thread(run)
+        return await asyncio.to_thread(_per_group, methods, run)
 
     @serve.batch
     async def _estimate(self, prepared: list, params: list) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -225,17 +226,12 @@ class Synthesis:
         grouping again keeps that an optimisation, not a correctness condition)."""
         from pipeline.convert import network_precision, synthesize_chunks
 
-        def run() -> list[np.ndarray]:
-            out: list[np.ndarray | None] = [None] * len(items)
-            for voice in {id(c.voice): c.voice for c in voices}.values():
-                mine = [i for i, c in enumerate(voices) if c.voice is voice]
-                with network_precision(self.device, self.precision):
-                    audio = synthesize_chunks(voice, [items[i] for i in mine], voice.sample_rate * self.chunking.x_pad)
-                for i, a in zip(mine, audio):
-                    out[i] = a
-            return out
+        def run(_key: int, mine: list[int]) -> list[np.ndarray]:
+            voice = voices[mine[0]].voice
+            with network_precision(self.device, self.precision):
+                return synthesize_chunks(voice, [items[i] for i in mine], voice.sample_rate * self.chunking.x_pad)
 
-        return await asyncio.to_thread(run)
+        return await asyncio.to_thread(_per_group, [id(c.voice) for c in voices], run)
 
     async def ready(self) -> bool:
         return True
