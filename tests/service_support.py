@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import soundfile as sf
 
@@ -126,3 +129,67 @@ def wait_for(predicate, timeout_s: float, interval_s: float = 0.2):
             return value
         time.sleep(interval_s)
     raise AssertionError(f"condition not met within {timeout_s} s")
+
+
+def ray_process(title: str) -> psutil.Process:
+    """The process of this session's Ray whose title (argv[0], set by Ray) is `title`: Ray
+    runs below this pytest process, so other Ray instances on the machine are never picked."""
+    titles = {p: _title(p) for p in psutil.Process().children(recursive=True)}
+    found = [p for p, t in titles.items() if t is not None and (t == title or t.startswith(title + "."))]
+    assert len(found) == 1, f"{len(found)} processes titled {title!r} among {sorted(map(str, titles.values()))}"
+    return found[0]
+
+
+def _title(process: psutil.Process) -> str | None:
+    try:
+        cmdline = process.cmdline()
+    except psutil.Error:
+        return None
+    return cmdline[0].strip() if cmdline else None
+
+
+def private_memory_bytes(pid: int) -> int:
+    """RssAnon: the process's own resident memory, without the object store's shared pages
+    that Ray maps into it."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError("RssAnon")
+
+
+class MemoryGrowth:
+    """Private memory of one process above its value at `start()`: the highest of samples
+    taken every 2 ms until `stop()` (`peak`), and the value at `stop()` (`final`)."""
+
+    def __init__(self, process: psutil.Process) -> None:
+        self.pid, self.peak, self.final = process.pid, 0, 0
+        self._done = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+
+    def start(self) -> MemoryGrowth:
+        self._before = private_memory_bytes(self.pid)
+        self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, private_memory_bytes(self.pid) - self._before)
+            time.sleep(0.002)
+
+    def stop(self) -> MemoryGrowth:
+        self._done.set()
+        self._sampler.join()
+        self.final = private_memory_bytes(self.pid) - self._before
+        self.peak = max(self.peak, self.final)
+        return self
+
+
+@contextmanager
+def peak_memory_growth(process: psutil.Process) -> Iterator[MemoryGrowth]:
+    """`MemoryGrowth` of the process while the block runs."""
+    growth = MemoryGrowth(process).start()
+    try:
+        yield growth
+        time.sleep(0.05)  # the replica may still be freeing (or holding) what it read
+    finally:
+        growth.stop()

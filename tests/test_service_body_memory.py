@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from urllib.parse import urlsplit
 
-import psutil
 import pytest
 
 from deployments.uploads import MAX_BODY_BYTES, MAX_FILE_BYTES
-from tests.service_support import (TEST_STAGES, delete_app, register_fake_voice, run_app, serve_url,  # noqa: F401
-                                   streamed_multipart, write_keys)
+from tests.service_support import (TEST_STAGES, delete_app, peak_memory_growth, ray_process,  # noqa: F401
+                                   register_fake_voice, run_app, serve_url, streamed_multipart, write_keys)
 
 KEY = "body-memory-key-0123456789"
 APP = "bodies"
@@ -52,52 +48,6 @@ def svc(tmp_path_factory, serve_url):
     run_app(ingress_app(settings, FakeConversion.options(ray_actor_options={"num_cpus": 0}).bind(settings)), APP)
     yield f"{serve_url}/{APP}", data
     delete_app(APP)
-
-
-def _ray_process(title: str) -> psutil.Process:
-    """The process of this session's Ray whose title (argv[0], set by Ray) is `title`: Ray
-    runs below this pytest process, so other Ray instances on the machine are never picked."""
-    titles = {p: _title(p) for p in psutil.Process().children(recursive=True)}
-    found = [p for p, t in titles.items() if t is not None and (t == title or t.startswith(title + "."))]
-    assert len(found) == 1, f"{len(found)} processes titled {title!r} among {sorted(map(str, titles.values()))}"
-    return found[0]
-
-
-def _title(process: psutil.Process) -> str | None:
-    try:
-        cmdline = process.cmdline()
-    except psutil.Error:
-        return None
-    return cmdline[0].strip() if cmdline else None
-
-
-def _status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-@contextmanager
-def _peak_growth(process: psutil.Process, field: str = "RssAnon") -> Iterator[dict]:
-    """Bytes by which `field` of the process's memory rose above its value at entry, at the
-    highest of samples taken every 2 ms while the block runs (set on exit)."""
-    pid, result = process.pid, {"bytes": 0}
-    before = _status_kib(pid, field)
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            result["bytes"] = max(result["bytes"], (_status_kib(pid, field) - before) * 1024)
-            time.sleep(0.002)
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        yield result
-        time.sleep(0.05)  # the replica may still be freeing (or holding) what it read
-    finally:
-        done.set()
-        sampler.join()
 
 
 def _paced(chunks: Iterator[bytes], pause_s: float) -> Iterator[bytes]:
@@ -145,23 +95,23 @@ def test_declared_length_over_the_limit_is_refused_before_any_body_byte(svc):
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
 def test_50_mib_and_one_byte_is_413_without_the_ingress_holding_the_body(svc, declared):
     base, data = svc
-    ingress, proxy = _ray_process(f"ray::ServeReplica:{APP}:Ingress"), _ray_process("ray::ProxyActor")
+    ingress, proxy = ray_process(f"ray::ServeReplica:{APP}:Ingress"), ray_process("ray::ProxyActor")
     content_type, length, chunks = streamed_multipart(MAX_FILE_BYTES + 1)
     assert length <= MAX_BODY_BYTES  # within the declared-length allowance: only the streamed count refuses it
     # 1 MiB every 40 ms: Ray's own queues keep up, so what grows is what the ingress holds.
-    with _peak_growth(ingress) as ingress_growth, _peak_growth(proxy) as proxy_growth:
+    with peak_memory_growth(ingress) as ingress_growth, peak_memory_growth(proxy) as proxy_growth:
         status, body = _post(base, content_type, _paced(chunks, 0.04), length if declared else None)
     assert status == 413 and json.loads(body) == TOO_LARGE
     assert not list((data / "uploads").iterdir())  # the partial upload is gone
     print(f"\n50 MiB + 1 at 25 MiB/s: private memory peak growth: ingress replica "
-          f"{ingress_growth['bytes'] / MiB:.0f} MiB, Serve proxy {proxy_growth['bytes'] / MiB:.0f} MiB")
-    assert ingress_growth["bytes"] < 40 * MiB  # holding the body costs 50 MiB on top of what Ray holds
+          f"{ingress_growth.peak / MiB:.0f} MiB, Serve proxy {proxy_growth.peak / MiB:.0f} MiB")
+    assert ingress_growth.peak < 40 * MiB  # holding the body costs 50 MiB on top of what Ray holds
 
     # At full speed the answer is the same; the memory is Ray's (measured, not asserted).
     content_type, length, chunks = streamed_multipart(MAX_FILE_BYTES + 1)
-    with _peak_growth(ingress) as ingress_growth, _peak_growth(proxy) as proxy_growth:
+    with peak_memory_growth(ingress) as ingress_growth, peak_memory_growth(proxy) as proxy_growth:
         status, body = _post(base, content_type, chunks, length if declared else None)
     assert status == 413 and json.loads(body) == TOO_LARGE
     assert not list((data / "uploads").iterdir())
     print(f"50 MiB + 1 at full speed: private memory peak growth: ingress replica "
-          f"{ingress_growth['bytes'] / MiB:.0f} MiB, Serve proxy {proxy_growth['bytes'] / MiB:.0f} MiB")
+          f"{ingress_growth.peak / MiB:.0f} MiB, Serve proxy {proxy_growth.peak / MiB:.0f} MiB")
