@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from pipeline.audio import AudioDecodeError, sniff_and_probe
 
+from .backpressure import bound_replica_receive
 from .jobs import RETRYABLE, get_or_create, job_tracker, limiter_name, one_line_error
 from .logs import get_logger
 from .openapi import openapi_document
@@ -51,6 +52,7 @@ MEDIA_TYPES = {".mp3": "audio/mpeg", ".flac": "audio/flac", ".wav": "audio/x-wav
 @serve.ingress()
 class Ingress:
     async def __init__(self, settings: AppSettings, conversion) -> None:
+        bound_replica_receive()
         self.settings = settings
         self.conversion = conversion
         self.keys = load_api_keys(settings)

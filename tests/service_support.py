@@ -20,8 +20,12 @@ import psutil
 import pytest
 import soundfile as sf
 
+from deployments.backpressure import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Set before Ray starts: the Serve proxy reads it at its start (as scripts/serve.sh sets it).
+os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
 
 _state: dict = {}
 

@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from deployments.backpressure import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 from deployments.k8s_manifests import Overlay, merge, rayservice
 from deployments.serve_config import check_serve_config
 
@@ -240,6 +241,8 @@ def test_every_ray_container_is_provisioned_and_probed(name, rendered):
         for container in pod["containers"]:
             assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
             assert _env(container)["RVC_DATA_DIR"] == "/data"
+            # Every node runs a Serve proxy: each must bound the request bodies it queues.
+            assert _env(container)[PROXY_CALLBACK_ENV] == PROXY_CALLBACK
             assert {"secretRef": {"name": "rvc-secrets"}} in container["envFrom"]  # API keys, URL secret
             requests, limits = container["resources"]["requests"], container["resources"]["limits"]
             assert {"cpu", "memory"} <= set(requests) and requests == limits

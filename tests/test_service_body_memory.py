@@ -1,16 +1,14 @@
 """The 50 MiB upload limit on a real Ray Serve, and the memory a refused body costs.
 
-What Ray Serve 2.60 itself does with a body (measured, see README "Request bodies and memory"):
-its HTTP proxy drains the client socket into an unbounded queue (proxy.py `proxy_asgi_receive`)
-and the replica pulls every queued batch into another one (http_util.py
-`ASGIReceiveProxy.fetch_until_disconnect`), batches over 100 KiB passing through the object
-store. So at full loopback speed a 50 MiB body is held by Ray in the proxy and in the replica,
-whatever the handler does. What the ingress controls, and these tests hold, is that its own code
-keeps no copy: with a client that sends at 25 MiB/s (so Ray's queues stay short), the ingress
-replica's private memory grows by far less than the body, where a handler that buffers the body
-(`await request.body()`) grows by twice it.
+Ray Serve 2.60 on its own holds a fast client's body whole, twice: its HTTP proxy drains the
+socket into an unbounded queue and the replica pulls every queued batch into another one
+(measured before deployments/backpressure.py: +36..88 MiB in the ingress replica and up to
++104 MiB in the proxy for a 50 MiB + 1 byte upload at loopback speed). With both queues bounded
+(the proxy's through its start-up hook, which service_support sets like scripts/serve.sh), the
+body flows at the pace the ingress streams it to disk, so neither process grows by more than a
+few MiB, whether the client sends at 25 MiB/s or as fast as loopback allows.
 
-Private memory is RssAnon from /proc/<pid>/status, sampled every few ms during the request:
+Private memory is RssAnon from /proc/<pid>/status, sampled every 2 ms during the request:
 the object store's shared pages that Ray maps into the replica are not the replica's own.
 """
 from __future__ import annotations
@@ -93,25 +91,21 @@ def test_declared_length_over_the_limit_is_refused_before_any_body_byte(svc):
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
-def test_50_mib_and_one_byte_is_413_without_the_ingress_holding_the_body(svc, declared):
+@pytest.mark.parametrize("pause_s", [0.04, 0.0], ids=["25MiB/s", "full-speed"])
+def test_50_mib_and_one_byte_is_413_without_the_body_being_buffered(svc, declared, pause_s):
     base, data = svc
     ingress, proxy = ray_process(f"ray::ServeReplica:{APP}:Ingress"), ray_process("ray::ProxyActor")
     content_type, length, chunks = streamed_multipart(MAX_FILE_BYTES + 1)
     assert length <= MAX_BODY_BYTES  # within the declared-length allowance: only the streamed count refuses it
-    # 1 MiB every 40 ms: Ray's own queues keep up, so what grows is what the ingress holds.
+    started = time.monotonic()
     with peak_memory_growth(ingress) as ingress_growth, peak_memory_growth(proxy) as proxy_growth:
-        status, body = _post(base, content_type, _paced(chunks, 0.04), length if declared else None)
+        status, body = _post(base, content_type, _paced(chunks, pause_s), length if declared else None)
+    seconds = time.monotonic() - started
     assert status == 413 and json.loads(body) == TOO_LARGE
     assert not list((data / "uploads").iterdir())  # the partial upload is gone
-    print(f"\n50 MiB + 1 at 25 MiB/s: private memory peak growth: ingress replica "
-          f"{ingress_growth.peak / MiB:.0f} MiB, Serve proxy {proxy_growth.peak / MiB:.0f} MiB")
-    assert ingress_growth.peak < 40 * MiB  # holding the body costs 50 MiB on top of what Ray holds
-
-    # At full speed the answer is the same; the memory is Ray's (measured, not asserted).
-    content_type, length, chunks = streamed_multipart(MAX_FILE_BYTES + 1)
-    with peak_memory_growth(ingress) as ingress_growth, peak_memory_growth(proxy) as proxy_growth:
-        status, body = _post(base, content_type, chunks, length if declared else None)
-    assert status == 413 and json.loads(body) == TOO_LARGE
-    assert not list((data / "uploads").iterdir())
-    print(f"50 MiB + 1 at full speed: private memory peak growth: ingress replica "
-          f"{ingress_growth.peak / MiB:.0f} MiB, Serve proxy {proxy_growth.peak / MiB:.0f} MiB")
+    print(f"\n50 MiB + 1 ({'paced' if pause_s else 'full speed'}, {length / MiB / seconds:.0f} MiB/s): "
+          f"private memory peak growth: ingress replica {ingress_growth.peak / MiB:.1f} MiB, "
+          f"Serve proxy {proxy_growth.peak / MiB:.1f} MiB")
+    # Holding the body anywhere shows as >= 50 MiB; a few MiB are queues, buffers and allocator slack.
+    assert ingress_growth.peak < 16 * MiB
+    assert proxy_growth.peak < 16 * MiB

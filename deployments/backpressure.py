@@ -1,0 +1,141 @@
+"""Back-pressure for request bodies on Ray Serve 2.60's HTTP path.
+
+Ray Serve moves a request body in two hops, each into a queue with no bound: its HTTP proxy
+reads the client socket as fast as the client sends into a `MessageQueue` (proxy.py,
+`proxy_asgi_receive`), and the replica pulls every queued batch into an `asyncio.Queue`
+(`ASGIReceiveProxy.fetch_until_disconnect`) whatever the handler has read. A 50 MiB upload
+from a fast client is therefore held whole in both processes before the ingress can refuse it.
+
+Bounding each queue to `HIGH_WATER_BYTES` of body makes the body flow at the pace the ingress
+reads it: the proxy stops reading the socket (uvicorn then pauses the transport and TCP pushes
+back on the client) while the replica has not pulled, and the replica stops pulling while the
+handler has not read. Neither queue blocks anything but the next body message: a full queue
+always drains as its consumer reads, and Serve cancels both pulling tasks when the response
+is done, so a handler that answers without reading the body (403, 429) still finishes.
+
+Ray offers no setting for this, so both queue classes are wrapped in place, once per process:
+the replica side by the ingress at start (`bound_replica_receive`), the proxy side by the
+proxy's start-up hook (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.backpressure:install_in_proxy`
+in the environment of every Ray node; scripts/serve.sh, the Dockerfile and the k8s manifests
+set it). Both check the Ray internals they rely on and leave Ray as it is, with a warning,
+when those are not there.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+HIGH_WATER_BYTES = 1024 * 1024
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "deployments.backpressure:install_in_proxy"
+
+log = logging.getLogger(__name__)
+
+
+def _body_bytes(message: Any) -> int:
+    if isinstance(message, dict) and message.get("type") == "http.request":
+        return len(message.get("body", b""))
+    return 0
+
+
+def install_in_proxy() -> list:
+    """Start-up hook of each Serve proxy: bound its receive queues. Returns the (no) extra
+    middlewares the hook is expected to return."""
+    from ray.serve._private import http_util
+
+    bound_proxy_receive(http_util.MessageQueue)
+    return []
+
+
+def bound_proxy_receive(queue_class: type) -> bool:
+    """Make `queue_class` (Ray's proxy-side `MessageQueue`) hold at most about
+    HIGH_WATER_BYTES of request body: putting a body message waits until the consumer has
+    taken what is queued. Returns whether the class is bounded."""
+    if getattr(queue_class, "_bounded_body", False):
+        return True
+    probe = queue_class()
+    if not all(hasattr(probe, name) for name in ("_message_queue", "_closed", "get_messages_nowait", "close")):
+        log.warning("Ray's MessageQueue changed: request bodies are not back-pressured in the proxy")
+        return False
+    put, take, close = queue_class.__call__, queue_class.get_messages_nowait, queue_class.close
+
+    def drained(queue) -> asyncio.Event:
+        if "_body_drained" not in queue.__dict__:
+            queue._body_drained = asyncio.Event()
+        return queue._body_drained
+
+    async def bounded_put(self, message) -> None:
+        if _body_bytes(message):
+            while not self._closed and sum(map(_body_bytes, self._message_queue)) >= HIGH_WATER_BYTES:
+                drained(self).clear()
+                await drained(self).wait()
+        await put(self, message)
+
+    def take_all(self) -> list:
+        messages = take(self)
+        drained(self).set()
+        return messages
+
+    def close_and_wake(self) -> None:
+        close(self)
+        drained(self).set()
+
+    queue_class.__call__, queue_class.get_messages_nowait, queue_class.close = bounded_put, take_all, close_and_wake
+    queue_class._bounded_body = True
+    return True
+
+
+class BodyQueue(asyncio.Queue):
+    """The replica's receive queue, counting the request body it holds: `room()` waits while
+    that is at least HIGH_WATER_BYTES (so the queue is never empty then)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body_bytes = 0
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def put_nowait(self, item) -> None:
+        super().put_nowait(item)
+        self.body_bytes += _body_bytes(item)
+        if self.body_bytes >= HIGH_WATER_BYTES:
+            self._room.clear()
+
+    def get_nowait(self):
+        item = super().get_nowait()
+        self.body_bytes -= _body_bytes(item)
+        if self.body_bytes < HIGH_WATER_BYTES:
+            self._room.set()
+        return item
+
+    async def room(self) -> None:
+        await self._room.wait()
+
+
+def bound_replica_receive(receive_class: type | None = None) -> bool:
+    """Make Ray's replica-side `ASGIReceiveProxy` pull the next batch from the proxy only while
+    less than HIGH_WATER_BYTES of body waits for the handler. Returns whether it is bounded."""
+    if receive_class is None:
+        from ray.serve._private.http_util import ASGIReceiveProxy as receive_class
+    if getattr(receive_class, "_bounded_body", False):
+        return True
+    init = receive_class.__init__
+    probe = receive_class({"type": "http"}, None, None)
+    if not (hasattr(probe, "_queue") and hasattr(probe, "_receive_asgi_messages")
+            and hasattr(receive_class, "fetch_until_disconnect")):
+        log.warning("Ray's ASGIReceiveProxy changed: request bodies are not back-pressured in the replica")
+        return False
+
+    def bounded_init(self, scope, request_metadata, receive_asgi_messages) -> None:
+        queue = BodyQueue()
+
+        async def pull(metadata):
+            await queue.room()
+            return await receive_asgi_messages(metadata)
+        init(self, scope, request_metadata, pull)
+        self._queue = queue
+
+    receive_class.__init__ = bounded_init
+    receive_class._bounded_body = True
+    return True
