@@ -55,6 +55,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np  # noqa: E402
 
+from deployments.backpressure import PROXY_CALLBACK, PROXY_CALLBACK_ENV  # noqa: E402
+
+os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # as scripts/serve.sh: bounded request bodies
+
 API_KEY = "bench-load-" + secrets.token_hex(8)
 APP = "rvc"
 FULL_CONCURRENCY, FULL_VOICES = (1, 4, 16, 32), (1, 3, 20)
