@@ -107,6 +107,11 @@ def _set_normed_weight(module: nn.Module, _inputs) -> None:
     module.weight = _normed_weight(module)
 
 
+def _weight(module: nn.Module) -> Tensor:
+    """The module's weight, folded or not (for callers that bypass its forward and its hook)."""
+    return _normed_weight(module) if "weight_v" in module._parameters else module.weight
+
+
 def _fold_weight_norm(module: nn.Module) -> None:
     weight = _normed_weight(module).detach()
     module._weight_norm_hook.remove()
@@ -314,6 +319,27 @@ class Flow(nn.Module):
 # decoder (dec)
 # ---------------------------------------------------------------------------------------------
 
+def _conv(conv: nn.Conv1d, x: Tensor) -> Tensor:
+    """`conv` of x [B, C, L], or of x [B, C, L, 1] in channels-last layout (the decoder's layout
+    on CPUs, see `Generator.forward`): there as a 2-D convolution of the input padded beforehand,
+    which mkldnn runs 1.2-2x faster than the same 1-D convolution in [B, C, L] (measured on the
+    decoder's shapes; padding inside the convolution loses that)."""
+    if x.dim() == 3:
+        return conv(x)
+    (k,), (d,), (stride,) = conv.kernel_size, conv.dilation, conv.stride
+    left, right = ((d * (k - 1)) // 2, d * (k - 1) - (d * (k - 1)) // 2) if conv.padding == "same" else conv.padding * 2
+    weight = _weight(conv)[..., None].contiguous(memory_format=torch.channels_last)
+    return F.conv2d(F.pad(x, (0, 0, left, right)), weight, conv.bias, stride=(stride, 1), dilation=(d, 1))
+
+
+def _conv_transpose(up: nn.ConvTranspose1d, x: Tensor) -> Tensor:
+    """`up` of x [B, C, L], or of x [B, C, L, 1] channels-last (see `_conv`)."""
+    if x.dim() == 3:
+        return up(x)
+    weight = _weight(up)[..., None].contiguous(memory_format=torch.channels_last)
+    return F.conv_transpose2d(x, weight, up.bias, stride=(up.stride[0], 1), padding=(up.padding[0], 0))
+
+
 class ResBlock1(nn.Module):
     def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...]):
         super().__init__()
@@ -322,9 +348,9 @@ class ResBlock1(nn.Module):
         self.convs2 = nn.ModuleList(
             _weight_norm(nn.Conv1d(channels, channels, kernel_size, padding="same")) for _ in dilations)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:  # x is not modified (the stage's other blocks read it)
         for c1, c2 in zip(self.convs1, self.convs2):
-            x = x + c2(F.leaky_relu(c1(F.leaky_relu(x, LRELU_SLOPE)), LRELU_SLOPE))
+            x = _conv(c2, F.leaky_relu_(_conv(c1, F.leaky_relu(x, LRELU_SLOPE)), LRELU_SLOPE)).add_(x)
         return x
 
 
@@ -335,9 +361,9 @@ class ResBlock2(nn.Module):
             _weight_norm(nn.Conv1d(channels, channels, kernel_size, dilation=d, padding="same"))
             for d in dilations[:2])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:  # x is not modified
         for conv in self.convs:
-            x = x + conv(F.leaky_relu(x, LRELU_SLOPE))
+            x = _conv(conv, F.leaky_relu(x, LRELU_SLOPE)).add_(x)
         return x
 
 
@@ -405,16 +431,21 @@ class Generator(nn.Module):
     def forward(self, z: Tensor, g: Tensor, f0: Tensor | None = None, noise: SynthNoise | None = None) -> Tensor:
         source = self.m_source(f0, self.upp, noise) if self.nsf else None  # [B, 1, T·upp]
         x = self.conv_pre(z) + self.cond(g)
+        if x.device.type == "cpu":  # the upsampling stages in channels-last [B, C, L, 1] (see `_conv`)
+            x = x[..., None].contiguous(memory_format=torch.channels_last)
+            source = None if source is None else source[..., None]
         per_stage = len(self.resblocks) // len(self.ups)
         for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, LRELU_SLOPE))
+            x = _conv_transpose(up, F.leaky_relu(x, LRELU_SLOPE))
             if source is not None:
-                x = x + self.noise_convs[i](source)
+                x = x.add_(_conv(self.noise_convs[i], source))
             blocks = self.resblocks[i * per_stage:(i + 1) * per_stage]
             xs = blocks[0](x)
             for rb in blocks[1:]:
-                xs += rb(x)
-            x = xs / per_stage
+                xs = xs.add_(rb(x))
+            x = xs.div_(per_stage)
+        if x.dim() == 4:
+            x = x[..., 0]
         # the reference uses torch's default slope (0.01) here, not LRELU_SLOPE
         return torch.tanh(self.conv_post(F.leaky_relu(x, 0.01)))  # [B, 1, T·upp]
 

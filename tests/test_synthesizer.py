@@ -342,3 +342,37 @@ def test_batch_arguments_are_checked(v2_voice):
         v2_voice.model.infer(phone, pitch, nsff0, noise=SynthNoise.zeros(), lengths=[T + 1])
     with pytest.raises(ValueError, match="sid"):
         v2_voice.model.infer(phone, pitch, nsff0, [0, 0], noise=SynthNoise.zeros())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.nn.Conv1d(8, 8, 11, dilation=5, padding="same"),
+    lambda: torch.nn.Conv1d(8, 8, 4, dilation=3, padding="same"),  # even: more padding on the right
+    lambda: torch.nn.Conv1d(8, 6, 3, padding="same"),
+    lambda: torch.nn.Conv1d(1, 8, 20, 10, padding=5),  # a noise conv: strided, int padding
+    lambda: torch.nn.Conv1d(8, 8, 1),
+], ids=["dilated", "even-kernel", "k3", "strided", "1x1"])
+def test_channels_last_convolution_equals_the_module(make):
+    """The decoder's CPU layout ([B, C, L, 1] channels-last, padded beforehand) computes what
+    the 1-D module computes."""
+    from pipeline.synthesizer import _conv
+
+    torch.manual_seed(0)
+    conv = make()
+    x = torch.randn(2, conv.in_channels, 97)
+    with torch.inference_mode():
+        expected = conv(x)
+        got = _conv(conv, x[..., None].contiguous(memory_format=torch.channels_last))
+    assert got.shape == (*expected.shape, 1)
+    torch.testing.assert_close(got[..., 0], expected, rtol=0, atol=1e-5)
+
+
+def test_channels_last_transposed_convolution_equals_the_module():
+    from pipeline.synthesizer import _conv_transpose
+
+    torch.manual_seed(0)
+    up = torch.nn.ConvTranspose1d(16, 8, 20, 10, padding=5)
+    x = torch.randn(2, 16, 31)
+    with torch.inference_mode():
+        expected = up(x)
+        got = _conv_transpose(up, x[..., None].contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got[..., 0], expected, rtol=0, atol=1e-5)
