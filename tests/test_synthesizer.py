@@ -359,11 +359,14 @@ def test_channels_last_convolution_equals_the_module(make):
     torch.manual_seed(0)
     conv = make()
     x = torch.randn(2, conv.in_channels, 97)
+    x4 = x[..., None].contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        expected = conv(x)
-        got = _conv(conv, x[..., None].contiguous(memory_format=torch.channels_last))
-    assert got.shape == (*expected.shape, 1)
+        expected, got = conv(x), _conv(conv, x4)
+        expected_activated, got_activated = conv(torch.nn.functional.leaky_relu(x, 0.1)), _conv(conv, x4, 0.1)
+    assert got.shape == got_activated.shape == (*expected.shape, 1)
     torch.testing.assert_close(got[..., 0], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_activated[..., 0], expected_activated, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_conv(conv, x, 0.1), expected_activated, rtol=0, atol=0)  # the [B, C, L] path
 
 
 def test_channels_last_transposed_convolution_equals_the_module():
