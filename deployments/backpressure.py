@@ -51,37 +51,53 @@ def install_in_proxy() -> list:
 def bound_proxy_receive(queue_class: type) -> bool:
     """Make `queue_class` (Ray's proxy-side `MessageQueue`) hold at most about
     HIGH_WATER_BYTES of request body: putting a body message waits until the consumer has
-    taken what is queued. Returns whether the class is bounded."""
+    taken enough of what is queued. Returns whether the class is bounded."""
     if getattr(queue_class, "_bounded_body", False):
         return True
-    probe = queue_class()
-    if not all(hasattr(probe, name) for name in ("_message_queue", "_closed", "get_messages_nowait", "close")):
+    methods = ("__call__", "get_messages_nowait", "get_one_message", "close")
+    if not (hasattr(queue_class(), "_closed") and all(hasattr(queue_class, m) for m in methods)):
         log.warning("Ray's MessageQueue changed: request bodies are not back-pressured in the proxy")
         return False
-    put, take, close = queue_class.__call__, queue_class.get_messages_nowait, queue_class.close
+    put, take_all, take_one, close = (getattr(queue_class, m) for m in methods)
 
-    def drained(queue) -> asyncio.Event:
-        if "_body_drained" not in queue.__dict__:
-            queue._body_drained = asyncio.Event()
-        return queue._body_drained
+    def state(queue) -> dict:
+        # body bytes queued (a running count: a queue of many tiny messages costs no scan) and
+        # the event a waiting producer sleeps on
+        if "_body" not in queue.__dict__:
+            queue._body = {"bytes": 0, "taken": asyncio.Event()}
+        return queue._body
+
+    def taken(queue, n: int) -> None:
+        body = state(queue)
+        body["bytes"] -= n
+        body["taken"].set()
 
     async def bounded_put(self, message) -> None:
-        if _body_bytes(message):
-            while not self._closed and sum(map(_body_bytes, self._message_queue)) >= HIGH_WATER_BYTES:
-                drained(self).clear()
-                await drained(self).wait()
-        await put(self, message)
+        n = _body_bytes(message)
+        if n:
+            body = state(self)
+            while not self._closed and body["bytes"] >= HIGH_WATER_BYTES:
+                body["taken"].clear()
+                await body["taken"].wait()
+        await put(self, message)  # raises once the queue is closed, as Ray's does
+        state(self)["bytes"] += n
 
-    def take_all(self) -> list:
-        messages = take(self)
-        drained(self).set()
+    def bounded_take_all(self) -> list:
+        messages = take_all(self)
+        taken(self, sum(map(_body_bytes, messages)))
         return messages
+
+    async def bounded_take_one(self):
+        message = await take_one(self)
+        taken(self, _body_bytes(message))
+        return message
 
     def close_and_wake(self) -> None:
         close(self)
-        drained(self).set()
+        state(self)["taken"].set()
 
-    queue_class.__call__, queue_class.get_messages_nowait, queue_class.close = bounded_put, take_all, close_and_wake
+    for name, method in zip(methods, (bounded_put, bounded_take_all, bounded_take_one, close_and_wake)):
+        setattr(queue_class, name, method)
     queue_class._bounded_body = True
     return True
 

@@ -116,3 +116,17 @@ def test_an_unbounded_receive_pulls_everything():
         await asyncio.wait_for(fetch, 1)
         assert proxy.pulls == 41
     asyncio.run(run())
+
+
+def test_the_proxy_count_follows_messages_taken_one_at_a_time():
+    async def run():
+        queue = _bounded_proxy_queue()
+        for _ in range(HIGH_WATER_BYTES // CHUNK):
+            await queue(_body())
+        blocked = asyncio.create_task(queue(_body()))
+        await asyncio.sleep(0.05)
+        assert not blocked.done()
+        await queue.get_one_message()  # one chunk's room
+        await asyncio.wait_for(blocked, 1)
+        assert len(queue.get_messages_nowait()) == HIGH_WATER_BYTES // CHUNK
+    asyncio.run(run())
