@@ -329,7 +329,11 @@ def _conv(conv: nn.Conv1d, x: Tensor, slope: float | None = None) -> Tensor:
     if x.dim() == 3:
         return conv(x if slope is None else F.leaky_relu(x, slope))
     (k,), (d,), (stride,) = conv.kernel_size, conv.dilation, conv.stride
-    left, right = ((d * (k - 1)) // 2, d * (k - 1) - (d * (k - 1)) // 2) if conv.padding == "same" else conv.padding * 2
+    if conv.padding == "same":  # torch puts the odd one on the right
+        left = d * (k - 1) // 2
+        right = d * (k - 1) - left
+    else:
+        (left,) = (right,) = conv.padding
     b, c, n, _ = x.shape
     padded = torch.empty((b, c, left + n + right, 1), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     padded[:, :, :left].zero_()
@@ -338,16 +342,15 @@ def _conv(conv: nn.Conv1d, x: Tensor, slope: float | None = None) -> Tensor:
         padded[:, :, left:left + n].copy_(x)
     else:
         torch.ops.aten.leaky_relu.out(x, slope, out=padded[:, :, left:left + n])
-    weight = _weight(conv)[..., None].contiguous(memory_format=torch.channels_last)
-    return F.conv2d(padded, weight, conv.bias, stride=(stride, 1), dilation=(d, 1))
+    # the input's layout picks mkldnn's channels-last kernel; the weight's does not matter (measured)
+    return F.conv2d(padded, _weight(conv)[..., None], conv.bias, stride=(stride, 1), dilation=(d, 1))
 
 
 def _conv_transpose(up: nn.ConvTranspose1d, x: Tensor) -> Tensor:
     """`up` of x [B, C, L], or of x [B, C, L, 1] channels-last (see `_conv`)."""
     if x.dim() == 3:
         return up(x)
-    weight = _weight(up)[..., None].contiguous(memory_format=torch.channels_last)
-    return F.conv_transpose2d(x, weight, up.bias, stride=(up.stride[0], 1), padding=(up.padding[0], 0))
+    return F.conv_transpose2d(x, _weight(up)[..., None], up.bias, stride=(up.stride[0], 1), padding=(up.padding[0], 0))
 
 
 class ResBlock1(nn.Module):
