@@ -39,17 +39,6 @@ def _batching(method, stage) -> None:
     method.set_batch_wait_timeout_s(stage.batch_wait_timeout_s)
 
 
-def _per_group(keys: list, run) -> list:
-    """A batch's results in call order, computed group by group: `run(key, indices)` returns the
-    results of the calls at `indices`, which share `key` (a voice, a version, a method)."""
-    out = [None] * len(keys)
-    for key in dict.fromkeys(keys):
-        mine = [i for i, k in enumerate(keys) if k == key]
-        for i, result in zip(mine, run(key, mine)):
-            out[i] = result
-    return out
-
-
 def _device() -> str:
     """The replica's torch device (Ray hides GPUs from replicas that did not ask for one), with
     torch's CPU threads matched to the CPUs the replica reserved."""
@@ -76,14 +65,14 @@ class ContentFeatures:
 
     @serve.batch
     async def _extract(self, chunks: list[np.ndarray], versions: list[str]) -> list[np.ndarray]:
-        from pipeline.convert import chunk_features_batch, network_precision
+        from pipeline.convert import chunk_features_batch, network_precision, per_group
 
         def run(version: str, mine: list[int]) -> list[np.ndarray]:
             with network_precision(self.device, self.precision):
                 feats = chunk_features_batch(self.hubert, [chunks[i] for i in mine], version, len(mine))
             return [f.cpu().numpy() for f in feats]
 
-        return await asyncio.to_thread(_per_group, versions, run)
+        return await asyncio.to_thread(per_group, versions, run)
 
     async def ready(self) -> bool:
         return True
@@ -111,14 +100,14 @@ class PitchEstimator:
 
     @serve.batch
     async def _estimate_pieces(self, pieces: list, methods: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        from pipeline.convert import network_precision
+        from pipeline.convert import network_precision, per_group
         from pipeline.pitch import crepe_piece_batch
 
         def run(method: str, mine: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
             with network_precision(self.device, self.precision):
                 return crepe_piece_batch([pieces[i] for i in mine], method, self.models)
 
-        return await asyncio.to_thread(_per_group, methods, run)
+        return await asyncio.to_thread(per_group, methods, run)
 
     @serve.batch
     async def _estimate(self, prepared: list, params: list) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -224,14 +213,14 @@ class Synthesis:
     async def _synthesize(self, voices: list[_CachedVoice], items: list) -> list[np.ndarray]:
         """Chunks of concurrent calls, one batch per voice (Serve splits batches by model id;
         grouping again keeps that an optimisation, not a correctness condition)."""
-        from pipeline.convert import network_precision, synthesize_chunks
+        from pipeline.convert import network_precision, per_group, synthesize_chunks
 
         def run(_key: int, mine: list[int]) -> list[np.ndarray]:
             voice = voices[mine[0]].voice
             with network_precision(self.device, self.precision):
                 return synthesize_chunks(voice, [items[i] for i in mine], voice.sample_rate * self.chunking.x_pad)
 
-        return await asyncio.to_thread(_per_group, [id(c.voice) for c in voices], run)
+        return await asyncio.to_thread(per_group, [id(c.voice) for c in voices], run)
 
     async def ready(self) -> bool:
         return True

@@ -175,16 +175,22 @@ def input_pitch_request(prepared: PreparedInput, params: ConversionParams) -> Pi
                         dither_for(params.seed, prepared.audio_pad.shape[0] // WINDOW + 1))
 
 
+def per_group(keys: Sequence, run: Callable[[object, list[int]], Sequence]) -> list:
+    """Results of a batch of calls in call order, computed group by group: `run(key, indices)`
+    returns the results of the calls at `indices`, which share `key` (a method, a length, a voice)."""
+    out = [None] * len(keys)
+    for key in dict.fromkeys(keys):
+        mine = [i for i, k in enumerate(keys) if k == key]
+        for i, result in zip(mine, run(key, mine)):
+            out[i] = result
+    return out
+
+
 def estimate_input_pitch_batch(inputs: Sequence[tuple[PreparedInput, ConversionParams]],
                                models: PitchModels) -> list[tuple[np.ndarray, np.ndarray]]:
     """`estimate_input_pitch` of several inputs; those of one f0 method run together."""
-    out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(inputs)
-    for method in {params.f0_method for _, params in inputs}:
-        mine = [i for i, (_, params) in enumerate(inputs) if params.f0_method == method]
-        requests = [input_pitch_request(*inputs[i]) for i in mine]
-        for i, track in zip(mine, estimate_pitch_batch(requests, method, models)):
-            out[i] = track
-    return out
+    return per_group([params.f0_method for _, params in inputs], lambda method, mine: estimate_pitch_batch(
+        [input_pitch_request(*inputs[i]) for i in mine], method, models))
 
 
 @torch.inference_mode()
@@ -199,18 +205,15 @@ def chunk_features_batch(hubert: Hubert, chunks: Sequence[np.ndarray], version: 
     """`chunk_features` of several chunks; chunks of equal length run as one batch (HuBERT's first
     layer normalises over the whole input, so padding would change every frame)."""
     device = next(hubert.parameters()).device
-    by_length: dict[int, list[int]] = {}
-    for i, chunk in enumerate(chunks):
-        by_length.setdefault(chunk.shape[0], []).append(i)
-    out: list[torch.Tensor | None] = [None] * len(chunks)
-    for same in by_length.values():
+
+    def run(_length: int, same: list[int]) -> list[torch.Tensor]:
+        out = []
         for start in range(0, len(same), max_batch):
-            group = same[start:start + max_batch]
-            wav = torch.from_numpy(np.stack([chunks[i] for i in group])).float().to(device)  # [B, L]
-            feats = content_features(hubert, wav, version).float()  # [B, T50, C]
-            for row, i in enumerate(group):
-                out[i] = feats[row]
-    return out
+            wav = torch.from_numpy(np.stack([chunks[i] for i in same[start:start + max_batch]])).float().to(device)
+            out += content_features(hubert, wav, version).float().unbind()  # [B, L] -> B × [T50, C]
+        return out
+
+    return per_group([chunk.shape[0] for chunk in chunks], run)
 
 
 def retrieve(feats: torch.Tensor, index: RetrievalIndex | None, params: ConversionParams) -> torch.Tensor:
