@@ -135,10 +135,15 @@ def wait_for(predicate, timeout_s: float, interval_s: float = 0.2):
     raise AssertionError(f"condition not met within {timeout_s} s")
 
 
+def ray_processes() -> list[psutil.Process]:
+    """Every process of this test session's Ray: all run below this pytest process, so other
+    Ray instances on the machine are never picked."""
+    return psutil.Process().children(recursive=True)
+
+
 def ray_process(title: str) -> psutil.Process:
-    """The process of this session's Ray whose title (argv[0], set by Ray) is `title`: Ray
-    runs below this pytest process, so other Ray instances on the machine are never picked."""
-    titles = {p: _title(p) for p in psutil.Process().children(recursive=True)}
+    """The process of this session's Ray whose title (argv[0], set by Ray) is `title`."""
+    titles = {p: _title(p) for p in ray_processes()}
     found = [p for p, t in titles.items() if t is not None and (t == title or t.startswith(title + "."))]
     assert len(found) == 1, f"{len(found)} processes titled {title!r} among {sorted(map(str, titles.values()))}"
     return found[0]

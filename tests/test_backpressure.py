@@ -23,6 +23,18 @@ def _bounded_proxy_queue() -> MessageQueue:
     return queue_class()
 
 
+async def _full_proxy_queue() -> tuple[MessageQueue, asyncio.Task]:
+    """A bounded proxy queue holding the high-water mark of body, and the put after it, which
+    waits (asserted)."""
+    queue = _bounded_proxy_queue()
+    for _ in range(HIGH_WATER_BYTES // CHUNK):
+        await queue(_body())
+    blocked = asyncio.create_task(queue(_body()))
+    await asyncio.sleep(0.05)
+    assert not blocked.done()
+    return queue, blocked
+
+
 def test_the_proxy_stops_reading_the_client_at_the_high_water_mark():
     async def run():
         queue = _bounded_proxy_queue()
@@ -50,12 +62,7 @@ def test_the_proxy_stops_reading_the_client_at_the_high_water_mark():
 
 def test_a_closed_proxy_queue_wakes_its_blocked_reader():
     async def run():
-        queue = _bounded_proxy_queue()
-        for _ in range(HIGH_WATER_BYTES // CHUNK):
-            await queue(_body())
-        blocked = asyncio.create_task(queue(_body()))
-        await asyncio.sleep(0.05)
-        assert not blocked.done()
+        queue, blocked = await _full_proxy_queue()
         queue.close()  # the request ended: Ray closes the queue
         with pytest.raises(RuntimeError, match="closed"):
             await asyncio.wait_for(blocked, 1)
@@ -120,12 +127,7 @@ def test_an_unbounded_receive_pulls_everything():
 
 def test_the_proxy_count_follows_messages_taken_one_at_a_time():
     async def run():
-        queue = _bounded_proxy_queue()
-        for _ in range(HIGH_WATER_BYTES // CHUNK):
-            await queue(_body())
-        blocked = asyncio.create_task(queue(_body()))
-        await asyncio.sleep(0.05)
-        assert not blocked.done()
+        queue, blocked = await _full_proxy_queue()
         await queue.get_one_message()  # one chunk's room
         await asyncio.wait_for(blocked, 1)
         assert len(queue.get_messages_nowait()) == HIGH_WATER_BYTES // CHUNK

@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.service_support import delete_app, serve_url, wait_for, wav_bytes  # noqa: F401
+from tests.service_support import delete_app, ray_processes, serve_url, wait_for, wav_bytes  # noqa: F401
 from tests.test_service_api import KEY_A, _app
 from tests.test_service_faults import _whole_tone
 
@@ -67,14 +67,9 @@ def soak_app(tmp_path_factory, serve_url):
     delete_app(app.name)
 
 
-def _ray_processes() -> list[psutil.Process]:
-    """Every process of this test session's Ray (all started below this one)."""
-    return psutil.Process().children(recursive=True)
-
-
 def _sample(app, completed: int) -> Sample:
     rss, fds, names = {}, {}, {}
-    for process in _ray_processes():
+    for process in ray_processes():
         try:
             with process.oneshot():
                 rss[process.pid], fds[process.pid] = process.memory_info().rss, process.num_fds()
