@@ -1,6 +1,6 @@
 """Pipeline benchmark: real-time factor per stage, ours and (optionally) the reference's.
 
-    .venv/bin/python bench/pipeline.py [--seconds 10,60,600] [--f0-method crepe] [--device cpu]
+    .venv/bin/python bench/pipeline.py [--seconds 10,60,600] [--f0-method crepe] [--device cpu] [--precision fp32]
         [--ref /tmp/oracle-work/ref --oracle ../shared/oracle --oracle-python /tmp/oracle-work/venv/bin/python]
         [--out bench/results/pipeline.json]
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -27,9 +28,10 @@ import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import audio as audio_io  # noqa: E402
-from pipeline.convert import ConversionParams, Converter  # noqa: E402
+from pipeline.convert import PRECISIONS, ConversionParams, Converter  # noqa: E402
 from pipeline.demo import synthetic_speech  # noqa: E402
 from pipeline.index import load_index  # noqa: E402
+from pipeline.memory import reuse_freed_memory  # noqa: E402
 from pipeline.synthesizer import load_voice  # noqa: E402
 from tests.fixtures import build_fixtures, default_cache_dir  # noqa: E402
 
@@ -54,12 +56,15 @@ def make_inputs(seconds: list[float], work: Path) -> tuple[Path, dict[float, Pat
     return source, paths
 
 
-def bench_ours(fx: dict, inputs: dict[float, Path], f0_method: str, device: str, work: Path) -> dict:
+def bench_ours(fx: dict, inputs: dict[float, Path], f0_method: str, device: str, precision: str,
+               work: Path, reuse_memory: bool = True) -> dict:
     v = fx["voices"]["v2-40k-f0"]
+    if reuse_memory:
+        reuse_freed_memory()  # as the service's model replicas and `rvc-serve convert` do
     started = time.perf_counter()
     voice = load_voice(v["pth"], device=device)
     index = load_index(v["index"])
-    converter = Converter.from_paths(fx["hubert"], rmvpe_path=fx["rmvpe"], device=device)
+    converter = Converter.from_paths(fx["hubert"], rmvpe_path=fx["rmvpe"], device=device, precision=precision)
     load_s = time.perf_counter() - started
     params = ConversionParams(f0_method=f0_method)
     converter.convert(np.zeros(32000, np.float32), voice, index, params)  # warm-up
@@ -74,12 +79,17 @@ def bench_ours(fx: dict, inputs: dict[float, Path], f0_method: str, device: str,
         audio_io.write_audio(work / f"out_{seconds:g}s.mp3", audio_io.to_int16(out), voice.sample_rate)
         timings["encode"] = time.perf_counter() - t1
         wall = time.perf_counter() - t0
-        results[f"{seconds:g}"] = {"wall_s": wall, "rtf": wall / seconds,
+        results[f"{seconds:g}"] = {"wall_s": wall, "rtf": wall / seconds, "peak_rss_mb": _peak_rss_mb(),
                                    "stages_s": {k: timings.get(k, 0.0) for k in STAGES},
                                    "stages_rtf": {k: timings.get(k, 0.0) / seconds for k in STAGES}}
-        print(f"ours  {seconds:>6g} s: wall {wall:8.2f} s  RTF {wall / seconds:.3f}  "
+        print(f"ours  {seconds:>6g} s: wall {wall:8.2f} s  RTF {wall / seconds:.3f}  peak RSS {_peak_rss_mb()} MB  "
               + "  ".join(f"{k} {timings.get(k, 0.0):.2f}" for k in STAGES), flush=True)
     return {"load_s": load_s, "inputs": results}
+
+
+def _peak_rss_mb() -> int:
+    """This process's peak resident memory so far (inputs run shortest first)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
 def bench_reference(fx: dict, source: Path, inputs: dict[float, Path], args: argparse.Namespace,
@@ -104,6 +114,10 @@ def main() -> None:
     ap.add_argument("--seconds", default="10,60,600")
     ap.add_argument("--f0-method", default="crepe", choices=["crepe", "crepe-tiny", "rmvpe"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                    help="ours (pipeline.convert.network_precision); the reference runs its own fp32")
+    ap.add_argument("--malloc-default", action="store_true",
+                    help="leave glibc's allocator as it is (no pipeline.memory.reuse_freed_memory)")
     ap.add_argument("--ref", help="reference checkout (branch 20240604); runs the reference too")
     ap.add_argument("--oracle", default=str(ROOT.parent / "shared" / "oracle"))
     ap.add_argument("--oracle-python", default="/tmp/oracle-work/venv/bin/python")
@@ -119,7 +133,10 @@ def main() -> None:
                           "device": args.device,
                           "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                           "torch": torch.__version__},
-              "f0_method": args.f0_method, "ours": bench_ours(fx, inputs, args.f0_method, args.device, work)}
+              "f0_method": args.f0_method, "precision": args.precision,
+              "reuse_freed_memory": not args.malloc_default,
+              "ours": bench_ours(fx, inputs, args.f0_method, args.device, args.precision, work,
+                                 reuse_memory=not args.malloc_default)}
     if args.ref:
         ref = bench_reference(fx, source, inputs, args, work)
         result["reference"] = ref

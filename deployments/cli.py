@@ -18,6 +18,7 @@ def _convert(args: argparse.Namespace) -> int:
     from pipeline import audio as audio_io
     from pipeline.convert import ConversionParams, Converter
     from pipeline.index import load_index
+    from pipeline.memory import reuse_freed_memory
     from pipeline.synthesizer import load_voice
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -29,7 +30,8 @@ def _convert(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     voice = load_voice(args.model, device=args.device)
     index = load_index(args.index) if args.index and params.index_rate > 0 else None
-    converter = Converter.from_paths(args.hubert, rmvpe_path=args.rmvpe, device=args.device)
+    reuse_freed_memory()
+    converter = Converter.from_paths(args.hubert, rmvpe_path=args.rmvpe, device=args.device, precision=args.precision)
     audio = audio_io.load_audio(args.input)
     with tqdm(total=None, unit="chunk", desc="converting", disable=args.quiet) as bar:
         def progress(done: int, total: int) -> None:
@@ -224,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     _conversion_options(conv, with_defaults=True)
     conv.add_argument("--seed", type=int, default=0)
     conv.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    conv.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                      help="fp32: exact; fp16: faster on GPUs; bf16: faster on CPUs with AMX/AVX512-BF16 "
+                           "(both within 1e-2 of fp32, see docs/performance.md)")
     conv.add_argument("-q", "--quiet", action="store_true")
     conv.set_defaults(func=_convert)
 

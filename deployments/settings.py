@@ -150,9 +150,11 @@ class AppSettings(BaseModel):
     # on any pitch replicas (a multiple of crepe's 512-frame viterbi period: the joined track is
     # exact); rmvpe always runs whole.
     pitch_piece_frames: int = Field(4096, ge=512, multiple_of=512)
-    # The networks' precision on GPUs (CPUs always run fp32): fp16 keeps the output within 1e-2
-    # relative of fp32 and is the fastest there (docs/performance.md); fp32 is exact.
-    precision: Literal["fp32", "fp16"] = "fp16"  # bf16 measured 0.5-0.9 relative: not offered
+    # The networks' precision (pipeline.convert.network_precision; errors measured in
+    # docs/performance.md, all within 1e-2 relative of fp32): fp16 is for GPUs (CPUs run it as
+    # fp32), bf16 for CPUs with AMX/AVX512-BF16 (the synthesizer's residual blocks in bfloat16:
+    # 2.5x faster synthesis); fp32 is exact.
+    precision: Literal["fp32", "fp16", "bf16"] = "fp16"
     seed: int = 0
     # Overrides of pipeline.convert.ChunkingConfig (x_pad, x_query, x_center, x_max; seconds).
     # `rvc-serve convert` uses the defaults: change them and outputs differ from it.

@@ -41,11 +41,15 @@ def _batching(method, stage) -> None:
 
 def _device() -> str:
     """The replica's torch device (Ray hides GPUs from replicas that did not ask for one), with
-    torch's CPU threads matched to the CPUs the replica reserved."""
+    torch's CPU threads matched to the CPUs the replica reserved and large activations served
+    from reused memory (pipeline.memory)."""
     import torch
+
+    from pipeline.memory import reuse_freed_memory
 
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
     torch.set_num_threads(max(1, int(cpus)))
+    reuse_freed_memory()
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from . import audio as audio_io
 from .hubert import Hubert, HubertConfig, content_features, load_hubert
 from .index import RetrievalIndex, blend
+from .memory import release_freed_memory
 from .pitch import PitchModels, PitchRequest, estimate_pitch_batch
-from .synthesizer import SynthNoise, Voice
+from .synthesizer import SynthNoise, Voice, resblock_precision
 
 WINDOW = 160  # samples per f0 frame at 16 kHz (10 ms)
 SR = audio_io.SAMPLE_RATE
@@ -271,11 +272,13 @@ def synthesize_chunks(voice: Voice, items: Sequence[ChunkSynthesis], trim: int) 
         return torch.stack([F.pad(x[k], (0, 0, 0, t - n) if k == 0 else (0, t - n)) for x, n in zip(inputs, lengths)])
 
     noise = items[0].noise if len(items) == 1 else SynthNoise.stacked([item.noise for item in items], lengths)
-    out = voice.model.infer(batch(0), batch(1), batch(2), sid=[item.params.sid for item in items],
-                            noise=noise, lengths=lengths if len(items) > 1 else None)  # [B, 1, t·upp]
-    out = out[:, 0].float().cpu().numpy()
     upp = voice.upsample_factor
-    return [out[i, trim:n * upp - trim] for i, n in enumerate(lengths)]
+    trim_frames, trim_rest = divmod(trim, upp)
+    out = voice.model.infer(batch(0), batch(1), batch(2), sid=[item.params.sid for item in items],
+                            noise=noise, lengths=lengths if len(items) > 1 else None,
+                            trim_frames=trim_frames)  # [B, 1, (t − 2·trim_frames)·upp]
+    out = out[:, 0].float().cpu().numpy()
+    return [out[i, trim_rest:(n - 2 * trim_frames) * upp - trim_rest] for i, n in enumerate(lengths)]
 
 
 def synthesize_chunk(voice: Voice, feats: torch.Tensor, feats0: torch.Tensor, coarse: np.ndarray | None,
@@ -317,24 +320,44 @@ def finish_output(pieces: list[np.ndarray], prepared: PreparedInput, params: Con
     return out
 
 
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
-def network_precision(device: torch.device | str, precision: str):
-    """A context in which the networks' convolutions and matrix products run in `precision`
-    (autocast; CUDA only: on the CPU fp32 is both faster and exact). DSP and decoding keep their
-    own float32/float64 (see crepe_f0).
+def network_precision(device: torch.device | str, precision: str) -> ExitStack:
+    """A context in which the networks run in `precision`; DSP and decoding keep their own
+    float32/float64 (see crepe_f0). Measured errors: docs/performance.md.
 
-    fp32 on CUDA is true fp32: cuDNN's default TF32 convolutions flip rmvpe's voicing decisions
-    (output error 0.45 relative on an H200, 1.1e-3 without TF32; bench/gpu.py)."""
+    - fp32: exact. On CUDA true fp32: cuDNN's default TF32 convolutions flip rmvpe's voicing
+      decisions (output error 0.45 relative on an H200, 1.1e-3 without TF32; bench/gpu.py).
+    - fp16: CUDA only, every network under fp16 autocast (9e-3); on CPUs the same as fp32.
+    - bf16: the synthesizer's residual-block convolutions in bfloat16 (`resblock_precision`),
+      the rest fp32; for CPUs with AMX or AVX512-BF16, where it is 2.5x faster (3e-3). bfloat16
+      autocast of every network fails the 1e-2 bound (0.5-0.9), so it is not offered. Where the
+      hardware has no bfloat16 arithmetic it runs as fp32.
+
+    On exit the memory the pass freed goes back to the kernel (`release_freed_memory`).
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
-    if device.type != "cuda":
-        return nullcontext()
-    if PRECISIONS[precision] is None:
-        return torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
-    return torch.autocast("cuda", dtype=PRECISIONS[precision])
+    stack = ExitStack()
+    stack.callback(release_freed_memory)
+    if device.type == "cuda":
+        if precision == "fp16":
+            stack.enter_context(torch.autocast("cuda", dtype=torch.float16))
+        else:
+            stack.enter_context(torch.backends.cudnn.flags(enabled=True, allow_tf32=False))
+    if precision == "bf16" and has_bf16_arithmetic(device):
+        stack.enter_context(resblock_precision(torch.bfloat16))
+    return stack
+
+
+def has_bf16_arithmetic(device: torch.device) -> bool:
+    """Whether bfloat16 convolutions run natively (not emulated, which is slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return any(getattr(torch.cpu, check, lambda: False)()
+               for check in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 @dataclass(frozen=True)
@@ -354,7 +377,7 @@ class Converter:
     hubert: Hubert
     pitch_models: PitchModels
     chunking: ChunkingConfig = ChunkingConfig()
-    precision: str = "fp32"  # of the networks on CUDA: fp32, fp16 or bf16
+    precision: str = "fp32"  # of the networks: fp32, fp16 or bf16 (see network_precision)
 
     @classmethod
     def from_paths(cls, hubert_path: str | Path, rmvpe_path: str | Path | None = None,

@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ SINE_AMP = 0.1
 NSF_NOISE_STD = 0.003  # voiced; unvoiced samples get SINE_AMP / 3
 ATTENTION_WINDOW = 10  # relative positions −10..10 have an embedding
 FLOW_KERNEL, FLOW_LAYERS, FLOW_COUPLINGS = 5, 3, 4
+CPU_DECODE_SEGMENT_FRAMES = 400  # 4 s (measured: 200 and 1000 are slower)
 FEATURE_DIM = {"v1": 256, "v2": 768}
 _RATE_NAMES = {"32k": 32000, "40k": 40000, "48k": 48000}
 _APPLIO_WEIGHT_NORM = {".parametrizations.weight.original0": ".weight_g",
@@ -79,6 +82,29 @@ class SynthesizerConfig:
     def upsample_factor(self) -> int:
         """Output samples per 10 ms frame."""
         return math.prod(self.upsample_rates)
+
+    @property
+    def decoder_context_frames(self) -> int:
+        """How many frames of the decoder's input on each side an output frame depends on (an
+        upper bound: the receptive field of its convolutions, rounded up)."""
+        frames = 3.0  # conv_pre, kernel 7
+        rate = 1  # samples per frame at the current stage's input
+        for up_rate, up_kernel in zip(self.upsample_rates, self.upsample_kernel_sizes):
+            frames += math.ceil(up_kernel / up_rate) / rate  # the transposed conv, in its input's samples
+            rate *= up_rate
+            reach = max(_resblock_reach(self.resblock, k, ds)
+                        for k, ds in zip(self.resblock_kernel_sizes, self.resblock_dilation_sizes))
+            frames += (reach + 2) / rate  # + 2: the source's strided conv
+        frames += 3 / rate  # conv_post
+        return math.ceil(frames) + 1
+
+
+def _resblock_reach(kind: str, kernel: int, dilations: Sequence[int]) -> int:
+    """Samples on each side that one residual block's output depends on."""
+    half = (kernel - 1) // 2 + 1
+    if kind == "1":  # each dilated conv is followed by an undilated one
+        return sum(half * d + half for d in dilations)
+    return sum(half * d for d in dilations[:2])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,15 +345,57 @@ class Flow(nn.Module):
 # decoder (dec)
 # ---------------------------------------------------------------------------------------------
 
-def _conv(conv: nn.Conv1d, x: Tensor, slope: float | None = None) -> Tensor:
+_RESBLOCK_DTYPE: ContextVar[torch.dtype | None] = ContextVar("resblock_dtype", default=None)
+
+
+@contextmanager
+def resblock_precision(dtype: torch.dtype | None) -> Iterator[None]:
+    """Within it, the decoder's residual-block convolutions (95 % of the synthesizer's FLOPs) take
+    their inputs and weights in `dtype` (None: the model's own). With bfloat16 they run on the
+    CPU's AMX units (about 4x the fp32 rate) and accumulate in fp32; the residual sums, the
+    upsampling and the source convolutions stay fp32, which keeps the output within ~3e-3
+    relative of fp32 (rounding the upsampling's inputs too costs 7e-3; docs/performance.md)."""
+    token = _RESBLOCK_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _RESBLOCK_DTYPE.reset(token)
+
+
+def _weight_in(module: nn.Module, dtype: torch.dtype | None) -> Tensor:
+    """`_weight(module)` in `dtype`; a folded weight's copy is made once and kept."""
+    weight = _weight(module)
+    if dtype is None or dtype == weight.dtype:
+        return weight
+    if "weight_v" in module._parameters:  # recomputed each call: nothing to keep
+        return weight.to(dtype)
+    cached = module.__dict__.get("_weight_copy")
+    if cached is None or cached[0] != (dtype, weight.device, weight._version):
+        cached = module.__dict__["_weight_copy"] = ((dtype, weight.device, weight._version), weight.to(dtype))
+    return cached[1]
+
+
+def _residual_add(total: Tensor, y: Tensor, x: Tensor) -> Tensor:
+    """total + y in x's dtype, where total is x itself (left unmodified) or a sum made here
+    (added into in place): a residual chain that allocates no buffer of its own."""
+    if total is not x:
+        return total.add_(y)
+    return y.add_(x) if y.dtype == x.dtype else x + y
+
+
+def _conv(conv: nn.Conv1d, x: Tensor, slope: float | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """`conv` of x [B, C, L] (after a leaky ReLU of `slope` if given), or the same of x
-    [B, C, L, 1] in channels-last layout (the decoder's layout on CPUs, see `Generator.forward`).
+    [B, C, L, 1] in channels-last layout (the decoder's layout on CPUs, see `Generator.forward`),
+    with input and weight in `dtype` if given (the output is then `dtype` too).
     There it is a 2-D convolution of an input padded beforehand, which mkldnn runs 1.2-2x faster
     than the 1-D convolution of [B, C, L] on the decoder's shapes (padding inside the convolution
     loses that); the activation is written straight into the padded input, whose margins alone
     are zeroed (F.pad would fill it whole and then copy)."""
+    weight = _weight_in(conv, dtype)
+    bias = None if conv.bias is None else conv.bias.to(weight.dtype)
     if x.dim() == 3:
-        return conv(x if slope is None else F.leaky_relu(x, slope))
+        x = x if slope is None else F.leaky_relu(x, slope)
+        return conv._conv_forward(x if dtype is None else x.to(dtype), weight, bias)
     (k,), (d,), (stride,) = conv.kernel_size, conv.dilation, conv.stride
     if conv.padding == "same":  # torch puts the odd one on the right
         left = d * (k - 1) // 2
@@ -335,15 +403,19 @@ def _conv(conv: nn.Conv1d, x: Tensor, slope: float | None = None) -> Tensor:
     else:
         (left,) = (right,) = conv.padding
     b, c, n, _ = x.shape
-    padded = torch.empty((b, c, left + n + right, 1), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    padded = torch.empty((b, c, left + n + right, 1), dtype=weight.dtype, device=x.device,
+                         memory_format=torch.channels_last)
     padded[:, :, :left].zero_()
     padded[:, :, left + n:].zero_()
-    if slope is None:
-        padded[:, :, left:left + n].copy_(x)
+    inner = padded[:, :, left:left + n]
+    if slope is None or x.dtype != padded.dtype:  # leaky_relu.out does not convert
+        inner.copy_(x)
+        if slope is not None:
+            F.leaky_relu_(inner, slope)
     else:
-        torch.ops.aten.leaky_relu.out(x, slope, out=padded[:, :, left:left + n])
+        torch.ops.aten.leaky_relu.out(x, slope, out=inner)
     # the input's layout picks mkldnn's channels-last kernel; the weight's does not matter (measured)
-    return F.conv2d(padded, _weight(conv)[..., None], conv.bias, stride=(stride, 1), dilation=(d, 1))
+    return F.conv2d(padded, weight[..., None], bias, stride=(stride, 1), dilation=(d, 1))
 
 
 def _conv_transpose(up: nn.ConvTranspose1d, x: Tensor) -> Tensor:
@@ -362,9 +434,10 @@ class ResBlock1(nn.Module):
             _weight_norm(nn.Conv1d(channels, channels, kernel_size, padding="same")) for _ in dilations)
 
     def forward(self, x: Tensor) -> Tensor:  # x is not modified (the stage's other blocks read it)
+        dtype, total = _RESBLOCK_DTYPE.get(), x
         for c1, c2 in zip(self.convs1, self.convs2):
-            x = _conv(c2, _conv(c1, x, LRELU_SLOPE), LRELU_SLOPE).add_(x)
-        return x
+            total = _residual_add(total, _conv(c2, _conv(c1, total, LRELU_SLOPE, dtype), LRELU_SLOPE, dtype), x)
+        return total
 
 
 class ResBlock2(nn.Module):
@@ -375,9 +448,10 @@ class ResBlock2(nn.Module):
             for d in dilations[:2])
 
     def forward(self, x: Tensor) -> Tensor:  # x is not modified
+        dtype, total = _RESBLOCK_DTYPE.get(), x
         for conv in self.convs:
-            x = _conv(conv, x, LRELU_SLOPE).add_(x)
-        return x
+            total = _residual_add(total, _conv(conv, total, LRELU_SLOPE, dtype), x)
+        return total
 
 
 def sine_excitation(f0: Tensor, upp: int, sample_rate: int) -> tuple[Tensor, Tensor]:
@@ -423,6 +497,8 @@ class Generator(nn.Module):
         rates, channels = config.upsample_rates, config.upsample_initial_channel
         block = ResBlock1 if config.resblock == "1" else ResBlock2
         self.upp, self.nsf = config.upsample_factor, nsf
+        self.context_frames = config.decoder_context_frames
+        self.cpu_segment_frames = CPU_DECODE_SEGMENT_FRAMES
         if nsf:
             self.m_source = SineSource(config.sample_rate)
             self.noise_convs = nn.ModuleList()
@@ -441,8 +517,31 @@ class Generator(nn.Module):
         self.conv_post = nn.Conv1d(c_out, 1, 7, padding=3, bias=False)
         self.cond = nn.Conv1d(config.gin_channels, channels, 1)
 
-    def forward(self, z: Tensor, g: Tensor, f0: Tensor | None = None, noise: SynthNoise | None = None) -> Tensor:
+    def forward(self, z: Tensor, g: Tensor, f0: Tensor | None = None, noise: SynthNoise | None = None,
+                keep: tuple[int, int] | None = None) -> Tensor:
+        """z [B, inter, T] → audio [B, 1, T·upp], or only frames keep = (start, stop) of it: the
+        convolutions then run on those frames and `context_frames` on each side, not on all T.
+
+        On CPUs the frames are decoded in segments of `cpu_segment_frames` (each with its
+        context): the same samples, but activations of a few seconds stay in the caches and in
+        reused memory (a 30 s input decoded whole took 1.2-1.5x the time, 1.1-1.2x the peak
+        memory)."""
         source = self.m_source(f0, self.upp, noise) if self.nsf else None  # [B, 1, T·upp]
+        # the source is made whole first: its phase sums over all earlier frames, and its noise
+        # draws keep the reference's order
+        start, stop = keep or (0, z.shape[-1])
+        step = self.cpu_segment_frames if z.device.type == "cpu" else stop - start
+        outs = [self._decode_frames(z, g, source, a, min(a + step, stop)) for a in range(start, stop, step)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def _decode_frames(self, z: Tensor, g: Tensor, source: Tensor | None, start: int, stop: int) -> Tensor:
+        """Output frames start..stop, decoded from those frames and their context."""
+        lo, hi = max(0, start - self.context_frames), min(z.shape[-1], stop + self.context_frames)
+        source = None if source is None else source[..., lo * self.upp:hi * self.upp]
+        out = self._decode(z[..., lo:hi], g, source)
+        return out[..., (start - lo) * self.upp:(stop - lo) * self.upp]
+
+    def _decode(self, z: Tensor, g: Tensor, source: Tensor | None) -> Tensor:
         x = self.conv_pre(z) + self.cond(g)
         if x.device.type == "cpu":  # the upsampling stages in channels-last [B, C, L, 1] (see `_conv`)
             x = x[..., None].contiguous(memory_format=torch.channels_last)
@@ -592,14 +691,19 @@ class Synthesizer(nn.Module):
         return self
 
     def infer(self, phone: Tensor, pitch: Tensor | None, nsff0: Tensor | None, sid: int | Sequence[int] = 0, *,
-              noise: SynthNoise, lengths: Sequence[int] | None = None) -> Tensor:
+              noise: SynthNoise, lengths: Sequence[int] | None = None, trim_frames: int = 0) -> Tensor:
         """phone [B, T, feature_dim] float at 100 fps; pitch [B, T] coarse 1..255 (long) and nsff0
         [B, T] Hz (0 = unvoiced) for f0 voices, None otherwise → audio [B, 1, T·upsample_factor].
 
         A batch holds items of `lengths` frames (default: all T), zero-padded at the end, with one
         speaker id each (or one for all). Each item's output up to its length equals its output
         alone, except the last few hundred samples, which hear the decoder's padding (callers
-        trim far more than that)."""
+        trim far more than that).
+
+        With `trim_frames`, the output leaves out that many frames at the start and before each
+        item's end (audio [B, 1, (T − 2·trim_frames)·upsample_factor], item i valid for its first
+        (lengths[i] − 2·trim_frames)·upsample_factor samples), and the decoder does not compute
+        them: the same samples as trimming the whole output, for less work."""
         if phone.dim() != 3 or phone.shape[-1] != self.feature_dim:
             raise ValueError(f"phone must be [B, T, {self.feature_dim}], got {tuple(phone.shape)}")
         if self.f0:
@@ -615,6 +719,8 @@ class Synthesizer(nn.Module):
         if len(sids) != b or not all(0 <= s < self.emb_g.num_embeddings for s in sids):
             raise ValueError(f"sid {sid} out of range: the voice has {self.emb_g.num_embeddings} speaker(s)"
                              f" and the batch {b} item(s)")
+        if not 0 <= 2 * trim_frames < min(lengths or [t]):
+            raise ValueError(f"trim_frames {trim_frames} leaves nothing of items of {min(lengths or [t])} frames")
         mask = None
         if lengths is not None:
             if len(lengths) != b or not all(0 < n <= t for n in lengths):
@@ -626,7 +732,8 @@ class Synthesizer(nn.Module):
         m_p, logs_p = self.enc_p(phone, pitch, mask)
         z_p = _masked(m_p + torch.exp(logs_p) * noise.prior(m_p) * PRIOR_NOISE_SCALE, mask)
         z = _masked(self.flow.reverse(z_p, g, mask), mask)
-        return self.dec(z, g, nsff0, noise)
+        keep = (trim_frames, t - trim_frames) if trim_frames else None
+        return self.dec(z, g, nsff0, noise, keep)
 
 
 @dataclass

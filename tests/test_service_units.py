@@ -34,7 +34,7 @@ def test_settings_reject_unknown_keys_and_coerce_cli_strings(tmp_path):
     # a batch larger than the requests a replica takes at once would never fill
     with pytest.raises(ValidationError, match="max_batch_size"):
         settings.AppSettings.model_validate({"stages": {"features": {"max_batch_size": 8, "max_ongoing_requests": 4}}})
-    for bad in ({"precision": "bf16"}, {"pitch_piece_frames": 1000}, {"pitch_piece_frames": 0}):
+    for bad in ({"precision": "fp8"}, {"pitch_piece_frames": 1000}, {"pitch_piece_frames": 0}):
         with pytest.raises(ValidationError):
             settings.AppSettings.model_validate(bad)
 

@@ -6,8 +6,8 @@ import torch
 
 from pipeline.assets import AssetError
 from pipeline.synthesizer import (
-    SynthesizerConfig, SynthNoise, load_voice, random_voice_checkpoint, save_voice, sine_excitation,
-    voice_from_checkpoint)
+    SynthesizerConfig, SynthNoise, load_voice, random_voice_checkpoint, resblock_precision, save_voice,
+    sine_excitation, voice_from_checkpoint)
 
 T = 20  # frames (10 ms each): enough for the attention window and every upsampling stage
 # every rate/version layout; f0 and no-f0 voices both covered without building all 12
@@ -336,12 +336,85 @@ def test_a_padded_batch_gives_each_item_its_own_output(f0):
     assert not torch.allclose(alone[0], alone[2])  # seeds differ, so the comparison means something
 
 
+@pytest.mark.parametrize("version,sample_rate,f0", COMBOS)
+def test_trimmed_output_is_not_decoded_and_equals_the_trimmed_whole(version, sample_rate, f0):
+    """With trim_frames the decoder skips the trimmed frames but for its receptive field
+    (`decoder_context_frames`); the kept samples equal those of the whole output."""
+    voice = voice_from_checkpoint(checkpoint(version, sample_rate, f0))
+    frames, trim = 90, 30
+    x = inputs(voice.feature_dim, f0, frames=frames, seed=1)
+
+    def run(trim_frames):
+        noise = SynthNoise.from_generator(torch.Generator().manual_seed(7))
+        with torch.inference_mode():
+            return voice.model.infer(*x, noise=noise, trim_frames=trim_frames)[0, 0]
+
+    upp = voice.upsample_factor
+    whole, trimmed = run(0), run(trim)
+    assert trimmed.shape == ((frames - 2 * trim) * upp,)
+    torch.testing.assert_close(trimmed, whole[trim * upp:(frames - trim) * upp], atol=2e-5, rtol=0)
+    assert voice.model.dec.context_frames < trim  # so the decoder really left frames out
+
+    # without its context, the edges of the kept part come out different
+    voice.model.dec.context_frames = 0
+    edge = run(trim)[:upp] - whole[trim * upp:(trim + 1) * upp]
+    assert edge.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("trim", [0, 20])
+def test_decoding_in_segments_equals_decoding_whole(trim):
+    voice = voice_from_checkpoint(checkpoint("v2", 40000, True))
+    x = inputs(768, frames=90, seed=5)
+
+    def run(segment_frames):
+        voice.model.dec.cpu_segment_frames = segment_frames
+        noise = SynthNoise.from_generator(torch.Generator().manual_seed(2))
+        with torch.inference_mode():
+            return voice.model.infer(*x, noise=noise, trim_frames=trim)
+
+    whole, segmented = run(10**6), run(16)  # 16 < context_frames: segments read their neighbours
+    assert segmented.shape == whole.shape == (1, 1, (90 - 2 * trim) * voice.upsample_factor)
+    torch.testing.assert_close(segmented, whole, atol=2e-5, rtol=0)
+
+
+def test_a_trimmed_batch_keeps_each_items_own_end(v2_voice):
+    lengths, trim, seeds = [80, 65], 25, [3, 4]
+    items = [inputs(768, frames=n, seed=s) for n, s in zip(lengths, seeds)]
+    upp = v2_voice.upsample_factor
+    alone = [synthesize(v2_voice, *x, SynthNoise.from_generator(torch.Generator().manual_seed(s)))[0, 0]
+             for x, s in zip(items, seeds)]
+    t = max(lengths)
+    batch = [torch.cat([torch.nn.functional.pad(x[k], (0, 0, 0, t - x[k].shape[1]) if k == 0 else (0, t - x[k].shape[1]))
+                        for x in items]) for k in range(3)]
+    noise = SynthNoise.stacked([SynthNoise.from_generator(torch.Generator().manual_seed(s)) for s in seeds], lengths)
+    with torch.inference_mode():
+        out = v2_voice.model.infer(*batch, noise=noise, lengths=lengths, trim_frames=trim)
+    assert out.shape == (2, 1, (t - 2 * trim) * upp)
+    for i, n in enumerate(lengths):
+        kept = (n - 2 * trim) * upp
+        torch.testing.assert_close(out[i, 0, :kept], alone[i][trim * upp:(n - trim) * upp], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("version,sample_rate,f0", [("v1", 32000, True), ("v2", 48000, False)])
+def test_bf16_residual_blocks_stay_within_the_fidelity_bound(version, sample_rate, f0):
+    voice = voice_from_checkpoint(checkpoint(version, sample_rate, f0))
+    x = inputs(voice.feature_dim, f0, frames=60, seed=2)
+    exact = synthesize(voice, *x)
+    with resblock_precision(torch.bfloat16):
+        rounded = synthesize(voice, *x)
+    assert rounded.dtype == torch.float32
+    error = ((rounded - exact).norm() / exact.norm()).item()
+    assert 1e-6 < error < 5e-3  # rounded, but far inside the 1e-2 bound
+
+
 def test_batch_arguments_are_checked(v2_voice):
     phone, pitch, nsff0 = inputs(768)
     with pytest.raises(ValueError, match="lengths"):
         v2_voice.model.infer(phone, pitch, nsff0, noise=SynthNoise.zeros(), lengths=[T + 1])
     with pytest.raises(ValueError, match="sid"):
         v2_voice.model.infer(phone, pitch, nsff0, [0, 0], noise=SynthNoise.zeros())
+    with pytest.raises(ValueError, match="trim_frames"):
+        v2_voice.model.infer(phone, pitch, nsff0, noise=SynthNoise.zeros(), trim_frames=T // 2)
 
 
 @pytest.mark.parametrize("make", [
