@@ -153,8 +153,9 @@ class AppSettings(BaseModel):
     # The networks' precision (pipeline.convert.network_precision; errors measured in
     # docs/performance.md, all within 1e-2 relative of fp32): fp16 is for GPUs (CPUs run it as
     # fp32), bf16 for CPUs with AMX/AVX512-BF16 (the synthesizer's residual blocks in bfloat16:
-    # 2.5x faster synthesis); fp32 is exact.
-    precision: Literal["fp32", "fp16", "bf16"] = "fp16"
+    # 2x faster synthesis); fp32 is exact (what `rvc-serve convert` runs by default). auto: the
+    # fastest of them on each replica's hardware (pipeline.convert.fastest_precision).
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     seed: int = 0
     # Overrides of pipeline.convert.ChunkingConfig (x_pad, x_query, x_center, x_max; seconds).
     # `rvc-serve convert` uses the defaults: change them and outputs differ from it.

@@ -53,13 +53,19 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _precision(settings: AppSettings, device: str) -> str:
+    from pipeline.convert import fastest_precision
+
+    return fastest_precision(device) if settings.precision == "auto" else settings.precision
+
+
 @serve.deployment
 class ContentFeatures:
     def __init__(self, settings: AppSettings) -> None:
         from pipeline.hubert import load_hubert
 
         self.device = _device()
-        self.precision = settings.precision
+        self.precision = _precision(settings, self.device)
         self.hubert = load_hubert(settings.hubert, device=self.device)
         _batching(self._extract, settings.stages.features)
 
@@ -88,7 +94,7 @@ class PitchEstimator:
         from pipeline.pitch import PitchModels
 
         self.device = _device()
-        self.precision = settings.precision
+        self.precision = _precision(settings, self.device)
         self.models = PitchModels(device=self.device, rmvpe_path=settings.rmvpe)
         self.models.get("crepe")  # the default method is loaded before the replica reports ready
         _batching(self._estimate, settings.stages.pitch)
@@ -152,7 +158,7 @@ class Synthesis:
 
         self.settings = settings
         self.device = _device()
-        self.precision = settings.precision
+        self.precision = _precision(settings, self.device)
         self.chunking = ChunkingConfig(**settings.chunking)
         self.evictions = 0
         # Serve runs the loader inside the calling request's task: a task found here loaded

@@ -352,6 +352,15 @@ def network_precision(device: torch.device | str, precision: str) -> ExitStack:
     return stack
 
 
+def fastest_precision(device: torch.device | str) -> str:
+    """The fastest precision within 1e-2 of fp32 on `device`: fp16 on CUDA, bf16 on CPUs with
+    bfloat16 arithmetic, fp32 elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if has_bf16_arithmetic(device) else "fp32"
+
+
 def has_bf16_arithmetic(device: torch.device) -> bool:
     """Whether bfloat16 convolutions run natively (not emulated, which is slower than fp32)."""
     if device.type == "cuda":

@@ -9,9 +9,8 @@ import torch
 from deployments.cli import main as cli_main
 from pipeline import audio as audio_io
 from pipeline.demo import synthetic_speech
-from pipeline.convert import (ChunkingConfig, ConversionParams, ConversionRequest, Converter, has_bf16_arithmetic,
-                              network_precision,
-                              prepare_input, split_points)
+from pipeline.convert import (ChunkingConfig, ConversionParams, ConversionRequest, Converter, fastest_precision,
+                              has_bf16_arithmetic, network_precision, prepare_input, split_points)
 from pipeline.index import load_index
 from pipeline.synthesizer import load_voice
 
@@ -245,6 +244,8 @@ def test_precisions_on_a_cpu(converter, voice, index, speech):
     convolutions on CPUs with bfloat16 arithmetic, within 1e-2 of fp32 (the issue's bound)."""
     with pytest.raises(ValueError, match="precision"):
         network_precision("cpu", "fp8")
+    assert fastest_precision("cuda") == "fp16"
+    assert fastest_precision("cpu") == ("bf16" if has_bf16_arithmetic(torch.device("cpu")) else "fp32")
     exact = _run(converter, voice, index, speech, seed=3)
     as_fp16 = _run(Converter(converter.hubert, converter.pitch_models, precision="fp16"), voice, index, speech, seed=3)
     np.testing.assert_array_equal(as_fp16, exact)

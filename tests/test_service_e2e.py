@@ -40,6 +40,7 @@ def e2e(tmp_path_factory, serve_url):
     app = build_app({"data_dir": str(data), "api_keys_file": str(write_keys(data / "keys", KEY)),
                      "chunking": CHUNKING, "voices_per_replica": 1, "job_timeout_s": 600,
                      "pitch_piece_frames": 512,  # a 7 s input's crepe track comes in 2 pieces
+                     "precision": "fp32",  # exact, as `rvc-serve convert` (the default is the fastest)
                      "rate_limit_per_minute": 10000, "stages": STAGES})
     other = data / "other.pth"  # a second voice, registered after the builder wrote the demo
     save_voice(random_voice_checkpoint(7, version="v1", sample_rate=32000, f0=True), other)
