@@ -334,7 +334,7 @@ def network_precision(device: torch.device | str, precision: str) -> ExitStack:
       decisions (output error 0.45 relative on an H200, 1.1e-3 without TF32; bench/gpu.py).
     - fp16: CUDA only, every network under fp16 autocast (9e-3); on CPUs the same as fp32.
     - bf16: the synthesizer's residual-block convolutions in bfloat16 (`resblock_precision`),
-      the rest fp32; for CPUs with AMX or AVX512-BF16, where it is 2.5x faster (3e-3). bfloat16
+      the rest fp32; for CPUs with AMX or AVX512-BF16, where synthesis is 2x faster (1.3e-3). bfloat16
       autocast of every network fails the 1e-2 bound (0.5-0.9), so it is not offered. Where the
       hardware has no bfloat16 arithmetic it runs as fp32.
 

@@ -353,7 +353,7 @@ def resblock_precision(dtype: torch.dtype | None) -> Iterator[None]:
     """Within it, the decoder's residual-block convolutions (95 % of the synthesizer's FLOPs) take
     their inputs and weights in `dtype` (None: the model's own). With bfloat16 they run on the
     CPU's AMX units (about 4x the fp32 rate) and accumulate in fp32; the residual sums, the
-    upsampling and the source convolutions stay fp32, which keeps the output within ~3e-3
+    upsampling and the source convolutions stay fp32, which keeps the output within ~1.3e-3
     relative of fp32 (rounding the upsampling's inputs too costs 7e-3; docs/performance.md)."""
     token = _RESBLOCK_DTYPE.set(dtype)
     try:
