@@ -201,6 +201,18 @@ def _replica(app, deployment: str):
     return ray.get_actor(replica["name"], namespace=replica["namespace"])
 
 
+def _is_dead(actor) -> bool:
+    import ray
+
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=2)
+    except ray.exceptions.RayActorError:
+        return True
+    except ray.exceptions.GetTimeoutError:
+        pass
+    return False
+
+
 def test_ingress_replica_killed_during_an_upload(restarts):
     import ray
 
@@ -222,7 +234,9 @@ def test_ingress_replica_killed_during_an_upload(restarts):
     uploads = restarts.data / "uploads"
     (partial,) = wait_for(lambda: [p for p in uploads.iterdir() if p.name.startswith(".upload-")
                                    and p.stat().st_size], 20)
-    ray.kill(_replica(restarts, "Ingress"), no_restart=True)
+    replica = _replica(restarts, "Ingress")
+    ray.kill(replica, no_restart=True)
+    wait_for(lambda: _is_dead(replica), 20)  # the kill is asynchronous: the rest must reach no one
     try:
         conn.send(body[half:])
         status = conn.getresponse().status
@@ -236,8 +250,9 @@ def test_ingress_replica_killed_during_an_upload(restarts):
                    60, interval_s=1)
     ended = _settle(restarts, [job["inferenceId"]], timeout_s=30)
     _assert_ended_cleanly(restarts, ended, {job["inferenceId"]: None})
-    # Left for retention: gone once as old as retention_s (here: made that old).
-    assert list(uploads.iterdir()) == [partial]
+    # Left for retention: gone once as old as retention_s (here: made that old). (The job's own
+    # upload goes just after its end is recorded.)
+    wait_for(lambda: list(uploads.iterdir()) == [partial], 10)
     old = time.time() - restarts.settings.retention_s - 1
     os.utime(partial, (old, old))
     wait_for(lambda: not partial.exists(), 30)
