@@ -11,6 +11,7 @@ import re
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
@@ -32,7 +33,8 @@ TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6} \+00:00")
 JOB_KEYS = {"inferenceId", "modelId", "status", "type", "inferenceUrl", "jobStartTime", "jobEndTime"}
 
 
-def _app(tmp_path_factory, base_url: str, name: str, **overrides) -> SimpleNamespace:
+def _app(tmp_path_factory, base_url: str, name: str, **overrides) -> Iterator[SimpleNamespace]:
+    """An ingress app on the stand-in conversion, for a fixture to `yield from`: deleted after."""
     from deployments.app import ingress_app
     from tests.fake_conversion import FakeConversion
 
@@ -44,16 +46,15 @@ def _app(tmp_path_factory, base_url: str, name: str, **overrides) -> SimpleNames
                            stages=stages, **overrides)
     run_app(ingress_app(settings, FakeConversion.options(ray_actor_options={"num_cpus": 0}).bind(settings)), name)
     client = httpx.Client(base_url=f"{base_url}/{name}", timeout=60)
-    return SimpleNamespace(name=name, base=f"{base_url}/{name}", data=data, client=client, settings=settings)
+    yield SimpleNamespace(name=name, base=f"{base_url}/{name}", data=data, client=client, settings=settings)
+    client.close()
+    delete_app(name)
 
 
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory, serve_url):
     # A killed conversion replica is replaced (and the call retried by Serve) within the timeout.
-    app = _app(tmp_path_factory, serve_url, "api", rate_limit_per_minute=1000, job_timeout_s=60)
-    yield app
-    app.client.close()
-    delete_app(app.name)
+    yield from _app(tmp_path_factory, serve_url, "api", rate_limit_per_minute=1000, job_timeout_s=60)
 
 
 def _post(svc, query: dict | None, audio: bytes | None = None, key: str | None = KEY_A, filename: str = "in.wav",
@@ -292,10 +293,7 @@ def test_failed_job_has_a_one_line_error(svc):
 
 @pytest.fixture(scope="module")
 def impatient(tmp_path_factory, serve_url):
-    app = _app(tmp_path_factory, serve_url, "impatient", job_timeout_s=2)
-    yield app
-    app.client.close()
-    delete_app(app.name)
+    yield from _app(tmp_path_factory, serve_url, "impatient", job_timeout_s=2)
 
 
 def test_job_timeout(impatient):
@@ -426,10 +424,7 @@ def test_cancel_of_a_finished_job_leaves_it_as_it_was(svc):
 
 @pytest.fixture(scope="module")
 def forgetful(tmp_path_factory, serve_url):
-    app = _app(tmp_path_factory, serve_url, "forgetful", retention_s=3, retention_interval_s=0.5)
-    yield app
-    app.client.close()
-    delete_app(app.name)
+    yield from _app(tmp_path_factory, serve_url, "forgetful", retention_s=3, retention_interval_s=0.5)
 
 
 def test_retention_prunes_jobs_results_and_leftover_uploads(forgetful):
@@ -493,10 +488,7 @@ def test_operational_routes(svc):
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory, serve_url):
     two = {**TEST_STAGES["ingress"], "min_replicas": 2, "max_replicas": 2}
-    app = _app(tmp_path_factory, serve_url, "rl", rate_limit_per_minute=5, stages={"ingress": two})
-    yield app
-    app.client.close()
-    delete_app(app.name)
+    yield from _app(tmp_path_factory, serve_url, "rl", rate_limit_per_minute=5, stages={"ingress": two})
 
 
 def test_rate_limit_is_shared_by_ingress_replicas(limited):

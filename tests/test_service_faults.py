@@ -22,7 +22,7 @@ import soundfile as sf
 
 from rvc_client.files import PARTIAL_MARK
 from tests.fake_conversion import TONE_SECONDS
-from tests.service_support import delete_app, run_app, serve_url, wait_for, wav_bytes  # noqa: F401
+from tests.service_support import run_app, serve_url, wait_for, wav_bytes  # noqa: F401
 from tests.test_service_api import KEY_A, _app, _calls, _job, _post
 
 JOB_TIMEOUT_S = 12  # a `-slow` job takes 3 s, unless something is wrong
@@ -110,10 +110,7 @@ def test_a_result_deleted_as_its_url_answers_is_still_served_whole(tmp_path):
 
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory, serve_url):
-    app = _app(tmp_path_factory, serve_url, "faults", rate_limit_per_minute=10000, job_timeout_s=JOB_TIMEOUT_S)
-    yield app
-    app.client.close()
-    delete_app(app.name)
+    yield from _app(tmp_path_factory, serve_url, "faults", rate_limit_per_minute=10000, job_timeout_s=JOB_TIMEOUT_S)
 
 
 def test_job_actor_killed_with_20_jobs_in_flight(faults):
@@ -168,11 +165,8 @@ def test_result_store_disk_full(faults, full_results):
 @pytest.fixture(scope="module")
 def restarts(tmp_path_factory, serve_url):
     """An app with a job timeout longer than its restarts take, pruning every half second."""
-    app = _app(tmp_path_factory, serve_url, "faults-restarts", rate_limit_per_minute=10000,
-               job_timeout_s=120, retention_interval_s=0.5)
-    yield app
-    app.client.close()
-    delete_app(app.name)
+    yield from _app(tmp_path_factory, serve_url, "faults-restarts", rate_limit_per_minute=10000,
+                    job_timeout_s=120, retention_interval_s=0.5)
 
 
 def test_whole_application_restarted_on_the_same_data_dir(restarts):

@@ -8,7 +8,7 @@ import pytest
 
 from deployments.jobs import NAMESPACE, tracker_name
 from tests.redis_server import RedisServer
-from tests.service_support import delete_app, serve_url, wait_for, wav_bytes  # noqa: F401
+from tests.service_support import serve_url, wait_for, wav_bytes  # noqa: F401
 from tests.test_service_api import _app, _calls, _post, _wait_status
 
 
@@ -24,10 +24,7 @@ def redis_server(tmp_path_factory):
 def svc(tmp_path_factory, serve_url, redis_server):  # noqa: F811
     # The password rides in the URL here: Ray's workers were started before this module's env.
     url = f"redis://:{redis_server.password}@127.0.0.1:{redis_server.port}/0"
-    app = _app(tmp_path_factory, serve_url, "redisjobs", rate_limit_per_minute=1000, job_timeout_s=60, job_store=url)
-    yield app
-    app.client.close()
-    delete_app(app.name)
+    yield from _app(tmp_path_factory, serve_url, "redisjobs", rate_limit_per_minute=1000, job_timeout_s=60, job_store=url)
 
 
 def test_jobs_live_in_redis_and_survive_a_job_actor_restart(svc, redis_server):

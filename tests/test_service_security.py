@@ -15,7 +15,7 @@ import pytest
 from deployments import uploads
 from deployments.results import LocalResultStore, signature, signed_url
 from deployments.settings import URL_SECRET_FILE, hash_key
-from tests.service_support import delete_app, serve_url, wait_for, wav_bytes  # noqa: F401
+from tests.service_support import serve_url, wait_for, wav_bytes  # noqa: F401
 from tests.test_service_api import KEY_A, KEY_B, _app, _job, _post
 
 FORBIDDEN = {"message": "Forbidden"}
@@ -49,10 +49,7 @@ def test_result_files_are_private(tmp_path):
 
 @pytest.fixture(scope="module")
 def sec(tmp_path_factory, serve_url):
-    app = _app(tmp_path_factory, serve_url, "sec", rate_limit_per_minute=1000)
-    yield app
-    app.client.close()
-    delete_app(app.name)
+    yield from _app(tmp_path_factory, serve_url, "sec", rate_limit_per_minute=1000)
 
 
 def _done(sec, key: str = KEY_A) -> dict:

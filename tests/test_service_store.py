@@ -35,18 +35,6 @@ def test_create_is_idempotent(tmp_path):
     assert again.tenant == "t1" and again.created_us == first.created_us
 
 
-def test_finish_once_and_only_from_running(tmp_path):
-    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
-    store.create(_job("a"))
-    assert store.finish("a", SUCCESS, results={"mp3": "a/output.mp3", "flac": "a/output.flac"})
-    assert not store.finish("a", FAILED, error="late")
-    job = store.get("a")
-    assert job.status == SUCCESS and job.results == {"mp3": "a/output.mp3", "flac": "a/output.flac"}
-    assert job.error is None and job.ended_us >= job.created_us
-    with pytest.raises(ValueError):
-        store.finish("a", RUNNING)
-
-
 def test_state_survives_reopen_and_running_is_oldest_first(tmp_path):
     path = tmp_path / "jobs.sqlite3"
     store = SQLiteJobStore(path)
