@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.service_support import delete_app, ray_processes, serve_url, wait_for, wav_bytes  # noqa: F401
+from tests.service_support import ray_processes, serve_url, wait_for, wav_bytes  # noqa: F401
 from tests.test_service_api import KEY_A, _app
 from tests.test_service_faults import _whole_tone
 
@@ -60,11 +60,8 @@ class Soak:
 
 @pytest.fixture(scope="module")
 def soak_app(tmp_path_factory, serve_url):
-    app = _app(tmp_path_factory, serve_url, "soak", rate_limit_per_minute=10**6, job_timeout_s=60,
-               retention_s=RETENTION_S, retention_interval_s=PRUNE_EVERY_S)
-    yield app
-    app.client.close()
-    delete_app(app.name)
+    yield from _app(tmp_path_factory, serve_url, "soak", rate_limit_per_minute=10**6, job_timeout_s=60,
+                    retention_s=RETENTION_S, retention_interval_s=PRUNE_EVERY_S)
 
 
 def _sample(app, completed: int) -> Sample:
