@@ -154,12 +154,12 @@ class PitchRequest:
 
 def estimate_pitch_batch(requests: Sequence[PitchRequest], method: str,
                          models: PitchModels) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`estimate_pitch` of several inputs of one method; crepe decodes them in shared passes."""
+    """`estimate_pitch` of several inputs of one method; crepe decodes them in shared passes,
+    rmvpe runs inputs of (nearly) equal length as batches."""
     if method == "rmvpe":
-        from pipeline.rmvpe import rmvpe_f0
+        from pipeline.rmvpe import rmvpe_f0_batch
 
-        model = models.get(method)
-        tracks = [rmvpe_f0(model, r.audio_pad, threshold=_RMVPE_THRESHOLD) for r in requests]
+        tracks = rmvpe_f0_batch(models.get(method), [r.audio_pad for r in requests], threshold=_RMVPE_THRESHOLD)
         return [finish_pitch(f0, r) for r, f0 in zip(requests, tracks)]
     pieces = [crepe_pieces(r.audio_pad, np.random.default_rng() if r.dither is None else r.dither)[0] for r in requests]
     raw = crepe_piece_batch(pieces, method, models)

@@ -7,7 +7,7 @@ reference's local weighted average of cents, vectorised, with the same float32/f
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,9 @@ N_LEVELS, N_INTER, N_BLOCKS, BASE_CHANNELS = 5, 4, 4, 16
 FRAME_MULTIPLE = 2**N_LEVELS
 BN_MOMENTUM = 0.01
 LOCAL_RADIUS = 4  # the decode averages the 9 bins around the peak
+# Frames of one batch: 16 inputs of 20 s, or one of up to 330 s alone (about 4.5 GB of U-Net
+# activations in fp32).
+MAX_BATCH_FRAMES = 2**15
 
 
 class ResBlock(nn.Module):
@@ -218,19 +221,53 @@ class Rmvpe:
     @torch.inference_mode()
     def salience(self, mel: Tensor) -> np.ndarray:
         """mel [128, T] → salience [T, 360] float32."""
-        n_frames = mel.shape[-1]
-        n_pad = -n_frames % FRAME_MULTIPLE
-        mel = F.pad(mel.to(self.device, torch.float32), (0, n_pad))
-        return self.net(mel[None])[0, :n_frames].float().cpu().numpy()
+        return self.salience_batch([mel])[0]
+
+    @torch.inference_mode()
+    def salience_batch(self, mels: Sequence[Tensor]) -> list[np.ndarray]:
+        """mels [128, T_i] whose T_i round up to the same multiple of 32 → saliences [T_i, 360]
+        float32, in one pass. Each is zero-padded to that multiple as when alone, so the batch
+        gives each one's own values; inputs padded to a longer length would not (the U-Net's
+        convolutions and the BiGRU see the padding)."""
+        padded = {_padded_frames(mel.shape[-1]) for mel in mels}
+        if len(padded) != 1:
+            raise ValueError(f"mels pad to different lengths {sorted(padded)}; batch equal ones only")
+        length = padded.pop()
+        batch = torch.stack([F.pad(mel.to(self.device, torch.float32), (0, length - mel.shape[-1])) for mel in mels])
+        salience = self.net(batch).float().cpu().numpy()  # [B, length, 360]
+        return [salience[i, :mel.shape[-1]] for i, mel in enumerate(mels)]
+
+
+def _padded_frames(n_frames: int) -> int:
+    return n_frames + -n_frames % FRAME_MULTIPLE
 
 
 def rmvpe_f0(model: Rmvpe, audio16k: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
     """audio [L] at 16 kHz → f0 [L // 160 + 1] float64 in Hz (0 = unvoiced), 100 frames/s."""
-    audio = torch.from_numpy(np.asarray(audio16k, dtype=np.float32)).to(model.device)
-    # the log-mel in float32 even under a caller's reduced-precision autocast (the net may use it)
-    with torch.inference_mode(), torch.autocast(model.device.type, enabled=False):
-        mel = log_mel(audio, model.mel_basis, model.window)
-    return decode_f0(model.salience(mel), threshold)
+    return rmvpe_f0_batch(model, [audio16k], threshold)[0]
+
+
+def rmvpe_f0_batch(model: Rmvpe, audios: Sequence[np.ndarray], threshold: float = THRESHOLD,
+                   max_batch: int = 16) -> list[np.ndarray]:
+    """`rmvpe_f0` of several inputs; those whose frames pad to the same length run as batches of
+    up to `max_batch` inputs and MAX_BATCH_FRAMES frames."""
+    mels = []
+    for audio16k in audios:
+        audio = torch.from_numpy(np.asarray(audio16k, dtype=np.float32)).to(model.device)
+        # the log-mel in float32 even under a caller's reduced-precision autocast (the net may use it)
+        with torch.inference_mode(), torch.autocast(model.device.type, enabled=False):
+            mels.append(log_mel(audio, model.mel_basis, model.window))
+    out: list[np.ndarray | None] = [None] * len(mels)
+    by_length: dict[int, list[int]] = {}
+    for i, mel in enumerate(mels):
+        by_length.setdefault(_padded_frames(mel.shape[-1]), []).append(i)
+    for length, mine in by_length.items():
+        step = max(1, min(max_batch, MAX_BATCH_FRAMES // length))
+        for start in range(0, len(mine), step):
+            batch = mine[start:start + step]
+            for i, salience in zip(batch, model.salience_batch([mels[i] for i in batch])):
+                out[i] = decode_f0(salience, threshold)
+    return out
 
 
 def load_rmvpe(path: str | Path, device: str | torch.device = "cpu") -> Rmvpe:

@@ -160,13 +160,16 @@ def fake_rmvpe(monkeypatch):
         calls.append(("load", path, device))
         return torch.nn.Identity()
 
-    def rmvpe_f0(model, audio16k, threshold=0.03):
-        calls.append(("f0", audio16k.shape, threshold))
-        f0 = np.full(1 + audio16k.shape[0] // HOP_LENGTH, 200.0)  # float64, as the real one
-        f0[5], f0[:3] = 800.0, 0.0
-        return f0
+    def rmvpe_f0_batch(model, audios, threshold=0.03):
+        tracks = []
+        for audio16k in audios:
+            calls.append(("f0", audio16k.shape, threshold))
+            f0 = np.full(1 + audio16k.shape[0] // HOP_LENGTH, 200.0)  # float64, as the real one
+            f0[5], f0[:3] = 800.0, 0.0
+            tracks.append(f0)
+        return tracks
 
-    module.load_rmvpe, module.rmvpe_f0 = load_rmvpe, rmvpe_f0
+    module.load_rmvpe, module.rmvpe_f0_batch = load_rmvpe, rmvpe_f0_batch
     monkeypatch.setitem(sys.modules, "pipeline.rmvpe", module)
     return calls
 

@@ -20,6 +20,7 @@ from pipeline.rmvpe import (
     log_mel,
     random_rmvpe_state_dict,
     rmvpe_f0,
+    rmvpe_f0_batch,
     save_rmvpe,
 )
 
@@ -264,6 +265,26 @@ def test_f0_has_one_value_per_hop_plus_one(model, n_samples):
     assert f0.dtype == np.float64
     voiced = f0[f0 > 0]
     assert np.all((voiced > 31.7) & (voiced < 2006))
+
+
+def test_batch_gives_each_input_its_own_track(model):
+    # 3100 and 3359 samples: 20 and 21 frames, both padded to 32; 16000: 101 frames, padded to 128
+    audios = [speechlike(3100, seed=1), speechlike(16000, seed=2), speechlike(3359, seed=3), speechlike(3100, seed=4)]
+    mels = [log_mel(torch.from_numpy(a.astype(np.float32)), model.mel_basis, model.window) for a in audios]
+    together = model.salience_batch([mels[0], mels[2], mels[3]])
+    for mel, got in zip([mels[0], mels[2], mels[3]], together):
+        np.testing.assert_allclose(got, model.salience(mel), rtol=0, atol=2e-6)
+    tracks = rmvpe_f0_batch(model, audios)
+    assert [t.shape for t in tracks] == [(20,), (101,), (21,), (20,)]
+    for audio, track in zip(audios, tracks):
+        np.testing.assert_allclose(track, rmvpe_f0(model, audio), rtol=1e-6)
+    assert not np.allclose(tracks[0], tracks[3])  # each its own input
+
+
+def test_batch_refuses_inputs_of_different_padded_lengths(model):
+    mels = [torch.zeros(128, 20), torch.zeros(128, 40)]
+    with pytest.raises(ValueError, match="different lengths"):
+        model.salience_batch(mels)
 
 
 def test_random_model_gives_a_usable_pitch_track(model):
