@@ -120,27 +120,35 @@ def single_stream(fx: dict, inputs: dict[float, Path], f0_method: str, precision
     return result
 
 
-def throughput(fx: dict, path: Path, seconds: float, n: int, f0_method: str, precision: str) -> dict:
-    """n requests of the same length, each its own seed and voice copy count as distinct work."""
+def throughput(fx: dict, path: Path, seconds: float, n: int, f0_method: str, precision: str,
+               sequential: bool = True, cudnn_benchmark: bool = False) -> dict:
+    """n requests of the same length, each its own seed and voice copy count as distinct work.
+    `cudnn_benchmark`: let cuDNN time its algorithms per shape (fp16 only: the fp32 context
+    turns it off), which pays off only where shapes repeat."""
     v = fx["voices"]["v2-40k-f0"]
     voice, index = load_voice(v["pth"], device=DEVICE), load_index(v["index"])
     conv = Converter.from_paths(fx["hubert"], rmvpe_path=fx["rmvpe"], device=DEVICE, precision=precision)
     audio = audio_io.load_audio(path)
     requests = [ConversionRequest(audio, voice, index, ConversionParams(f0_method=f0_method, seed=i)) for i in range(n)]
-    conv.convert_batch(requests[:2], max_batch=n)  # warm-up
-    t0 = synced()
-    for r in requests:
-        conv.convert(r.audio16k, r.voice, r.index, r.params)
-    sequential = synced() - t0
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    conv.convert_batch(requests, max_batch=n)  # warm-up (and cuDNN's timing of each shape)
+    one_by_one = float("nan")
+    if sequential:
+        t0 = synced()
+        for r in requests:
+            conv.convert(r.audio16k, r.voice, r.index, r.params)
+        one_by_one = synced() - t0
     timings: dict[str, float] = {}
     t0 = synced()
     conv.convert_batch(requests, max_batch=n, timings=timings)
     batched = synced() - t0
     audio_s = n * seconds
-    row = {"requests": n, "audio_s": audio_s, "sequential_wall_s": sequential, "batched_wall_s": batched,
-           "sequential_x_realtime": audio_s / sequential, "batched_x_realtime": audio_s / batched,
-           "batched_stages_s": timings}
-    print(f"throughput {f0_method:6s} {precision} {n}×{seconds:g} s: sequential {audio_s / sequential:7.1f}× real time, "
+    row = {"requests": n, "audio_s": audio_s, "sequential_wall_s": one_by_one, "batched_wall_s": batched,
+           "sequential_x_realtime": audio_s / one_by_one, "batched_x_realtime": audio_s / batched,
+           "batched_stages_s": timings, "cudnn_benchmark": cudnn_benchmark}
+    torch.backends.cudnn.benchmark = False
+    print(f"throughput {f0_method:6s} {precision}{' cudnn.benchmark' if cudnn_benchmark else ''} {n}×{seconds:g} s: "
+          f"sequential {audio_s / one_by_one:7.1f}× real time, "
           f"batched {audio_s / batched:7.1f}× real time  " + " ".join(f"{k} {v:.3f}" for k, v in timings.items()),
           flush=True)
     return row
@@ -174,6 +182,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/rvc-gpu")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--parts", default="fidelity,single,throughput,reference")
+    ap.add_argument("--throughput-precisions", default="fp32,fp16")
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="also time batched fp16 with cudnn.benchmark on")
     ap.add_argument("--fixtures", help="a build_fixtures directory (default: built under --work)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu.json"))
     args = ap.parse_args()
@@ -208,11 +218,17 @@ def main() -> None:
             save()
     result["throughput"] = {}
     for method in ("crepe", "rmvpe") if "throughput" in parts else ():
-        for precision in ("fp32", "fp16"):
+        for precision in args.throughput_precisions.split(","):
             result["throughput"][f"{method}-{precision}"] = throughput(fx, ten, min(seconds), args.batch, method,
                                                                       precision)
             save()
+        if args.cudnn_benchmark:
+            result["throughput"][f"{method}-fp16-cudnn-benchmark"] = throughput(
+                fx, ten, min(seconds), args.batch, method, "fp16", sequential=False, cudnn_benchmark=True)
+            save()
     if args.ref and "reference" in parts:
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()  # the reference's process needs the memory our cache holds
         ref_inputs = {s: p for s, p in inputs.items() if s <= 60}
         result["reference"] = {m: reference(fx, source, ref_inputs, m, args, work) for m in ("crepe", "rmvpe")}
         save()
