@@ -79,19 +79,28 @@ def fidelity(fx: dict, audio: np.ndarray, voice_name: str, f0_method: str) -> di
     ref = cpu.convert(audio, load_voice(v["pth"]), index, params)
     ref_f0 = pitch_track(cpu, audio, params)
     voice = load_voice(v["pth"], device=DEVICE)
-    out = {}
+    def cents_apart(f0: np.ndarray, other: np.ndarray) -> np.ndarray:
+        both = (f0 > 0) & (other > 0)
+        return np.abs(1200 * np.log2(f0[both] / other[both])) if both.any() else np.zeros(1)
+
+    out, gpu_fp32 = {}, {}
     for name in PRECISIONS:
         gpu = Converter.from_paths(fx["hubert"], rmvpe_path=fx["rmvpe"], device=DEVICE, precision=name)
         got = gpu.convert(audio, voice, index, params)
         f0 = pitch_track(gpu, audio, params)
-        both = (f0 > 0) & (ref_f0 > 0)
-        cents = np.abs(1200 * np.log2(f0[both] / ref_f0[both])) if both.any() else np.zeros(1)
+        gpu_fp32 = gpu_fp32 or {"out": got, "f0": f0}
+        cents = cents_apart(f0, ref_f0)
         out[name] = {"rel_err_vs_cpu_fp32": rel_err(got, ref), "max_abs": float(np.abs(got - ref).max()),
                      "f0_voicing_flips": float(((f0 > 0) != (ref_f0 > 0)).mean()),
-                     "f0_cents_err_p50": float(np.median(cents)), "f0_cents_err_max": float(cents.max())}
+                     "f0_cents_err_p50": float(np.median(cents)), "f0_cents_err_max": float(cents.max()),
+                     # against this GPU's fp32 run: what the precision alone changes
+                     "rel_err_vs_gpu_fp32": rel_err(got, gpu_fp32["out"]),
+                     "f0_cents_max_vs_gpu_fp32": float(cents_apart(f0, gpu_fp32["f0"]).max())}
         print(f"fidelity {voice_name} {f0_method:6s} {name:11s}: rel err {out[name]['rel_err_vs_cpu_fp32']:.2e}"
               f"  max abs {out[name]['max_abs']:.2e}  voicing flips {out[name]['f0_voicing_flips']:.3%}"
-              f"  cents p50 {out[name]['f0_cents_err_p50']:.2e} max {out[name]['f0_cents_err_max']:.2e}", flush=True)
+              f"  cents p50 {out[name]['f0_cents_err_p50']:.2e} max {out[name]['f0_cents_err_max']:.2e}"
+              f"  vs GPU fp32: rel err {out[name]['rel_err_vs_gpu_fp32']:.2e}"
+              f" cents max {out[name]['f0_cents_max_vs_gpu_fp32']:.2e}", flush=True)
     return out
 
 

@@ -10,7 +10,7 @@ result is the same as `Converter.convert` for the same input, parameters and see
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,7 +326,13 @@ def finish_output(pieces: list[np.ndarray], prepared: PreparedInput, params: Con
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
-def network_precision(device: torch.device | str, precision: str) -> ExitStack:
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+
+
+@contextmanager
+def network_precision(device: torch.device | str, precision: str) -> Iterator[None]:
     """A context in which the networks run in `precision`; DSP and decoding keep their own
     float32/float64 (see crepe_f0). Measured errors: docs/performance.md.
 
@@ -340,19 +346,18 @@ def network_precision(device: torch.device | str, precision: str) -> ExitStack:
 
     On exit the memory the pass freed goes back to the kernel (`release_freed_memory`).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    check_precision(precision)
     device = torch.device(device)
-    stack = ExitStack()
-    stack.callback(release_freed_memory)
-    if device.type == "cuda":
-        if precision == "fp16":
-            stack.enter_context(torch.autocast("cuda", dtype=torch.float16))
-        else:
-            stack.enter_context(torch.backends.cudnn.flags(enabled=True, allow_tf32=False))
-    if precision == "bf16" and has_bf16_arithmetic(device):
-        stack.enter_context(resblock_precision(torch.bfloat16))
-    return stack
+    with ExitStack() as stack:
+        stack.callback(release_freed_memory)
+        if device.type == "cuda":
+            if precision == "fp16":
+                stack.enter_context(torch.autocast("cuda", dtype=torch.float16))
+            else:
+                stack.enter_context(torch.backends.cudnn.flags(enabled=True, allow_tf32=False))
+        if precision == "bf16" and has_bf16_arithmetic(device):
+            stack.enter_context(resblock_precision(torch.bfloat16))
+        yield
 
 
 def fastest_precision(device: torch.device | str) -> str:
@@ -391,12 +396,15 @@ class Converter:
     chunking: ChunkingConfig = ChunkingConfig()
     precision: str = "fp32"  # of the networks: fp32, fp16 or bf16 (see network_precision)
 
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
+
     @classmethod
     def from_paths(cls, hubert_path: str | Path, rmvpe_path: str | Path | None = None,
                    device: str | torch.device = "cpu", chunking: ChunkingConfig = ChunkingConfig(),
                    precision: str = "fp32") -> "Converter":
+        check_precision(precision)
         device = torch.device(device)
-        network_precision(device, precision)  # validates the name
         return cls(load_hubert(hubert_path, device=device), PitchModels(device=device, rmvpe_path=rmvpe_path),
                    chunking, precision)
 

@@ -1,6 +1,8 @@
 """Every conversion parameter's effect and the edges of the input, on the fixture voices."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -11,6 +13,7 @@ from pipeline import audio as audio_io
 from pipeline.demo import synthetic_speech
 from pipeline.convert import (ChunkingConfig, ConversionParams, ConversionRequest, Converter, fastest_precision,
                               has_bf16_arithmetic, network_precision, prepare_input, split_points)
+from pipeline import synthesizer
 from pipeline.index import load_index
 from pipeline.synthesizer import load_voice
 
@@ -242,8 +245,10 @@ def test_a_batch_of_requests_equals_each_converted_alone(fixture_set, converter,
 def test_precisions_on_a_cpu(converter, voice, index, speech):
     """fp16 is CUDA's (a CPU runs it as fp32); bf16 rounds the decoder's residual-block
     convolutions on CPUs with bfloat16 arithmetic, within 1e-2 of fp32 (the issue's bound)."""
+    with pytest.raises(ValueError, match="precision"), network_precision("cpu", "fp8"):
+        pass
     with pytest.raises(ValueError, match="precision"):
-        network_precision("cpu", "fp8")
+        Converter(converter.hubert, converter.pitch_models, precision="fp8")
     assert fastest_precision("cuda") == "fp16"
     assert fastest_precision("cpu") == ("bf16" if has_bf16_arithmetic(torch.device("cpu")) else "fp32")
     exact = _run(converter, voice, index, speech, seed=3)
@@ -255,3 +260,24 @@ def test_precisions_on_a_cpu(converter, voice, index, speech):
         assert 1e-6 < error < 5e-3
     else:
         assert error == 0
+
+
+def test_a_precision_holds_only_inside_its_context(fixture_set, monkeypatch):
+    """Making a converter enters no precision context: one entered on creation and never left
+    (torch.autocast is not closed when dropped) made every later pass of that thread run in
+    fp16 on GPUs, the fp32 ones included."""
+    entered = []
+
+    @contextmanager
+    def spy(dtype):
+        entered.append(dtype)
+        with synthesizer.resblock_precision(dtype):
+            yield
+
+    monkeypatch.setattr("pipeline.convert.has_bf16_arithmetic", lambda device: True)
+    monkeypatch.setattr("pipeline.convert.resblock_precision", spy)
+    Converter.from_paths(fixture_set["hubert"], precision="bf16")
+    assert entered == []
+    with network_precision("cpu", "bf16"):
+        assert synthesizer._RESBLOCK_DTYPE.get() is torch.bfloat16
+    assert entered == [torch.bfloat16] and synthesizer._RESBLOCK_DTYPE.get() is None
