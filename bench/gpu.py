@@ -130,15 +130,18 @@ def single_stream(fx: dict, inputs: dict[float, Path], f0_method: str, precision
 
 
 def throughput(fx: dict, path: Path, seconds: float, n: int, f0_method: str, precision: str,
-               sequential: bool = True, cudnn_benchmark: bool = False) -> dict:
-    """n requests of the same length, each its own seed and voice copy count as distinct work.
+               sequential: bool = True, cudnn_benchmark: bool = False, mixed: bool = False) -> dict:
+    """n requests of the same length, each its own seed and voice copy count as distinct work;
+    `mixed`: of n lengths from 70 % to 100 % of it instead (leading cuts), as a service sees them.
     `cudnn_benchmark`: let cuDNN time its algorithms per shape (fp16 only: the fp32 context
     turns it off), which pays off only where shapes repeat."""
     v = fx["voices"]["v2-40k-f0"]
     voice, index = load_voice(v["pth"], device=DEVICE), load_index(v["index"])
     conv = Converter.from_paths(fx["hubert"], rmvpe_path=fx["rmvpe"], device=DEVICE, precision=precision)
     audio = audio_io.load_audio(path)
-    requests = [ConversionRequest(audio, voice, index, ConversionParams(f0_method=f0_method, seed=i)) for i in range(n)]
+    cuts = [int(len(audio) * (0.7 + 0.3 * i / max(1, n - 1))) if mixed else len(audio) for i in range(n)]
+    requests = [ConversionRequest(audio[:cut], voice, index, ConversionParams(f0_method=f0_method, seed=i))
+                for i, cut in enumerate(cuts)]
     torch.backends.cudnn.benchmark = cudnn_benchmark
     conv.convert_batch(requests, max_batch=n)  # warm-up (and cuDNN's timing of each shape)
     one_by_one = float("nan")
@@ -151,12 +154,13 @@ def throughput(fx: dict, path: Path, seconds: float, n: int, f0_method: str, pre
     t0 = synced()
     conv.convert_batch(requests, max_batch=n, timings=timings)
     batched = synced() - t0
-    audio_s = n * seconds
-    row = {"requests": n, "audio_s": audio_s, "sequential_wall_s": one_by_one, "batched_wall_s": batched,
+    audio_s = sum(cuts) / audio_io.SAMPLE_RATE
+    row = {"mixed_lengths": mixed, "requests": n, "audio_s": audio_s, "sequential_wall_s": one_by_one, "batched_wall_s": batched,
            "sequential_x_realtime": audio_s / one_by_one, "batched_x_realtime": audio_s / batched,
            "batched_stages_s": timings, "cudnn_benchmark": cudnn_benchmark}
     torch.backends.cudnn.benchmark = False
-    print(f"throughput {f0_method:6s} {precision}{' cudnn.benchmark' if cudnn_benchmark else ''} {n}×{seconds:g} s: "
+    print(f"throughput {f0_method:6s} {precision}{' cudnn.benchmark' if cudnn_benchmark else ''}{' mixed lengths' if mixed else ''} "
+          f"{n}×{seconds:g} s: "
           f"sequential {audio_s / one_by_one:7.1f}× real time, "
           f"batched {audio_s / batched:7.1f}× real time  " + " ".join(f"{k} {v:.3f}" for k, v in timings.items()),
           flush=True)
@@ -192,6 +196,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--parts", default="fidelity,single,throughput,reference")
     ap.add_argument("--throughput-precisions", default="fp32,fp16")
+    ap.add_argument("--mixed", action="store_true", help="also time fp16 batches of mixed lengths (70-100 %%)")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="also time batched fp16 with cudnn.benchmark on")
     ap.add_argument("--fixtures", help="a build_fixtures directory (default: built under --work)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu.json"))
@@ -230,6 +235,10 @@ def main() -> None:
         for precision in args.throughput_precisions.split(","):
             result["throughput"][f"{method}-{precision}"] = throughput(fx, ten, min(seconds), args.batch, method,
                                                                       precision)
+            save()
+        if args.mixed:
+            result["throughput"][f"{method}-fp16-mixed-lengths"] = throughput(
+                fx, ten, min(seconds), args.batch, method, "fp16", mixed=True)
             save()
         if args.cudnn_benchmark:
             result["throughput"][f"{method}-fp16-cudnn-benchmark"] = throughput(

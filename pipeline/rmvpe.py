@@ -36,6 +36,39 @@ LOCAL_RADIUS = 4  # the decode averages the 9 bins around the peak
 # Frames of one batch: 16 inputs of 20 s, or one of up to 330 s alone (about 4.5 GB of U-Net
 # activations in fp32).
 MAX_BATCH_FRAMES = 2**15
+# Share of a GPU batch's frames that may be padding (masked out, so exact, but computed).
+GPU_MAX_PADDING = 0.3
+
+
+class FrameMask:
+    """Zeroes each batch item's frames past its own padded length, at any resolution of the U-Net.
+
+    Applied to the input of every convolution that looks along time, it makes a batch of
+    different lengths compute for each item what the item computes alone: there the convolutions
+    pad with zeros past its end, here they read zeros past its end. Lengths are multiples of 32,
+    so the 2×2 poolings never mix an item's frames with its padding."""
+
+    def __init__(self, lengths: Sequence[int], frames: int, device: torch.device):
+        self.lengths = torch.as_tensor(list(lengths), device=device)  # [B] frames at full resolution
+        self.frames = frames
+        self._masks: dict[tuple[int, torch.dtype], Tensor] = {}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """x [B, C, T', F] with T' = frames / 2^level."""
+        key = (x.shape[2], x.dtype)
+        if key not in self._masks:
+            keep = torch.arange(x.shape[2], device=x.device) < (self.lengths * x.shape[2] // self.frames)[:, None]
+            self._masks[key] = keep[:, None, :, None].to(x.dtype)  # [B, 1, T', 1]
+        return x * self._masks[key]
+
+
+def _apply(layers: nn.Sequential, x: Tensor, mask: FrameMask | None) -> Tensor:
+    """`layers(x)`, masking the input of each convolution."""
+    for layer in layers:
+        if mask is not None and isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            x = mask(x)
+        x = layer(x)
+    return x
 
 
 class ResBlock(nn.Module):
@@ -53,8 +86,8 @@ class ResBlock(nn.Module):
         )
         self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x) + self.shortcut(x)
+    def forward(self, x: Tensor, mask: FrameMask | None = None) -> Tensor:
+        return _apply(self.conv, x, mask) + self.shortcut(x)  # the 1×1 shortcut looks at one frame
 
 
 def res_blocks(c_in: int, c_out: int) -> nn.ModuleList:
@@ -68,9 +101,9 @@ class ResStack(nn.Module):
         super().__init__()
         self.conv = res_blocks(c_in, c_out)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: FrameMask | None = None) -> Tensor:
         for block in self.conv:
-            x = block(x)
+            x = block(x, mask)
         return x
 
 
@@ -81,12 +114,12 @@ class Encoder(nn.Module):
         widths = [1] + [BASE_CHANNELS * 2**i for i in range(N_LEVELS)]
         self.layers = nn.ModuleList(ResStack(a, b) for a, b in zip(widths[:-1], widths[1:]))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, x: Tensor, mask: FrameMask | None = None) -> tuple[Tensor, list[Tensor]]:
         """x [B, 1, T, 128] → deepest map [B, 256, T/32, 4] and the pre-pool map of each level."""
         x = self.bn(x)
         skips = []
         for level in self.layers:
-            x = level(x)
+            x = level(x, mask)
             skips.append(x)
             x = F.avg_pool2d(x, 2)
         return x, skips
@@ -98,9 +131,9 @@ class Intermediate(nn.Module):
         widths = [c_in] + [2 * c_in] * N_INTER
         self.layers = nn.ModuleList(ResStack(a, b) for a, b in zip(widths[:-1], widths[1:]))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: FrameMask | None = None) -> Tensor:
         for stack in self.layers:
-            x = stack(x)
+            x = stack(x, mask)
         return x
 
 
@@ -117,10 +150,10 @@ class UpBlock(nn.Module):
         )
         self.conv2 = res_blocks(2 * c_out, c_out)
 
-    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        x = torch.cat([self.conv1(x), skip], dim=1)
+    def forward(self, x: Tensor, skip: Tensor, mask: FrameMask | None = None) -> Tensor:
+        x = torch.cat([_apply(self.conv1, x, mask), skip], dim=1)
         for block in self.conv2:
-            x = block(x)
+            x = block(x, mask)
         return x
 
 
@@ -129,9 +162,9 @@ class Decoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(UpBlock(c_in // 2**i) for i in range(N_LEVELS))
 
-    def forward(self, x: Tensor, skips: list[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, skips: list[Tensor], mask: FrameMask | None = None) -> Tensor:
         for up, skip in zip(self.layers, reversed(skips)):
-            x = up(x, skip)
+            x = up(x, skip, mask)
         return x
 
 
@@ -143,9 +176,9 @@ class UNet(nn.Module):
         self.intermediate = Intermediate(deepest)
         self.decoder = Decoder(2 * deepest)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x, skips = self.encoder(x)
-        return self.decoder(self.intermediate(x), skips)
+    def forward(self, x: Tensor, mask: FrameMask | None = None) -> Tensor:
+        x, skips = self.encoder(x, mask)
+        return self.decoder(self.intermediate(x, mask), skips, mask)
 
 
 class BiGRU(nn.Module):
@@ -153,8 +186,14 @@ class BiGRU(nn.Module):
         super().__init__()
         self.gru = nn.GRU(n_in, n_hidden, batch_first=True, bidirectional=True)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.gru(x)[0]
+    def forward(self, x: Tensor, lengths: Sequence[int] | None = None) -> Tensor:
+        """x [B, T, C]; with `lengths`, item b's sequence is its first lengths[b] steps (the
+        backward direction starts at its own end) and its output is zero past them."""
+        if lengths is None:
+            return self.gru(x)[0]
+        packed = nn.utils.rnn.pack_padded_sequence(x, torch.as_tensor(list(lengths)), batch_first=True,
+                                                   enforce_sorted=False)
+        return nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=x.shape[1])[0]
 
 
 class RmvpeNet(nn.Module):
@@ -165,10 +204,15 @@ class RmvpeNet(nn.Module):
         # The reference's fc also holds Dropout and Sigmoid (no parameters); sigmoid is in forward.
         self.fc = nn.Sequential(BiGRU(3 * N_MELS, 256), nn.Linear(512, N_BINS))
 
-    def forward(self, mel: Tensor) -> Tensor:
-        """mel [B, 128, T] with T a multiple of 32 → salience [B, T, 360] in (0, 1)."""
-        x = self.cnn(self.unet(mel.transpose(1, 2).unsqueeze(1)))  # [B, 3, T, 128]
-        return torch.sigmoid(self.fc(x.transpose(1, 2).flatten(2)))
+    def forward(self, mel: Tensor, lengths: Sequence[int] | None = None) -> Tensor:
+        """mel [B, 128, T] with T a multiple of 32 → salience [B, T, 360] in (0, 1). `lengths`
+        (multiples of 32, the longest T): each item's own padded length, for a batch of
+        different ones; each item then gets its values alone, up to float summation order."""
+        mask = None if lengths is None else FrameMask(lengths, mel.shape[-1], mel.device)
+        x = self.unet(mel.transpose(1, 2).unsqueeze(1), mask)
+        x = self.cnn(x if mask is None else mask(x))  # [B, 3, T, 128]
+        gru, linear = self.fc
+        return torch.sigmoid(linear(gru(x.transpose(1, 2).flatten(2), lengths)))
 
 
 def mel_filterbank() -> Tensor:
@@ -225,16 +269,14 @@ class Rmvpe:
 
     @torch.inference_mode()
     def salience_batch(self, mels: Sequence[Tensor]) -> list[np.ndarray]:
-        """mels [128, T_i] whose T_i round up to the same multiple of 32 → saliences [T_i, 360]
-        float32, in one pass. Each is zero-padded to that multiple as when alone, so the batch
-        gives each one's own values; inputs padded to a longer length would not (the U-Net's
-        convolutions and the BiGRU see the padding)."""
-        padded = {_padded_frames(mel.shape[-1]) for mel in mels}
-        if len(padded) != 1:
-            raise ValueError(f"mels pad to different lengths {sorted(padded)}; batch equal ones only")
-        length = padded.pop()
-        batch = torch.stack([F.pad(mel.to(self.device, torch.float32), (0, length - mel.shape[-1])) for mel in mels])
-        salience = self.net(batch).float().cpu().numpy()  # [B, length, 360]
+        """mels [128, T_i] → saliences [T_i, 360] float32, in one pass. Each is zero-padded to a
+        multiple of 32 as when alone; padding past that (to the batch's longest) is masked out
+        in every layer (`FrameMask`, packed BiGRU), so each gets its own values."""
+        padded = [_padded_frames(mel.shape[-1]) for mel in mels]
+        longest = max(padded)
+        batch = torch.stack([F.pad(mel.to(self.device, torch.float32), (0, longest - mel.shape[-1])) for mel in mels])
+        salience = self.net(batch, None if min(padded) == longest else padded)
+        salience = salience.float().cpu().numpy()  # [B, longest, 360]
         return [salience[i, :mel.shape[-1]] for i, mel in enumerate(mels)]
 
 
@@ -247,26 +289,40 @@ def rmvpe_f0(model: Rmvpe, audio16k: np.ndarray, threshold: float = THRESHOLD) -
     return rmvpe_f0_batch(model, [audio16k], threshold)[0]
 
 
+def batches_by_length(lengths: Sequence[int], max_batch: int, max_padding: float) -> list[list[int]]:
+    """Indices of `lengths` (padded frame counts) grouped longest first into batches of at most
+    `max_batch` items and MAX_BATCH_FRAMES frames (items × longest), in which padding is at most
+    `max_padding` of the frames."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            batch = batches[-1]
+            longest, count = lengths[batch[0]], len(batch) + 1
+            used = sum(lengths[j] for j in batch) + lengths[i]
+            if count <= max_batch and count * longest <= MAX_BATCH_FRAMES and used >= (1 - max_padding) * count * longest:
+                batch.append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
 def rmvpe_f0_batch(model: Rmvpe, audios: Sequence[np.ndarray], threshold: float = THRESHOLD,
                    max_batch: int = 16) -> list[np.ndarray]:
-    """`rmvpe_f0` of several inputs; those whose frames pad to the same length run as batches of
-    up to `max_batch` inputs and MAX_BATCH_FRAMES frames."""
+    """`rmvpe_f0` of several inputs, run as batches (`batches_by_length`): on a GPU of any
+    lengths with up to GPU_MAX_PADDING of padding, on a CPU of equal padded lengths only (padding
+    costs its full price there, and batching gains little)."""
     mels = []
     for audio16k in audios:
         audio = torch.from_numpy(np.asarray(audio16k, dtype=np.float32)).to(model.device)
         # the log-mel in float32 even under a caller's reduced-precision autocast (the net may use it)
         with torch.inference_mode(), torch.autocast(model.device.type, enabled=False):
             mels.append(log_mel(audio, model.mel_basis, model.window))
+    max_padding = GPU_MAX_PADDING if model.device.type == "cuda" else 0.0
     out: list[np.ndarray | None] = [None] * len(mels)
-    by_length: dict[int, list[int]] = {}
-    for i, mel in enumerate(mels):
-        by_length.setdefault(_padded_frames(mel.shape[-1]), []).append(i)
-    for length, mine in by_length.items():
-        step = max(1, min(max_batch, MAX_BATCH_FRAMES // length))
-        for start in range(0, len(mine), step):
-            batch = mine[start:start + step]
-            for i, salience in zip(batch, model.salience_batch([mels[i] for i in batch])):
-                out[i] = decode_f0(salience, threshold)
+    for batch in batches_by_length([_padded_frames(mel.shape[-1]) for mel in mels], max_batch, max_padding):
+        for i, salience in zip(batch, model.salience_batch([mels[i] for i in batch])):
+            out[i] = decode_f0(salience, threshold)
     return out
 
 

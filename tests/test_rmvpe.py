@@ -15,6 +15,7 @@ from pipeline.rmvpe import (
     N_BINS,
     Rmvpe,
     RmvpeNet,
+    batches_by_length,
     decode_f0,
     load_rmvpe,
     log_mel,
@@ -268,23 +269,43 @@ def test_f0_has_one_value_per_hop_plus_one(model, n_samples):
 
 
 def test_batch_gives_each_input_its_own_track(model):
-    # 3100 and 3359 samples: 20 and 21 frames, both padded to 32; 16000: 101 frames, padded to 128
+    # frames 20 and 21 (both padded to 32), 101 (to 128), 20
     audios = [speechlike(3100, seed=1), speechlike(16000, seed=2), speechlike(3359, seed=3), speechlike(3100, seed=4)]
     mels = [log_mel(torch.from_numpy(a.astype(np.float32)), model.mel_basis, model.window) for a in audios]
-    together = model.salience_batch([mels[0], mels[2], mels[3]])
-    for mel, got in zip([mels[0], mels[2], mels[3]], together):
-        np.testing.assert_allclose(got, model.salience(mel), rtol=0, atol=2e-6)
+    alone = [model.salience(mel) for mel in mels]
+    together = model.salience_batch(mels)  # padded to 128, the shorter ones masked
+    assert [t.shape for t in together] == [(20, N_BINS), (101, N_BINS), (21, N_BINS), (20, N_BINS)]
+    for got, expected in zip(together, alone):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
     tracks = rmvpe_f0_batch(model, audios)
-    assert [t.shape for t in tracks] == [(20,), (101,), (21,), (20,)]
     for audio, track in zip(audios, tracks):
         np.testing.assert_allclose(track, rmvpe_f0(model, audio), rtol=1e-6)
     assert not np.allclose(tracks[0], tracks[3])  # each its own input
 
 
-def test_batch_refuses_inputs_of_different_padded_lengths(model):
-    mels = [torch.zeros(128, 20), torch.zeros(128, 40)]
-    with pytest.raises(ValueError, match="different lengths"):
-        model.salience_batch(mels)
+def test_unmasked_padding_would_change_the_shorter_inputs(model):
+    """Why the mask: the same batch with the padding left in changes the values near the end."""
+    short, long = (log_mel(torch.from_numpy(speechlike(n, seed=5).astype(np.float32)), model.mel_basis, model.window)
+                   for n in (3100, 16000))
+    batch = torch.stack([torch.nn.functional.pad(short, (0, 128 - short.shape[-1])),
+                         torch.nn.functional.pad(long, (0, 128 - long.shape[-1]))])
+    with torch.inference_mode():
+        unmasked = model.net(batch)[0, :20].numpy()
+        masked = model.net(batch, [32, 128])[0, :20].numpy()
+    np.testing.assert_allclose(masked, model.salience(short), rtol=0, atol=2e-6)
+    assert np.abs(unmasked - masked).max() > 1e-3
+
+
+@pytest.mark.parametrize(("lengths", "max_batch", "max_padding", "expected"), [
+    ([64, 64, 64], 16, 0.0, [[0, 1, 2]]),
+    ([32, 64, 32, 64], 16, 0.0, [[1, 3], [0, 2]]),  # longest first, equal lengths only
+    ([32, 64, 32, 64], 16, 0.2, [[1, 3, 0], [2]]),  # 160 of 192 frames used; a fourth: 192 of 256
+    ([32, 64, 32, 64], 16, 0.3, [[1, 3, 0, 2]]),
+    ([64, 64, 64], 2, 0.0, [[0, 1], [2]]),
+    ([2**14, 2**14, 2**14], 16, 0.0, [[0, 1], [2]]),  # MAX_BATCH_FRAMES
+])
+def test_batches_by_length(lengths, max_batch, max_padding, expected):
+    assert batches_by_length(lengths, max_batch, max_padding) == expected
 
 
 def test_random_model_gives_a_usable_pitch_track(model):
