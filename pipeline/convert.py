@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import audio as audio_io
+from .batching import batches_by_length, max_padding
 from .hubert import Hubert, HubertConfig, content_features, load_hubert
 from .index import RetrievalIndex, blend, blend_on_device
 from .memory import release_freed_memory
@@ -203,18 +204,19 @@ def chunk_features(hubert: Hubert, chunk_audio: np.ndarray, version: str) -> tor
 @torch.inference_mode()
 def chunk_features_batch(hubert: Hubert, chunks: Sequence[np.ndarray], version: str,
                          max_batch: int = 16) -> list[torch.Tensor]:
-    """`chunk_features` of several chunks; chunks of equal length run as one batch (HuBERT's first
-    layer normalises over the whole input, so padding would change every frame)."""
+    """`chunk_features` of several chunks, as batches (`pipeline.batching`: on GPUs of different
+    lengths, zero-padded with each chunk's padding masked out, on CPUs of equal lengths)."""
     device = next(hubert.parameters()).device
-
-    def run(_length: int, same: list[int]) -> list[torch.Tensor]:
-        out = []
-        for start in range(0, len(same), max_batch):
-            wav = torch.from_numpy(np.stack([chunks[i] for i in same[start:start + max_batch]])).float().to(device)
-            out += content_features(hubert, wav, version).float().unbind()  # [B, L] -> B × [T50, C]
-        return out
-
-    return per_group([chunk.shape[0] for chunk in chunks], run)
+    lengths = [chunk.shape[0] for chunk in chunks]
+    out: list[torch.Tensor | None] = [None] * len(chunks)
+    for batch in batches_by_length(lengths, max_batch, max_padding(device)):
+        longest = lengths[batch[0]]
+        wav = torch.from_numpy(np.stack([np.pad(chunks[i], (0, longest - lengths[i])) for i in batch])).float()
+        mine = [lengths[i] for i in batch]
+        feats = content_features(hubert, wav.to(device), version, None if min(mine) == longest else mine)
+        for i, f in zip(batch, feats.float().unbind()):  # [B, T50, C] -> B × [T50, C]
+            out[i] = f[:hubert.config.num_frames(lengths[i])]
+    return out
 
 
 def retrieve(feats: torch.Tensor, index: RetrievalIndex | None, params: ConversionParams) -> torch.Tensor:
@@ -458,7 +460,7 @@ class Converter:
                       max_batch_seconds: float = 240.0,
                       timings: dict[str, float] | None = None) -> list[np.ndarray]:
         """Convert several inputs together, each output equal to its `convert` output: content
-        features of equal-length chunks and the synthesis of chunks that share a voice run as
+        features of chunks (see chunk_features_batch) and the synthesis of chunks that share a voice run as
         batches of up to `max_batch` chunks and `max_batch_seconds` of padded audio (which bounds
         the decoder's memory: about 0.1 GB per second in fp32). The GPU's throughput mode; on the
         CPU batching gains little."""

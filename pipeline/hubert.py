@@ -13,6 +13,7 @@ import ast
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -113,11 +114,23 @@ def format_conv_layers(layers: tuple[tuple[int, int, int], ...]) -> str:
 
 
 class _Fp32GroupNorm(nn.GroupNorm):
-    """fairseq computes the feature extractor's GroupNorm in fp32 even in a half model."""
+    """fairseq computes the feature extractor's GroupNorm in fp32 even in a half model. Its
+    groups are single channels (hubert_base: 512 of 512), each normalised over the whole input."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(),
-                            self.eps).type_as(x)
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """x [B, C, T]; `valid` [B, 1, T] bool: each item's own frames, whose statistics alone
+        normalise it (a batch of different lengths)."""
+        if valid is None:
+            return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(),
+                                self.eps).type_as(x)
+        if self.num_groups != self.num_channels:
+            raise ValueError("masked GroupNorm needs one channel per group")
+        x32, mask = x.float(), valid.float()
+        count = mask.sum(dim=2, keepdim=True)  # [B, 1, 1]
+        mean = (x32 * mask).sum(dim=2, keepdim=True) / count
+        var = ((x32 - mean).square() * mask).sum(dim=2, keepdim=True) / count
+        y = (x32 - mean) * torch.rsqrt(var + self.eps)
+        return (y * self.weight.float()[:, None] + self.bias.float()[:, None]).type_as(x)
 
 
 class _WeightNormConv1d(nn.Conv1d):
@@ -156,11 +169,23 @@ class FeatureExtractor(nn.Module):
             blocks.append(nn.Sequential(*block, nn.GELU()))
             in_dim = dim
         self.conv_layers = nn.ModuleList(blocks)
+        self.layer_specs = conv_layers
 
-    def forward(self, wav: Tensor) -> Tensor:  # [B, L] -> [B, C, T]
+    def forward(self, wav: Tensor, lengths: Sequence[int] | None = None) -> Tensor:  # [B, L] -> [B, C, T]
+        """With `lengths` (samples of each item of a zero-padded batch), each item is normalised
+        by its own frames; the unpadded convolutions' outputs within an item's length read only
+        its own samples, so each item gets its values alone."""
         x = wav.unsqueeze(1)
-        for block in self.conv_layers:
-            x = block(x)
+        frames = None if lengths is None else torch.tensor(list(lengths), device=wav.device)
+        for block, (_, kernel, stride) in zip(self.conv_layers, self.layer_specs):
+            x = block[0](x)  # the convolution; then GroupNorm (first block only) and GELU
+            if frames is not None:
+                frames = (frames - kernel) // stride + 1
+            for layer in block[1:]:
+                if isinstance(layer, _Fp32GroupNorm) and frames is not None:
+                    x = layer(x, (torch.arange(x.shape[2], device=x.device) < frames[:, None])[:, None])
+                else:
+                    x = layer(x)
         return x
 
 
@@ -170,7 +195,8 @@ class SelfAttention(nn.Module):
         self.heads = heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
 
-    def forward(self, x: Tensor) -> Tensor:  # [B, T, C]
+    def forward(self, x: Tensor, key_padding: Tensor | None = None) -> Tensor:  # [B, T, C]
+        """`key_padding` [B, T] bool: frames past an item's length, which its frames do not attend to."""
         B, T, C = x.shape
         head_dim = C // self.heads
         # Plain matmul with q scaled first, in fairseq's order: on CPU this is bitwise equal to
@@ -178,7 +204,10 @@ class SelfAttention(nn.Module):
         # scaled_dot_product_attention differs by ~1e-6.
         q, k, v = (t.view(B, T, self.heads, head_dim).transpose(1, 2)
                    for t in (self.q_proj(x) * head_dim**-0.5, self.k_proj(x), self.v_proj(x)))
-        a = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v  # [B, H, T, head_dim]
+        scores = q @ k.transpose(-1, -2)  # [B, H, T, T]
+        if key_padding is not None:
+            scores = scores.masked_fill(key_padding[:, None, None, :], -math.inf)
+        a = torch.softmax(scores, dim=-1) @ v  # [B, H, T, head_dim]
         return self.out_proj(a.transpose(1, 2).reshape(B, T, C))
 
 
@@ -193,8 +222,8 @@ class EncoderLayer(nn.Module):
         self.fc2 = nn.Linear(ffn_dim, dim)
         self.final_layer_norm = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.self_attn_layer_norm(x + self.self_attn(x))
+    def forward(self, x: Tensor, key_padding: Tensor | None = None) -> Tensor:
+        x = self.self_attn_layer_norm(x + self.self_attn(x, key_padding))
         return self.final_layer_norm(x + self.fc2(F.gelu(self.fc1(x))))
 
 
@@ -210,10 +239,15 @@ class Encoder(nn.Module):
             EncoderLayer(dim, config.encoder_attention_heads, config.encoder_ffn_embed_dim)
             for _ in range(config.encoder_layers))
 
-    def forward(self, x: Tensor, num_layers: int) -> Tensor:  # [B, T, C], first num_layers layers
+    def forward(self, x: Tensor, num_layers: int, key_padding: Tensor | None = None) -> Tensor:
+        """x [B, T, C] → the first num_layers layers' output. `key_padding` [B, T] bool: frames past
+        each item's length, zeroed for the positional convolution (which pads with zeros past an
+        input's end) and left out of the attention."""
+        if key_padding is not None:
+            x = x.masked_fill(key_padding[..., None], 0.0)
         x = self.layer_norm(x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2))
         for layer in self.layers[:num_layers]:
-            x = layer(x)
+            x = layer(x, key_padding)
         return x
 
 
@@ -228,26 +262,37 @@ class Hubert(nn.Module):
         self.encoder = Encoder(config)
         self.final_proj = nn.Linear(config.encoder_embed_dim, config.final_dim)
 
-    def extract_features(self, wav: Tensor, output_layer: int) -> Tensor:
+    def extract_features(self, wav: Tensor, output_layer: int, lengths: Sequence[int] | None = None) -> Tensor:
         """wav [B, L] raw 16 kHz samples -> output of transformer layer `output_layer` (1-based,
-        fairseq's meaning; no final norm) [B, T, encoder_embed_dim], T = config.num_frames(L)."""
+        fairseq's meaning; no final norm) [B, T, encoder_embed_dim], T = config.num_frames(L).
+
+        `lengths`: samples of each item of a batch zero-padded to L; item i then gets, in its
+        first num_frames(lengths[i]) frames, its features alone (up to float summation order):
+        its own normalisation statistics, zeros past its end for the positional convolution,
+        and no attention to the padding."""
         if not 1 <= output_layer <= self.config.encoder_layers:
             raise ValueError(f"output_layer {output_layer} not in 1..{self.config.encoder_layers}")
-        if self.config.num_frames(wav.shape[-1]) < 1:
-            raise ValueError(f"{wav.shape[-1]} samples are too few for one HuBERT frame")
-        x = self.feature_extractor(wav).transpose(1, 2)
+        shortest = min(lengths) if lengths is not None else wav.shape[-1]
+        if self.config.num_frames(shortest) < 1:
+            raise ValueError(f"{shortest} samples are too few for one HuBERT frame")
+        x = self.feature_extractor(wav, lengths).transpose(1, 2)
         x = self.post_extract_proj(self.layer_norm(x))
-        return self.encoder(x, output_layer)
+        key_padding = None
+        if lengths is not None:
+            frames = torch.tensor([self.config.num_frames(n) for n in lengths], device=x.device)
+            key_padding = torch.arange(x.shape[1], device=x.device) >= frames[:, None]  # [B, T]
+        return self.encoder(x, output_layer, key_padding)
 
 
-def content_features(model: Hubert, wav16k: Tensor, version: str) -> Tensor:
-    """RVC's content features of wav16k [1, L]: v1 = layer 9 + final_proj [1, T, 256],
-    v2 = layer 12 [1, T, 768]. The input is cast to the model's dtype, as the reference does."""
+def content_features(model: Hubert, wav16k: Tensor, version: str, lengths: Sequence[int] | None = None) -> Tensor:
+    """RVC's content features of wav16k [B, L]: v1 = layer 9 + final_proj [B, T, 256],
+    v2 = layer 12 [B, T, 768]. The input is cast to the model's dtype, as the reference does.
+    `lengths`: of a zero-padded batch (see `Hubert.extract_features`)."""
     if version not in _OUTPUT_LAYER:
         raise ValueError(f"unknown RVC version {version!r} (expected 'v1' or 'v2')")
     ref = model.final_proj.weight
     with torch.no_grad():
-        feats = model.extract_features(wav16k.to(ref.device, ref.dtype), _OUTPUT_LAYER[version])
+        feats = model.extract_features(wav16k.to(ref.device, ref.dtype), _OUTPUT_LAYER[version], lengths)
         return model.final_proj(feats) if version == "v1" else feats
 
 

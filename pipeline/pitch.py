@@ -155,7 +155,7 @@ class PitchRequest:
 def estimate_pitch_batch(requests: Sequence[PitchRequest], method: str,
                          models: PitchModels) -> list[tuple[np.ndarray, np.ndarray]]:
     """`estimate_pitch` of several inputs of one method; crepe decodes them in shared passes,
-    rmvpe runs inputs of (nearly) equal length as batches."""
+    rmvpe runs them as batches (see rmvpe_f0_batch)."""
     if method == "rmvpe":
         from pipeline.rmvpe import rmvpe_f0_batch
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.assets import AssetError, torch_load_checked
+from pipeline.batching import batches_by_length, max_padding
 
 SAMPLE_RATE = 16000
 HOP = 160
@@ -36,8 +37,6 @@ LOCAL_RADIUS = 4  # the decode averages the 9 bins around the peak
 # Frames of one batch: 16 inputs of 20 s, or one of up to 330 s alone (about 4.5 GB of U-Net
 # activations in fp32).
 MAX_BATCH_FRAMES = 2**15
-# Share of a GPU batch's frames that may be padding (masked out, so exact, but computed).
-GPU_MAX_PADDING = 0.3
 
 
 class FrameMask:
@@ -289,38 +288,20 @@ def rmvpe_f0(model: Rmvpe, audio16k: np.ndarray, threshold: float = THRESHOLD) -
     return rmvpe_f0_batch(model, [audio16k], threshold)[0]
 
 
-def batches_by_length(lengths: Sequence[int], max_batch: int, max_padding: float) -> list[list[int]]:
-    """Indices of `lengths` (padded frame counts) grouped longest first into batches of at most
-    `max_batch` items and MAX_BATCH_FRAMES frames (items × longest), in which padding is at most
-    `max_padding` of the frames."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches:
-            batch = batches[-1]
-            longest, count = lengths[batch[0]], len(batch) + 1
-            used = sum(lengths[j] for j in batch) + lengths[i]
-            if count <= max_batch and count * longest <= MAX_BATCH_FRAMES and used >= (1 - max_padding) * count * longest:
-                batch.append(i)
-                continue
-        batches.append([i])
-    return batches
-
-
 def rmvpe_f0_batch(model: Rmvpe, audios: Sequence[np.ndarray], threshold: float = THRESHOLD,
                    max_batch: int = 16) -> list[np.ndarray]:
-    """`rmvpe_f0` of several inputs, run as batches (`batches_by_length`): on a GPU of any
-    lengths with up to GPU_MAX_PADDING of padding, on a CPU of equal padded lengths only (padding
-    costs its full price there, and batching gains little)."""
+    """`rmvpe_f0` of several inputs, run as batches of up to `max_batch` inputs and
+    MAX_BATCH_FRAMES frames (`pipeline.batching`: on GPUs of different lengths, on CPUs of equal
+    padded lengths)."""
     mels = []
     for audio16k in audios:
         audio = torch.from_numpy(np.asarray(audio16k, dtype=np.float32)).to(model.device)
         # the log-mel in float32 even under a caller's reduced-precision autocast (the net may use it)
         with torch.inference_mode(), torch.autocast(model.device.type, enabled=False):
             mels.append(log_mel(audio, model.mel_basis, model.window))
-    max_padding = GPU_MAX_PADDING if model.device.type == "cuda" else 0.0
     out: list[np.ndarray | None] = [None] * len(mels)
-    for batch in batches_by_length([_padded_frames(mel.shape[-1]) for mel in mels], max_batch, max_padding):
+    lengths = [_padded_frames(mel.shape[-1]) for mel in mels]
+    for batch in batches_by_length(lengths, max_batch, max_padding(model.device), MAX_BATCH_FRAMES):
         for i, salience in zip(batch, model.salience_batch([mels[i] for i in batch])):
             out[i] = decode_f0(salience, threshold)
     return out

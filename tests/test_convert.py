@@ -11,8 +11,9 @@ import torch
 from deployments.cli import main as cli_main
 from pipeline import audio as audio_io
 from pipeline.demo import synthetic_speech
-from pipeline.convert import (ChunkingConfig, ConversionParams, ConversionRequest, Converter, fastest_precision,
-                              has_bf16_arithmetic, network_precision, prepare_input, split_points)
+from pipeline.convert import (ChunkingConfig, ConversionParams, ConversionRequest, Converter, chunk_features,
+                              chunk_features_batch, fastest_precision, has_bf16_arithmetic, network_precision,
+                              prepare_input, split_points)
 from pipeline import synthesizer
 from pipeline.index import load_index
 from pipeline.synthesizer import load_voice
@@ -281,3 +282,16 @@ def test_a_precision_holds_only_inside_its_context(fixture_set, monkeypatch):
     with network_precision("cpu", "bf16"):
         assert synthesizer._RESBLOCK_DTYPE.get() is torch.bfloat16
     assert entered == [torch.bfloat16] and synthesizer._RESBLOCK_DTYPE.get() is None
+
+
+@pytest.mark.parametrize("padding", [0.0, 0.5])
+def test_chunk_features_in_batches_equal_each_chunk_alone(converter, speech, monkeypatch, padding):
+    """Equal lengths batch as they are; with padding allowed (GPUs) different lengths batch too,
+    each chunk's padding masked out."""
+    monkeypatch.setattr("pipeline.convert.max_padding", lambda device: padding)
+    chunks = [speech[:n].astype(np.float64) for n in (16000, 12000, 16000, 14400)]
+    together = chunk_features_batch(converter.hubert, chunks, "v2")
+    for chunk, got in zip(chunks, together):
+        alone = chunk_features(converter.hubert, chunk, "v2")
+        assert got.shape == alone.shape
+        torch.testing.assert_close(got, alone, rtol=0, atol=5e-5)

@@ -170,6 +170,25 @@ def test_content_features_shapes_and_dtype(narrow_ckpt):
         model.extract_features(wav.float(), 13)
 
 
+def test_a_batch_of_different_lengths_gives_each_its_features_alone(narrow_ckpt):
+    """Zero-padded to the longest with `lengths`: each item's own GroupNorm statistics, zeros past
+    its end for the positional convolution, no attention to the padding."""
+    model = fairseq_model(narrow_ckpt)
+    wavs = [speechlike(s, seed)[0] for s, seed in ((0.9, 1), (0.5, 2), (0.73, 3), (0.9, 4))]
+    lengths = [w.shape[0] for w in wavs]
+    batch = torch.stack([torch.nn.functional.pad(w, (0, max(lengths) - w.shape[0])) for w in wavs])
+    with torch.no_grad():
+        for version in ("v1", "v2"):
+            together = content_features(model, batch, version, lengths)
+            unmasked = content_features(model, batch, version)
+            for i, wav in enumerate(wavs):
+                alone = content_features(model, wav[None], version)[0]
+                frames = NARROW.num_frames(lengths[i])
+                torch.testing.assert_close(together[i, :frames], alone, rtol=0, atol=2e-5)
+                if lengths[i] < max(lengths):  # the padding would change every frame otherwise
+                    assert (unmasked[i, :frames] - alone).abs().max() > 1e-3
+
+
 def test_random_checkpoint_is_deterministic(tmp_path):
     a, b = random_hubert_checkpoint(7, SMALL), random_hubert_checkpoint(7, SMALL)
     assert a["model"].keys() == b["model"].keys()

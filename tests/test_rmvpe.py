@@ -15,7 +15,6 @@ from pipeline.rmvpe import (
     N_BINS,
     Rmvpe,
     RmvpeNet,
-    batches_by_length,
     decode_f0,
     load_rmvpe,
     log_mel,
@@ -294,18 +293,6 @@ def test_unmasked_padding_would_change_the_shorter_inputs(model):
         masked = model.net(batch, [32, 128])[0, :20].numpy()
     np.testing.assert_allclose(masked, model.salience(short), rtol=0, atol=2e-6)
     assert np.abs(unmasked - masked).max() > 1e-3
-
-
-@pytest.mark.parametrize(("lengths", "max_batch", "max_padding", "expected"), [
-    ([64, 64, 64], 16, 0.0, [[0, 1, 2]]),
-    ([32, 64, 32, 64], 16, 0.0, [[1, 3], [0, 2]]),  # longest first, equal lengths only
-    ([32, 64, 32, 64], 16, 0.2, [[1, 3, 0], [2]]),  # 160 of 192 frames used; a fourth: 192 of 256
-    ([32, 64, 32, 64], 16, 0.3, [[1, 3, 0, 2]]),
-    ([64, 64, 64], 2, 0.0, [[0, 1], [2]]),
-    ([2**14, 2**14, 2**14], 16, 0.0, [[0, 1], [2]]),  # MAX_BATCH_FRAMES
-])
-def test_batches_by_length(lengths, max_batch, max_padding, expected):
-    assert batches_by_length(lengths, max_batch, max_padding) == expected
 
 
 def test_random_model_gives_a_usable_pitch_track(model):

@@ -1,0 +1,39 @@
+"""Grouping inputs of different lengths into zero-padded batches.
+
+The networks that batch inputs of different lengths (rmvpe, HuBERT) mask each item's padding so
+every item gets its values alone; the padding still costs its arithmetic. On GPUs, where a batch
+of 16 costs little more than one input, some padding is worth it; on CPUs it costs its full price
+and batching gains little, so they batch equal lengths only.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+# Share of a GPU batch's frames that may be padding.
+GPU_MAX_PADDING = 0.3
+
+
+def max_padding(device: torch.device) -> float:
+    return GPU_MAX_PADDING if device.type == "cuda" else 0.0
+
+
+def batches_by_length(lengths: Sequence[int], max_batch: int, max_padding: float,
+                      max_total: int | None = None) -> list[list[int]]:
+    """Indices of `lengths` grouped longest first into batches of at most `max_batch` items and
+    `max_total` padded length (items × longest), in which padding is at most `max_padding` of
+    the batch."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            batch = batches[-1]
+            longest, count = lengths[batch[0]], len(batch) + 1
+            used = sum(lengths[j] for j in batch) + lengths[i]
+            if (count <= max_batch and (max_total is None or count * longest <= max_total)
+                    and used >= (1 - max_padding) * count * longest):
+                batch.append(i)
+                continue
+        batches.append([i])
+    return batches
