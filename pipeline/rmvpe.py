@@ -37,6 +37,13 @@ LOCAL_RADIUS = 4  # the decode averages the 9 bins around the peak
 # Frames of one batch: 16 inputs of 20 s, or one of up to 330 s alone (about 4.5 GB of U-Net
 # activations in fp32).
 MAX_BATCH_FRAMES = 2**15
+# A long input's U-Net runs in segments of SEGMENT_FRAMES, each with HALO_FRAMES of context per
+# side: every output frame depends on the input within 1,560 frames of it (measured: perturbing
+# one input frame changes outputs 1,528-1,560 frames away, not further), so the kept frames equal
+# the whole pass, while the activations stay those of ~114 s instead of the whole input's (an
+# hour of audio would need ~20 GB at once). Both are multiples of 32, so the poolings align.
+SEGMENT_FRAMES = 2**13
+HALO_FRAMES = 1600
 
 
 class FrameMask:
@@ -208,10 +215,24 @@ class RmvpeNet(nn.Module):
         (multiples of 32, the longest T): each item's own padded length, for a batch of
         different ones; each item then gets its values alone, up to float summation order."""
         mask = None if lengths is None else FrameMask(lengths, mel.shape[-1], mel.device)
-        x = self.unet(mel.transpose(1, 2).unsqueeze(1), mask)
-        x = self.cnn(x if mask is None else mask(x))  # [B, 3, T, 128]
+        x = self._local_features(mel, mask)  # [B, 3, T, 128]
         gru, linear = self.fc
         return torch.sigmoid(linear(gru(x.transpose(1, 2).flatten(2), lengths)))
+
+
+    def _local_features(self, mel: Tensor, mask: FrameMask | None) -> Tensor:
+        """cnn(unet(mel)): [B, 128, T] → [B, 3, T, 128]; a long unmasked input in segments."""
+        t = mel.shape[-1]
+        if mask is not None or t <= SEGMENT_FRAMES + 2 * HALO_FRAMES:
+            x = self.unet(mel.transpose(1, 2).unsqueeze(1), mask)
+            return self.cnn(x if mask is None else mask(x))
+        pieces = []
+        for start in range(0, t, SEGMENT_FRAMES):
+            stop = min(start + SEGMENT_FRAMES, t)
+            lo, hi = max(0, start - HALO_FRAMES), min(t, stop + HALO_FRAMES)
+            piece = self.cnn(self.unet(mel[..., lo:hi].transpose(1, 2).unsqueeze(1)))
+            pieces.append(piece[:, :, start - lo:stop - lo])
+        return torch.cat(pieces, dim=2)
 
 
 def mel_filterbank() -> Tensor:

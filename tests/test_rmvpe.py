@@ -295,6 +295,23 @@ def test_unmasked_padding_would_change_the_shorter_inputs(model):
     assert np.abs(unmasked - masked).max() > 1e-3
 
 
+def test_a_long_input_runs_in_segments_with_the_values_of_one_pass(model, monkeypatch):
+    """Segments of 1,024 frames (the real ones are 8,192) with 1,600 frames of context each side
+    give the whole pass's values; with too little context they would not."""
+    import pipeline.rmvpe as rmvpe
+
+    mel = torch.randn(1, 128, 4800, generator=torch.Generator().manual_seed(0)) - 4  # 48 s
+    with torch.inference_mode():
+        whole, whole_salience = model.net._local_features(mel, None), model.net(mel)
+        monkeypatch.setattr(rmvpe, "SEGMENT_FRAMES", 1024)  # 4,800 > 1,024 + 2 × 1,600: segments
+        segmented, segmented_salience = model.net._local_features(mel, None), model.net(mel)
+        monkeypatch.setattr(rmvpe, "HALO_FRAMES", 128)
+        short_context = model.net._local_features(mel, None)
+    torch.testing.assert_close(segmented, whole, rtol=0, atol=2e-5)  # values up to ~6
+    torch.testing.assert_close(segmented_salience, whole_salience, rtol=0, atol=2e-6)
+    assert (short_context - whole).abs().max() > 1e-3
+
+
 def test_random_model_gives_a_usable_pitch_track(model):
     audio = speechlike(24000, seed=1)
     mel = log_mel(torch.from_numpy(audio.astype(np.float32)), model.mel_basis, model.window)
