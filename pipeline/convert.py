@@ -201,15 +201,21 @@ def chunk_features(hubert: Hubert, chunk_audio: np.ndarray, version: str) -> tor
     return chunk_features_batch(hubert, [chunk_audio], version)[0]
 
 
+# 160 s of audio per HuBERT batch: the attention scores of 16 chunks of 10 s, or of 3 of the
+# longest (46 s) chunks, ~1.5 GB; 16 of those would need ~8 GB at once.
+FEATURE_BATCH_SAMPLES = 160 * SR
+
+
 @torch.inference_mode()
 def chunk_features_batch(hubert: Hubert, chunks: Sequence[np.ndarray], version: str,
                          max_batch: int = 16) -> list[torch.Tensor]:
     """`chunk_features` of several chunks, as batches (`pipeline.batching`: on GPUs of different
-    lengths, zero-padded with each chunk's padding masked out, on CPUs of equal lengths)."""
+    lengths, zero-padded with each chunk's padding masked out, on CPUs of equal lengths) of at
+    most FEATURE_BATCH_SAMPLES padded samples."""
     device = next(hubert.parameters()).device
     lengths = [chunk.shape[0] for chunk in chunks]
     out: list[torch.Tensor | None] = [None] * len(chunks)
-    for batch in batches_by_length(lengths, max_batch, max_padding(device)):
+    for batch in batches_by_length(lengths, max_batch, max_padding(device), FEATURE_BATCH_SAMPLES):
         longest = lengths[batch[0]]
         wav = torch.from_numpy(np.stack([np.pad(chunks[i], (0, longest - lengths[i])) for i in batch])).float()
         mine = [lengths[i] for i in batch]
