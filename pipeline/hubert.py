@@ -4,7 +4,8 @@ RVC feeds the raw 16 kHz waveform (no normalisation) through fairseq's HuBERT an
 output of transformer layer 9 projected by `final_proj` (v1, 256-d) or of layer 12 (v2, 768-d),
 50 frames per second. The distributed `hubert_base.pt` is a whole fairseq checkpoint that pickles
 fairseq objects; `load_hubert` reads it without fairseq and without running pickled code. The
-transformers layout (RVC main 2026, Applio's ContentVec) loads too.
+transformers layout (RVC main 2026, Applio's ContentVec) loads too. Chunks of different lengths
+run as one zero-padded batch with each chunk's values (`Hubert.extract_features(lengths=)`).
 """
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 Module and parameter names follow the reference's `E2E(n_blocks=4, n_gru=1, kernel_size=(2, 2))`
 so the published `rmvpe.pt` (a plain state dict, fp16) loads with strict=True. The decode is the
 reference's local weighted average of cents, vectorised, with the same float32/float64 steps.
+Beyond the reference, and with its values: inputs of different lengths run as one masked batch
+(`FrameMask`, packed BiGRU), and a long input's U-Net runs in overlapping segments.
 """
 from __future__ import annotations
 
