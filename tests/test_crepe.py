@@ -8,6 +8,8 @@ import torchcrepe
 
 from pipeline.crepe import (
     CENTS_OFFSET,
+    _network_outputs,
+    _packed_groups,
     HOP_LENGTH,
     PITCH_BINS,
     Crepe,
@@ -72,6 +74,26 @@ def test_the_cpu_network_equals_torchcrepes_up_to_summation_order(capacity):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     with torch.inference_mode():  # the GPU's layout, run here on the CPU
         torch.testing.assert_close(ours._forward_1d(frames), expected, rtol=0, atol=1e-5)
+
+
+def test_packed_groups_fill_each_group_across_inputs():
+    assert _packed_groups([5, 3, 9], 4) == [[(0, 0, 4)], [(0, 4, 5), (1, 0, 3)], [(2, 0, 4)], [(2, 4, 8)], [(2, 8, 9)]]
+    assert _packed_groups([4, 4], 4) == [[(0, 0, 4)], [(1, 0, 4)]]
+    assert _packed_groups([2, 1], 8) == [[(0, 0, 2), (1, 0, 1)]]
+
+
+def test_packing_frames_of_several_inputs_changes_no_output():
+    """The GPU packs all inputs' frames into full network calls; each frame's output is the one
+    it gets in its own input's batches (up to the matrix products' summation order)."""
+    model = load_crepe("tiny", "cpu")
+    rng = np.random.default_rng(2)
+    windows = [torch.from_numpy(rng.standard_normal((n, 1024)).astype(np.float32)) for n in (37, 5, 60)]
+    with torch.inference_mode():
+        alone = _network_outputs(model, windows, 16, pack=False)
+        packed = _network_outputs(model, windows, 16, pack=True)
+    assert [p.shape for p in packed] == [(37, PITCH_BINS), (5, PITCH_BINS), (60, PITCH_BINS)]
+    for got, expected in zip(packed, alone):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
 def test_unknown_capacity():
