@@ -411,7 +411,7 @@ class Converter:
     def from_paths(cls, hubert_path: str | Path, rmvpe_path: str | Path | None = None,
                    device: str | torch.device = "cpu", chunking: ChunkingConfig = ChunkingConfig(),
                    precision: str = "fp32") -> "Converter":
-        check_precision(precision)
+        check_precision(precision)  # before loading the models (__post_init__ checks again, cheaply)
         device = torch.device(device)
         return cls(load_hubert(hubert_path, device=device), PitchModels(device=device, rmvpe_path=rmvpe_path),
                    chunking, precision)

@@ -322,12 +322,10 @@ def crepe_f0_batch(
         n_frames = 1 + (audio.numel() + sum(pad) - WINDOW_SIZE) // HOP_LENGTH
         noises.append(_dither_cents(dither, n_frames).to(device))
         windows.append(F.pad(audio, pad).unfold(0, WINDOW_SIZE, HOP_LENGTH))  # [frames, 1024] view
-    outputs = _network_outputs(model, windows, network_batch, pack=device.type == "cuda")
-    saliences = []
-    for salience in outputs:
+    saliences = _network_outputs(model, windows, network_batch, pack=device.type == "cuda")
+    for salience in saliences:
         salience[:, :low] = -float("inf")
         salience[:, high:] = -float("inf")
-        saliences.append(salience)
     # Every input's path restarts each batch_size frames: decode all pieces of all inputs side by
     # side, BATCHES_PER_GROUP × 4 at a time (bounded memory for the back-pointers).
     pieces = [(i, start) for i, sal in enumerate(saliences) for start in range(0, sal.shape[0], batch_size)]

@@ -114,6 +114,11 @@ def format_conv_layers(layers: tuple[tuple[int, int, int], ...]) -> str:
     return " + ".join(f"[({d},{k},{s})]" + (f" * {n}" if n > 1 else "") for (d, k, s), n in runs)
 
 
+def _valid_frames(frames: Sequence[int], total: int, device: torch.device) -> Tensor:
+    """[B, total] bool: True for each batch item's first frames[b] frames."""
+    return torch.arange(total, device=device) < torch.tensor(list(frames), device=device)[:, None]
+
+
 class _Fp32GroupNorm(nn.GroupNorm):
     """fairseq computes the feature extractor's GroupNorm in fp32 even in a half model. Its
     groups are single channels (hubert_base: 512 of 512), each normalised over the whole input."""
@@ -177,16 +182,15 @@ class FeatureExtractor(nn.Module):
         by its own frames; the unpadded convolutions' outputs within an item's length read only
         its own samples, so each item gets its values alone."""
         x = wav.unsqueeze(1)
-        frames = None if lengths is None else torch.tensor(list(lengths), device=wav.device)
-        for block, (_, kernel, stride) in zip(self.conv_layers, self.layer_specs):
-            x = block[0](x)  # the convolution; then GroupNorm (first block only) and GELU
-            if frames is not None:
-                frames = (frames - kernel) // stride + 1
-            for layer in block[1:]:
-                if isinstance(layer, _Fp32GroupNorm) and frames is not None:
-                    x = layer(x, (torch.arange(x.shape[2], device=x.device) < frames[:, None])[:, None])
-                else:
-                    x = layer(x)
+        for i, block in enumerate(self.conv_layers):
+            if i > 0 or lengths is None:
+                x = block(x)
+                continue
+            conv, dropout, norm, gelu = block  # only the first block normalises
+            x = conv(x)
+            _, kernel, stride = self.layer_specs[0]
+            valid = _valid_frames([(n - kernel) // stride + 1 for n in lengths], x.shape[2], x.device)
+            x = gelu(norm(dropout(x), valid[:, None]))
         return x
 
 
@@ -280,8 +284,7 @@ class Hubert(nn.Module):
         x = self.post_extract_proj(self.layer_norm(x))
         key_padding = None
         if lengths is not None:
-            frames = torch.tensor([self.config.num_frames(n) for n in lengths], device=x.device)
-            key_padding = torch.arange(x.shape[1], device=x.device) >= frames[:, None]  # [B, T]
+            key_padding = ~_valid_frames([self.config.num_frames(n) for n in lengths], x.shape[1], x.device)
         return self.encoder(x, output_layer, key_padding)
 
 
