@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -362,17 +362,27 @@ def resblock_precision(dtype: torch.dtype | None) -> Iterator[None]:
         _RESBLOCK_DTYPE.reset(token)
 
 
+def _derived_weight(module: nn.Module, key: object, make: Callable[[Tensor], Tensor]) -> Tensor:
+    """`make(_weight(module))`, made once per key and kept while the weight stays the same tensor
+    unchanged (a weight-normed one is recomputed each call: nothing to keep; nor is an inference
+    tensor's, which has no version to tell a change by)."""
+    weight = _weight(module)
+    if "weight_v" in module._parameters or weight.is_inference():
+        return make(weight)
+    cache = module.__dict__.setdefault("_derived_weights", {})
+    stamp = (weight.data_ptr(), weight.dtype, weight.device, weight._version)
+    hit = cache.get(key)
+    if hit is None or hit[0] != stamp:
+        hit = cache[key] = (stamp, make(weight))
+    return hit[1]
+
+
 def _weight_in(module: nn.Module, dtype: torch.dtype | None) -> Tensor:
-    """`_weight(module)` in `dtype`; a folded weight's copy is made once and kept."""
+    """`_weight(module)` in `dtype`."""
     weight = _weight(module)
     if dtype is None or dtype == weight.dtype:
         return weight
-    if "weight_v" in module._parameters:  # recomputed each call: nothing to keep
-        return weight.to(dtype)
-    cached = module.__dict__.get("_weight_copy")
-    if cached is None or cached[0] != (dtype, weight.device, weight._version):
-        cached = module.__dict__["_weight_copy"] = ((dtype, weight.device, weight._version), weight.to(dtype))
-    return cached[1]
+    return _derived_weight(module, dtype, lambda w: w.to(dtype))
 
 
 def _residual_add(total: Tensor, y: Tensor, x: Tensor) -> Tensor:
@@ -418,11 +428,49 @@ def _conv(conv: nn.Conv1d, x: Tensor, slope: float | None = None, dtype: torch.d
     return F.conv2d(padded, weight[..., None], bias, stride=(stride, 1), dilation=(d, 1))
 
 
-def _conv_transpose(up: nn.ConvTranspose1d, x: Tensor) -> Tensor:
-    """`up` of x [B, C, L], or of x [B, C, L, 1] channels-last (see `_conv`)."""
+def _upsample(up: nn.ConvTranspose1d, x: Tensor, noise_conv: nn.Conv1d | None = None,
+              source: Tensor | None = None) -> Tensor:
+    """up(x), plus noise_conv(source) when given (source [B, 1, N] at the output rate): x [B, C, L]
+    or x [B, C, L, 1] channels-last (the decoder's CPU layout, see `_conv`), out in x's layout.
+
+    On the CPU layout both are matrix products that write the output directly. mkldnn runs the
+    decoder's transposed convolutions at 50-80 GFLOP/s and the 1-channel strided source
+    convolutions at ~3 (memory-bound on their own pass), where the products reach the GEMM rate:
+    each tap block of s input-to-output taps (s = stride) is one product of the input's
+    [L, C_in] rows with that block's [C_in, s·C_out] weights, added into the output rows it
+    reaches (overlap-add with the block's shift), and the source convolution is one product of
+    its strided windows with [k, C_out], added into the output in place."""
     if x.dim() == 3:
-        return up(x)
-    return F.conv_transpose2d(x, _weight(up)[..., None], up.bias, stride=(up.stride[0], 1), padding=(up.padding[0], 0))
+        out = up(x)
+        return out if noise_conv is None else out.add_(_conv(noise_conv, source))
+    (k,), (stride,), (pad,), (extra,) = up.kernel_size, up.stride, up.padding, up.output_padding
+    b, c_in, n, _ = x.shape
+    c_out = up.out_channels
+    n_out = (n - 1) * stride - 2 * pad + k + extra
+    rows = -(-max((n - 1) * stride + k, pad + n_out) // stride)  # of `stride` samples each
+    # [C_in, C_out, k] -> [C_in, k·C_out], tap-major, so a block of taps is a column range
+    taps = _derived_weight(up, "taps", lambda w: w.permute(0, 2, 1).reshape(c_in, k * c_out))
+    bias = torch.zeros(c_out, dtype=x.dtype, device=x.device) if up.bias is None else up.bias
+    if noise_conv is not None and noise_conv.bias is not None:
+        bias = bias + noise_conv.bias
+    out = bias.expand(b, rows * stride, c_out).contiguous()  # [B, samples, C]: channels-last memory
+    rows_of = out.view(b, rows, stride * c_out)
+    x_rows = x.permute(0, 2, 3, 1).reshape(b, n, c_in)  # a view of channels-last memory
+    for item in range(b):
+        for first in range(0, k, stride):
+            width = min(stride, k - first) * c_out
+            block = first // stride
+            rows_of[item, block:block + n, :width].addmm_(x_rows[item], taps[:, first * c_out:first * c_out + width])
+    out = out[:, pad:pad + n_out]
+    if noise_conv is not None:
+        (kn,), (sn,), (pn,) = noise_conv.kernel_size, noise_conv.stride, noise_conv.padding
+        src = F.pad(source.reshape(b, -1), (pn, pn)) if pn else source.reshape(b, -1)
+        windows = src.unfold(-1, kn, sn)[:, :n_out]  # [B, n_out, kn]
+        weight = _derived_weight(noise_conv, "taps", lambda w: w[:, 0].T)  # [kn, C_out]
+        for item in range(b):
+            out[item].addmm_(windows[item], weight)
+    out = out.permute(0, 2, 1)[..., None]  # [B, C, n_out, 1]
+    return out if b == 1 else out.contiguous(memory_format=torch.channels_last)
 
 
 class ResBlock1(nn.Module):
@@ -545,12 +593,9 @@ class Generator(nn.Module):
         x = self.conv_pre(z) + self.cond(g)
         if x.device.type == "cpu":  # the upsampling stages in channels-last [B, C, L, 1] (see `_conv`)
             x = x[..., None].contiguous(memory_format=torch.channels_last)
-            source = None if source is None else source[..., None]
         per_stage = len(self.resblocks) // len(self.ups)
         for i, up in enumerate(self.ups):
-            x = _conv_transpose(up, F.leaky_relu(x, LRELU_SLOPE))
-            if source is not None:
-                x = x.add_(_conv(self.noise_convs[i], source))
+            x = _upsample(up, F.leaky_relu_(x, LRELU_SLOPE), self.noise_convs[i] if self.nsf else None, source)
             blocks = self.resblocks[i * per_stage:(i + 1) * per_stage]
             xs = blocks[0](x)
             for rb in blocks[1:]:

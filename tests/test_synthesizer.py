@@ -442,13 +442,32 @@ def test_channels_last_convolution_equals_the_module(make):
     torch.testing.assert_close(_conv(conv, x, 0.1), expected_activated, rtol=0, atol=0)  # the [B, C, L] path
 
 
-def test_channels_last_transposed_convolution_equals_the_module():
-    from pipeline.synthesizer import _conv_transpose
+@pytest.mark.parametrize("kernel, stride, padding, output_padding", [
+    (20, 10, 5, 0),  # the decoder's: (kernel - stride) / 2
+    (16, 10, 3, 0),  # a last tap block narrower than the stride
+    (4, 2, 1, 0),
+    (3, 4, 0, 0),  # fewer taps than the stride: gaps of bias alone
+    (7, 3, 4, 2),  # padding past a block, output padding
+])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_channels_last_upsampling_equals_the_modules(kernel, stride, padding, output_padding, batch):
+    """The CPU layout's upsampling (matrix products per tap block, the source convolution added in
+    place) computes the transposed convolution plus the source convolution of the 1-D modules."""
+    from pipeline.synthesizer import _upsample
 
     torch.manual_seed(0)
-    up = torch.nn.ConvTranspose1d(16, 8, 20, 10, padding=5)
-    x = torch.randn(2, 16, 31)
+    up = torch.nn.ConvTranspose1d(16, 8, kernel, stride, padding=padding, output_padding=output_padding)
+    x = torch.randn(batch, 16, 31)
     with torch.inference_mode():
         expected = up(x)
-        got = _conv_transpose(up, x[..., None].contiguous(memory_format=torch.channels_last))
+        source = torch.randn(batch, 1, expected.shape[-1] * 2)
+        noise_conv = torch.nn.Conv1d(1, 8, 4, 2, padding=1)
+        got = _upsample(up, x[..., None].contiguous(memory_format=torch.channels_last))
+        got_with_source = _upsample(up, x[..., None].contiguous(memory_format=torch.channels_last),
+                                    noise_conv, source)
+        expected_with_source = expected + noise_conv(source)
+        assert torch.equal(_upsample(up, x, noise_conv, source), expected_with_source)  # the [B, C, L] path
+    assert got.shape == got_with_source.shape == (*expected.shape, 1)
+    assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got[..., 0], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_with_source[..., 0], expected_with_source, rtol=0, atol=1e-5)
