@@ -393,7 +393,9 @@ def _residual_add(total: Tensor, y: Tensor, x: Tensor) -> Tensor:
     CUDA adds mixed dtypes in one kernel."""
     if y.device.type == "cpu":
         y = y.to(x.dtype)
-    return total.add_(y) if total is not x else y.add_(x)
+    if total is not x:
+        return total.add_(y)
+    return y.add_(x) if y.dtype == x.dtype else x + y
 
 
 def _conv(conv: nn.Conv1d, x: Tensor, slope: float | None = None, dtype: torch.dtype | None = None) -> Tensor:
