@@ -10,6 +10,7 @@ a random triangular +-20 cent dither. The dither comes from the caller (a
 ``np.random.Generator`` or recorded draws), never from numpy's global RNG.
 """
 
+import functools
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +60,14 @@ _LOG_NEAR = np.where(
 )
 # librosa starts from a uniform state distribution.
 _LOG_INIT = np.log(np.full(PITCH_BINS, 1 / PITCH_BINS) + np.finfo(np.float32).tiny)
+
+
+@functools.cache
+def _viterbi_constants(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """_LOG_NEAR [360, 23], each bin's first predecessor within reach (bin − _REACH) and
+    _LOG_INIT, on `device` (made once: no host copies in a pass, so it can be a CUDA graph)."""
+    return (torch.from_numpy(_LOG_NEAR).to(device),
+            torch.arange(PITCH_BINS, device=device) - _REACH, torch.from_numpy(_LOG_INIT).to(device))
 
 
 class Crepe(nn.Module):
@@ -190,23 +199,27 @@ def viterbi(log_prob: Tensor, lengths: Tensor | None = None) -> Tensor:
     if lengths is None:
         lengths = torch.full((log_prob.shape[0],), n_steps, device=device)
     lengths = lengths.to(device)
-    log_near = torch.from_numpy(_LOG_NEAR).to(device)  # [360, 23]
-    bins = torch.arange(PITCH_BINS, device=device)
-    value = log_prob[:, 0].double() + torch.from_numpy(_LOG_INIT).to(device)  # [B, 360]
+    log_near, near_first, log_init = _viterbi_constants(device)  # [360, 23], [360] = bin − _REACH, [360]
+    log_prob = log_prob.double()
+    ends = (torch.arange(n_steps, device=device)[:, None] == lengths - 1)[..., None]  # [T, B, 1]
+    value = log_prob[:, 0] + log_init  # [B, 360]
     final = value  # each row's value at its last frame
     pointers = []
+    # Few operations per step: on a GPU each is a kernel launch, and the steps are sequential.
     for t in range(1, n_steps):
         padded = F.pad(value, (_REACH, _REACH), value=-float("inf"))
-        near_best, offset = (padded.unfold(-1, 2 * _REACH + 1, 1) + log_near).max(dim=-1)  # [B, 360]
-        near_from = bins - _REACH + offset
-        far_best, far_from = (value + _LOG_FAR).max(dim=-1, keepdim=True)  # [B, 1], first index
-        # far_from is the lowest bin with that score; it wins a tie only if it is below the near one
-        far = ((far_from - bins).abs() > _REACH) & (
-            (far_best > near_best) | ((far_best == near_best) & (far_from < near_from))
-        )
-        value = log_prob[:, t].double() + torch.where(far, far_best, near_best)
+        # [B, 360]; on ties the first offset, i.e. the lowest predecessor
+        near_best, offset = (padded.unfold(-1, 2 * _REACH + 1, 1) + log_near).max(dim=-1)
+        near_from = offset + near_first
+        # [B, 1], the first index; added before the max, as librosa compares (rounded) sums
+        far_best, far_from = (value + _LOG_FAR).max(dim=-1, keepdim=True)
+        # A far move wins only from beyond reach: from a bin within reach the same value's near
+        # move scores at least log(1/144) > log(tiny), i.e. strictly more. far_from is the lowest
+        # bin with that score, so on a tie it wins only if it is below the near one.
+        far = (far_best > near_best) | ((far_best == near_best) & (far_from < near_from))
+        value = log_prob[:, t] + torch.where(far, far_best, near_best)
         pointers.append(torch.where(far, far_from, near_from))
-        final = torch.where((lengths - 1 == t)[:, None], value, final)
+        final = torch.where(ends[t], value, final)
     state = final.argmax(dim=-1)  # [B]
     path = [state]
     for t in range(n_steps - 1, 0, -1):  # pointers[t - 1] leads from frame t back to t − 1

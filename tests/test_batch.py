@@ -171,7 +171,8 @@ def test_ray_mode_converts_through_the_serve_handle(service, inputs, tmp_path, c
 
 
 def test_http_mode_interrupted_then_resumed(service, inputs, tmp_path, capsys):
-    """The CLI in its own process, stopped with Ctrl-C after two files; the same command again
+    """The CLI in its own process, stopped with Ctrl-C after its first file (the earliest point:
+    Ctrl-C must land before the last of the four, ~1 s each, is done); the same command again
     converts only the rest; a third time converts nothing."""
     out = tmp_path / "out"
     command = [sys.executable, "-m", "deployments.cli", "batch", str(inputs), "--model", "voice", "-o", str(out),
@@ -179,10 +180,10 @@ def test_http_mode_interrupted_then_resumed(service, inputs, tmp_path, capsys):
     env = {**os.environ, "RVC_URL": service["url"], "RVC_API_KEY": KEY}  # the env fallbacks
     first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        def two_done() -> bool:
+        def one_done() -> bool:
             manifest = out / MANIFEST_NAME
-            return manifest.exists() and sum('"done"' in line for line in manifest.read_text().splitlines()) >= 2
-        wait_for(two_done, 240, interval_s=0.05)
+            return manifest.exists() and any('"done"' in line for line in manifest.read_text().splitlines())
+        wait_for(one_done, 240, interval_s=0.05)
         first.send_signal(signal.SIGINT)
         stdout, stderr = first.communicate(timeout=60)
     finally:
@@ -190,7 +191,7 @@ def test_http_mode_interrupted_then_resumed(service, inputs, tmp_path, capsys):
     assert first.returncode == 130, stderr
     assert "interrupted: run the same command again" in stdout
     before = {r["input"] for r in read_manifest(out) if r["status"] == "done"}
-    assert 2 <= len(before) < len(GOOD)
+    assert 1 <= len(before) < len(GOOD)
     stamps = {name: (out / outputs("mp3")[name]).stat().st_mtime_ns for name in before}
 
     http = ["--url", service["url"], "--api-key", KEY, "-q"]
