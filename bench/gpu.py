@@ -185,12 +185,11 @@ def transfers(batch: int, seconds: float, reps: int = 5) -> dict:
         for pinned in pinned_kinds:
             host = torch.empty(shape, pin_memory=pinned)
             kind = "pinned" if pinned else "pageable"
-            for direction, copy in (("h2d", lambda: on_device.copy_(host, non_blocking=True)),
-                                    ("d2h", lambda: host.copy_(on_device, non_blocking=True))):
-                copy()
+            for direction, dst, src in (("h2d", on_device, host), ("d2h", host, on_device)):
+                dst.copy_(src, non_blocking=True)
                 t0 = synced()
                 for _ in range(reps):
-                    copy()
+                    dst.copy_(src, non_blocking=True)
                 row[f"{direction}_{kind}_ms"] = (synced() - t0) / reps * 1e3
         rows[name] = row
         print(f"transfer {name:12s} {row['mb']:7.1f} MB  " + "  ".join(
