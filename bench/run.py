@@ -1,4 +1,4 @@
-"""The one entry point of the benchmarks: `python bench/run.py {pipeline,gpu,load} [its options]`.
+"""The one entry point of the benchmarks: `python bench/run.py NAME [its options]`.
 
     pipeline    RTF per stage for 10/60/600 s inputs, ours vs the reference  (bench/pipeline.py)
     gpu         precision fidelity, RTF and batched throughput on a GPU       (bench/gpu.py)
