@@ -178,7 +178,12 @@ def test_http_mode_interrupted_then_resumed(service, inputs, tmp_path, capsys):
     command = [sys.executable, "-m", "deployments.cli", "batch", str(inputs), "--model", "voice", "-o", str(out),
                "--concurrency", "1", "--index-rate", "0.5"]
     env = {**os.environ, "RVC_URL": service["url"], "RVC_API_KEY": KEY}  # the env fallbacks
-    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Python keeps SIGINT ignored when it starts ignored (as under a shell's background job, e.g. a
+    # CI runner's): the child installs Ctrl-C's handler itself, then runs the CLI as its main.
+    ctrl_c_able = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "runpy.run_module('deployments.cli', run_name='__main__')")
+    first = subprocess.Popen([sys.executable, "-c", ctrl_c_able, *command[3:]], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         def one_done() -> bool:
             manifest = out / MANIFEST_NAME
