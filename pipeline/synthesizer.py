@@ -440,7 +440,7 @@ def _upsample(up: nn.ConvTranspose1d, x: Tensor, noise_conv: nn.Conv1d | None = 
 
     On the CPU layout both are matrix products that write the output directly. mkldnn runs the
     decoder's transposed convolutions at 50-80 GFLOP/s and the 1-channel strided source
-    convolutions at ~3 (memory-bound on their own pass), where the products reach the GEMM rate:
+    convolutions at a few (then added in a pass of their own), where products reach the GEMM rate:
     each tap block of s input-to-output taps (s = stride) is one product of the input's
     [L, C_in] rows with that block's [C_in, s·C_out] weights, added into the output rows it
     reaches (overlap-add with the block's shift), and the source convolution is one product of
