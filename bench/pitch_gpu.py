@@ -21,17 +21,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.gpu import ensure_crepe_full_weights  # noqa: E402
+from bench import gpu as gpu_bench  # noqa: E402
+from bench.gpu import ensure_crepe_full_weights, synced  # noqa: E402
 from pipeline import crepe  # noqa: E402
 from pipeline.convert import network_precision  # noqa: E402
-
-DEVICE = "cuda"
-
-
-def synced() -> float:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def phases(model: crepe.Crepe, audios: list[torch.Tensor]) -> dict[str, float]:
@@ -80,16 +73,15 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pitch-gpu.json"))
     args = ap.parse_args()
-    global DEVICE
-    DEVICE = args.device
-    cuda = DEVICE == "cuda"
+    gpu_bench.DEVICE = device = args.device  # synced() waits for the device only on CUDA
+    cuda = device == "cuda"
     result: dict = {"gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__,
                     "batch": args.batch, "seconds": args.seconds, "crepe_full_weights": ensure_crepe_full_weights()}
-    model = crepe.load_crepe("full", DEVICE)
-    gen = torch.Generator(device=DEVICE).manual_seed(0)
-    audios = [0.1 * torch.randn(int(args.seconds * 16000), device=DEVICE, generator=gen) for _ in range(args.batch)]
+    model = crepe.load_crepe("full", device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    audios = [0.1 * torch.randn(int(args.seconds * 16000), device=device, generator=gen) for _ in range(args.batch)]
 
-    with torch.inference_mode(), network_precision(DEVICE, "fp16" if cuda else "fp32"):
+    with torch.inference_mode(), network_precision(device, "fp16" if cuda else "fp32"):
         phases(model, audios)  # warm-up
         result["phases_s"] = phases(model, audios)
         print("phases (s): " + "  ".join(f"{k} {v:.3f}" for k, v in result["phases_s"].items()), flush=True)
@@ -105,9 +97,9 @@ def main() -> None:
 
         frames = int(args.seconds * 100) + 1
         pieces = args.batch * -(-frames // crepe.BATCH_FRAMES)
-        log_prob = torch.log_softmax(3 * torch.randn(pieces, crepe.BATCH_FRAMES, crepe.PITCH_BINS, device=DEVICE,
+        log_prob = torch.log_softmax(3 * torch.randn(pieces, crepe.BATCH_FRAMES, crepe.PITCH_BINS, device=device,
                                                      generator=gen), dim=-1)
-        lengths = torch.full((pieces,), crepe.BATCH_FRAMES, device=DEVICE)
+        lengths = torch.full((pieces,), crepe.BATCH_FRAMES, device=device)
         lengths[1::2] = frames % crepe.BATCH_FRAMES or crepe.BATCH_FRAMES
         eager_path = crepe.viterbi(log_prob, lengths)
         t0 = synced()

@@ -175,22 +175,21 @@ class FeatureExtractor(nn.Module):
             blocks.append(nn.Sequential(*block, nn.GELU()))
             in_dim = dim
         self.conv_layers = nn.ModuleList(blocks)
-        self.layer_specs = conv_layers
 
     def forward(self, wav: Tensor, lengths: Sequence[int] | None = None) -> Tensor:  # [B, L] -> [B, C, T]
         """With `lengths` (samples of each item of a zero-padded batch), each item is normalised
         by its own frames; the unpadded convolutions' outputs within an item's length read only
         its own samples, so each item gets its values alone."""
         x = wav.unsqueeze(1)
-        for i, block in enumerate(self.conv_layers):
-            if i > 0 or lengths is None:
-                x = block(x)
-                continue
-            conv, dropout, norm, gelu = block  # only the first block normalises
+        blocks = iter(self.conv_layers)
+        if lengths is not None:
+            conv, dropout, norm, gelu = next(blocks)  # only the first block normalises
             x = conv(x)
-            _, kernel, stride = self.layer_specs[0]
+            (kernel,), (stride,) = conv.kernel_size, conv.stride
             valid = _valid_frames([(n - kernel) // stride + 1 for n in lengths], x.shape[2], x.device)
             x = gelu(norm(dropout(x), valid[:, None]))
+        for block in blocks:
+            x = block(x)
         return x
 
 

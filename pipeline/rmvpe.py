@@ -221,7 +221,6 @@ class RmvpeNet(nn.Module):
         gru, linear = self.fc
         return torch.sigmoid(linear(gru(x.transpose(1, 2).flatten(2), lengths)))
 
-
     def _local_features(self, mel: Tensor, mask: FrameMask | None) -> Tensor:
         """cnn(unet(mel)): [B, 128, T] → [B, 3, T, 128]; a long unmasked input in segments."""
         t = mel.shape[-1]
