@@ -201,8 +201,9 @@ def chunk_features(hubert: Hubert, chunk_audio: np.ndarray, version: str) -> tor
     return chunk_features_batch(hubert, [chunk_audio], version)[0]
 
 
-# 160 s of audio per HuBERT batch: the attention scores of 16 chunks of 10 s, or of 3 of the
-# longest (46 s) chunks, ~1.5 GB; 16 of those would need ~8 GB at once.
+# 160 s of audio per HuBERT batch (16 chunks of 10 s, or 3 of the longest, 46 s): the first
+# convolution's output, 512 channels at 3,200 frames per second, is ~1 GB of fp32 for 160 s, and
+# its normalisation and GELU make two more at once (the attention keeps no [T, T] scores).
 FEATURE_BATCH_SAMPLES = 160 * SR
 
 
