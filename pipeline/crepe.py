@@ -34,6 +34,10 @@ _CHANNELS = {
     "full": (1024, 128, 128, 128, 256, 512),
     "tiny": (128, 16, 16, 16, 32, 64),
 }
+# CPU layout (Crepe._forward_time_major): frames per product of the first convolution, and the
+# output channels up to which a 64-tap layer runs as mkldnn's channels-last convolution.
+_CONV1_FRAMES = 8
+_NARROW = 64
 # Values of the MMdnn conversion the weights were made with.
 _BN_EPS = 0.0010000000474974513
 
@@ -138,10 +142,6 @@ class Crepe(nn.Module):
             x = x.relu_().sub_(bn.running_mean).mul_(scale).add_(bn.bias)
             x = x.view(b, x.shape[1] // 2, 2, x.shape[2]).amax(2)  # max-pool 2 along time
         return torch.sigmoid(self.classifier(x.reshape(b, -1)))  # [B, 4 * C], time-major like Keras
-
-
-_CONV1_FRAMES = 8
-_NARROW = 64  # output channels up to which a 64-tap layer runs as mkldnn's channels-last convolution
 
 
 def _conv_time_major(conv: nn.Conv2d, x: Tensor) -> Tensor:
