@@ -398,39 +398,51 @@ def _residual_add(total: Tensor, y: Tensor, x: Tensor) -> Tensor:
     return y.add_(x) if y.dtype == x.dtype else x + y
 
 
-def _conv(conv: nn.Conv1d, x: Tensor, slope: float | None = None, dtype: torch.dtype | None = None) -> Tensor:
-    """`conv` of x [B, C, L] (after a leaky ReLU of `slope` if given), or the same of x
-    [B, C, L, 1] in channels-last layout (the decoder's layout on CPUs, see `Generator.forward`),
-    with input and weight in `dtype` if given (the output is then `dtype` too).
-    There it is a 2-D convolution of an input padded beforehand, which mkldnn runs 1.2-2x faster
-    than the 1-D convolution of [B, C, L] on the decoder's shapes (padding inside the convolution
-    loses that); the activation is written straight into the padded input, whose margins alone
-    are zeroed (F.pad would fill it whole and then copy)."""
+def _conv(conv: nn.Conv1d, x: Tensor, slope: float | None = None, dtype: torch.dtype | None = None,
+          out_slope: float | None = None) -> Tensor:
+    """`conv` of x [B, C, L] (after a leaky ReLU of `slope` if given, and followed by one of
+    `out_slope` if given), or the same of x [B, C, L, 1] in channels-last layout (the decoder's
+    layout on CPUs, see `Generator.forward`), with input and weight in `dtype` if given (the
+    output is then `dtype` too).
+
+    There it is mkldnn's 2-D convolution, 1.2-2x faster than the 1-D convolution of [B, C, L] on
+    the decoder's shapes, with the output's leaky ReLU fused into it (one pass less over the
+    activations: 12 % of a bf16 synthesis on one thread). A dilated convolution gets its input
+    padded beforehand: mkldnn pads dilated ones 4-10x slower (an undilated one pads at full
+    speed, so an input that needs no activation is read as it is); the activation is written
+    straight into the padded input, whose margins alone are zeroed (F.pad would fill it whole and
+    then copy)."""
     weight = _weight_in(conv, dtype)
     bias = None if conv.bias is None else conv.bias.to(weight.dtype)
     if x.dim() == 3:
         x = x if slope is None else F.leaky_relu(x, slope)
-        return conv._conv_forward(x if dtype is None else x.to(dtype), weight, bias)
+        out = conv._conv_forward(x if dtype is None else x.to(dtype), weight, bias)
+        return out if out_slope is None else F.leaky_relu_(out, out_slope)
     (k,), (d,), (stride,) = conv.kernel_size, conv.dilation, conv.stride
     if conv.padding == "same":  # torch puts the odd one on the right
         left = d * (k - 1) // 2
         right = d * (k - 1) - left
     else:
         (left,) = (right,) = conv.padding
-    b, c, n, _ = x.shape
-    padded = torch.empty((b, c, left + n + right, 1), dtype=weight.dtype, device=x.device,
-                         memory_format=torch.channels_last)
-    padded[:, :, :left].zero_()
-    padded[:, :, left + n:].zero_()
-    inner = padded[:, :, left:left + n]
-    if slope is None or x.dtype != padded.dtype:  # leaky_relu.out does not convert
-        inner.copy_(x)
-        if slope is not None:
-            F.leaky_relu_(inner, slope)
+    if slope is None and d == 1 and left == right and x.dtype == weight.dtype:
+        padded, padding = x, left
     else:
-        torch.ops.aten.leaky_relu.out(x, slope, out=inner)
+        b, c, n, _ = x.shape
+        padded, padding = torch.empty((b, c, left + n + right, 1), dtype=weight.dtype, device=x.device,
+                                      memory_format=torch.channels_last), 0
+        padded[:, :, :left].zero_()
+        padded[:, :, left + n:].zero_()
+        inner = padded[:, :, left:left + n]
+        if slope is None or x.dtype != padded.dtype:  # leaky_relu.out does not convert
+            inner.copy_(x)
+            if slope is not None:
+                F.leaky_relu_(inner, slope)
+        else:
+            torch.ops.aten.leaky_relu.out(x, slope, out=inner)
     # the input's layout picks mkldnn's channels-last kernel; the weight's does not matter (measured)
-    return F.conv2d(padded, weight[..., None], bias, stride=(stride, 1), dilation=(d, 1))
+    return torch.ops.mkldnn._convolution_pointwise(
+        padded, weight[..., None], bias, [padding, 0], [stride, 1], [d, 1], 1,
+        "none" if out_slope is None else "leaky_relu", [] if out_slope is None else [out_slope], "")
 
 
 def _upsample(up: nn.ConvTranspose1d, x: Tensor, noise_conv: nn.Conv1d | None = None,
@@ -489,7 +501,8 @@ class ResBlock1(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # x is not modified (the stage's other blocks read it)
         dtype, total = _RESBLOCK_DTYPE.get(), x
         for c1, c2 in zip(self.convs1, self.convs2):
-            total = _residual_add(total, _conv(c2, _conv(c1, total, LRELU_SLOPE, dtype), LRELU_SLOPE, dtype), x)
+            activated = _conv(c1, total, LRELU_SLOPE, dtype, out_slope=LRELU_SLOPE)
+            total = _residual_add(total, _conv(c2, activated, dtype=dtype), x)
         return total
 
 
@@ -602,7 +615,8 @@ class Generator(nn.Module):
 
     def _decode(self, z: Tensor, g: Tensor, source: Tensor | None) -> Tensor:
         x = self.conv_pre(z) + self.cond(g)
-        if x.device.type == "cpu":  # the upsampling stages in channels-last [B, C, L, 1] (see `_conv`)
+        if x.device.type == "cpu" and torch.backends.mkldnn.is_available():
+            # the upsampling stages in channels-last [B, C, L, 1] (see `_conv`)
             x = x[..., None].contiguous(memory_format=torch.channels_last)
         per_stage = len(self.resblocks) // len(self.ups)
         for i, up in enumerate(self.ups):

@@ -377,6 +377,20 @@ def test_decoding_in_segments_equals_decoding_whole(trim):
     torch.testing.assert_close(segmented, whole, atol=2e-5, rtol=0)
 
 
+def test_cpus_without_mkldnn_decode_in_the_plain_layout_to_the_same_output(v2_voice, monkeypatch):
+    x = inputs(768, frames=60, seed=6)
+
+    def run():
+        noise = SynthNoise.from_generator(torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            return v2_voice.model.infer(*x, noise=noise)
+
+    channels_last = run()
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", None)  # the plain layout never calls it
+    torch.testing.assert_close(run(), channels_last, atol=2e-5, rtol=0)
+
+
 def test_a_trimmed_batch_keeps_each_items_own_end(v2_voice):
     lengths, trim, seeds = [80, 65], 25, [3, 4]
     items = [inputs(768, frames=n, seed=s) for n, s in zip(lengths, seeds)]
@@ -425,21 +439,28 @@ def test_batch_arguments_are_checked(v2_voice):
     lambda: torch.nn.Conv1d(8, 8, 1),
 ], ids=["dilated", "even-kernel", "k3", "strided", "1x1"])
 def test_channels_last_convolution_equals_the_module(make):
-    """The decoder's CPU layout ([B, C, L, 1] channels-last, padded beforehand) computes what
-    the 1-D module computes."""
+    """The decoder's CPU layout ([B, C, L, 1] channels-last; padded beforehand or by mkldnn; an
+    output activation fused into the convolution) computes what the 1-D module computes."""
     from pipeline.synthesizer import _conv
 
     torch.manual_seed(0)
     conv = make()
     x = torch.randn(2, conv.in_channels, 97)
     x4 = x[..., None].contiguous(memory_format=torch.channels_last)
+    leaky = torch.nn.functional.leaky_relu
     with torch.inference_mode():
         expected, got = conv(x), _conv(conv, x4)
-        expected_activated, got_activated = conv(torch.nn.functional.leaky_relu(x, 0.1)), _conv(conv, x4, 0.1)
-    assert got.shape == got_activated.shape == (*expected.shape, 1)
+        expected_activated, got_activated = conv(leaky(x, 0.1)), _conv(conv, x4, 0.1)
+        expected_both, got_both = leaky(conv(leaky(x, 0.1)), 0.2), _conv(conv, x4, 0.1, out_slope=0.2)
+        got_out_only = _conv(conv, x4, out_slope=0.2)
+    assert got.shape == got_activated.shape == got_both.shape == (*expected.shape, 1)
     torch.testing.assert_close(got[..., 0], expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(got_activated[..., 0], expected_activated, rtol=0, atol=1e-5)
-    torch.testing.assert_close(_conv(conv, x, 0.1), expected_activated, rtol=0, atol=0)  # the [B, C, L] path
+    torch.testing.assert_close(got_both[..., 0], expected_both, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_out_only[..., 0], leaky(expected, 0.2), rtol=0, atol=1e-5)
+    # the [B, C, L] path
+    torch.testing.assert_close(_conv(conv, x, 0.1), expected_activated, rtol=0, atol=0)
+    torch.testing.assert_close(_conv(conv, x, 0.1, out_slope=0.2), expected_both, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kernel, stride, padding, output_padding", [
