@@ -554,6 +554,16 @@ class SineSource(nn.Module):
         return torch.tanh(self.l_linear(excitation)).transpose(1, 2)
 
 
+class _PostConv(nn.Conv1d):
+    """The decoder's last convolution (to one channel), which also takes the CPU layout
+    [B, C, L, 1] (out [B, 1, L]): there mkldnn's channels-last convolution is 3x faster than
+    transposing to [B, C, L] for the 1-D one."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = _conv(self, x)
+        return out[..., 0] if out.dim() == 4 else out
+
+
 class Generator(nn.Module):
     """HiFi-GAN decoder; with `nsf` it is the reference's GeneratorNSF, which adds a strided conv
     of the sine source to every upsampling stage."""
@@ -580,7 +590,7 @@ class Generator(nn.Module):
                                         if i + 1 < len(rates) else nn.Conv1d(1, c_out, 1))
             for k, d in zip(config.resblock_kernel_sizes, config.resblock_dilation_sizes):
                 self.resblocks.append(block(c_out, k, d))
-        self.conv_post = nn.Conv1d(c_out, 1, 7, padding=3, bias=False)
+        self.conv_post = _PostConv(c_out, 1, 7, padding=3, bias=False)
         self.cond = nn.Conv1d(config.gin_channels, channels, 1)
 
     def forward(self, z: Tensor, g: Tensor, f0: Tensor | None = None, noise: SynthNoise | None = None,
@@ -626,8 +636,6 @@ class Generator(nn.Module):
             for rb in blocks[1:]:
                 xs = xs.add_(rb(x))
             x = xs.div_(per_stage)
-        if x.dim() == 4:
-            x = x[..., 0]
         # the reference uses torch's default slope (0.01) here, not LRELU_SLOPE
         return torch.tanh(self.conv_post(F.leaky_relu(x, 0.01)))  # [B, 1, T·upp]
 
@@ -1013,7 +1021,7 @@ def _calibrated_conv_post(weights: dict[str, Tensor], config: list, version: str
     hook = voice.model.dec.conv_post.register_forward_hook(lambda m, i, o: captured.append(i[0]))
     voice.model.infer(phone, pitch, nsff0, noise=SynthNoise.from_generator(generator))
     hook.remove()
-    x = captured[0]  # [1, C, N], after the final LeakyReLU
+    x = captured[0].flatten(2)  # [1, C, N] in either layout, after the final LeakyReLU
     w = weights["dec.conv_post.weight"].float()  # [1, C, 7]
     mean = x.mean(dim=-1)[0][:, None].expand_as(w[0])  # output DC = <w, mean>
     w = w - (w * mean).sum() / (mean * mean).sum() * mean
