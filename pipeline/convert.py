@@ -23,7 +23,7 @@ from . import audio as audio_io
 from .batching import batches_by_length, max_padding
 from .hubert import Hubert, HubertConfig, content_features, load_hubert
 from .index import RetrievalIndex, blend, blend_on_device
-from .memory import release_freed_memory
+from .memory import model_pass
 from .pitch import PitchModels, PitchRequest, estimate_pitch_batch
 from .synthesizer import SynthNoise, Voice, resblock_precision
 
@@ -353,12 +353,13 @@ def network_precision(device: torch.device | str, precision: str) -> Iterator[No
       autocast of every network fails the 1e-2 bound (0.5-0.9), so it is not offered. Where the
       hardware has no bfloat16 arithmetic it runs as fp32.
 
-    On exit the memory the pass freed goes back to the kernel (`release_freed_memory`).
+    It is a `model_pass`: the memory passes free goes back to the kernel once none has run
+    for a moment.
     """
     check_precision(precision)
     device = torch.device(device)
     with ExitStack() as stack:
-        stack.callback(release_freed_memory)
+        stack.enter_context(model_pass())
         if device.type == "cuda":
             if precision == "fp16":
                 stack.enter_context(torch.autocast("cuda", dtype=torch.float16))

@@ -6,19 +6,25 @@ page-faults and zero-fills all its pages anew: 7.4 M page faults (~30 GB zeroed)
 synthesis on a CPU, a quarter of its time, and more with bfloat16 kernels, which wait on memory
 sooner. `reuse_freed_memory` serves large blocks from the heap and keeps what is freed, so the
 next activation reuses pages already mapped; `release_freed_memory` hands the free part back to
-the kernel once a request is done, so a process's resident memory between requests stays what
-it was (its peak within a request is about the same: docs/performance.md).
+the kernel. `model_pass` marks network passes and releases once none has run for a while, so a
+busy process keeps its pages from pass to pass (a release after every pass made the next one
+fault its activations in again: 3-8 % of a pass on one thread) and an idle one goes back to its
+resident size between requests.
 
-Both do nothing where the C library is not glibc.
+All of it does nothing where the C library is not glibc.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _TRIM_NEVER = 2**31 - 1  # mallopt takes an int: free memory at the heap's top is kept up to 2 GB
+RELEASE_AFTER_IDLE_S = 2.0
 
 
 @functools.cache
@@ -45,3 +51,49 @@ def release_freed_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+class _IdleRelease:
+    """Counts the passes running in this process; the last one to end arms a timer that releases
+    the freed memory unless another pass has started by then."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._timer: threading.Timer | None = None
+
+    def enter(self) -> None:
+        with self._lock:
+            self._running += 1
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def exit(self, release_after_s: float) -> None:
+        with self._lock:
+            self._running -= 1
+            if self._running == 0:
+                self._timer = threading.Timer(release_after_s, self._release_if_idle)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _release_if_idle(self) -> None:
+        with self._lock:
+            if self._running:
+                return
+            self._timer = None
+        release_freed_memory()  # a pass starting meanwhile only faults in what it then needs
+
+
+_IDLE_RELEASE = _IdleRelease()
+
+
+@contextmanager
+def model_pass(release_after_idle_s: float | None = None) -> Iterator[None]:
+    """A network pass: the memory passes free goes back to the kernel once no pass has run for
+    `release_after_idle_s` (default RELEASE_AFTER_IDLE_S)."""
+    _IDLE_RELEASE.enter()
+    try:
+        yield
+    finally:
+        _IDLE_RELEASE.exit(RELEASE_AFTER_IDLE_S if release_after_idle_s is None else release_after_idle_s)

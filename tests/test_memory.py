@@ -1,6 +1,8 @@
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,65 @@ def test_reused_memory_is_not_faulted_in_again_and_is_released_after():
     # most two of the eight still land on new pages (one was seen in CI), against eight by default
     assert reused["faults"] <= 2.1 * pages
     assert reused["kept_mb"] - reused["released_mb"] >= 50  # kept while reused, handed back on release
+
+
+
+IDLE_PROBE = """
+import json, time
+import torch
+from pipeline.memory import model_pass, reuse_freed_memory
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS"))
+
+reuse_freed_memory()
+for i in range(4):
+    with model_pass(release_after_idle_s=1.0):
+        x = torch.empty(16 * 2**20).fill_(1.0)  # 64 MB, every page touched
+        del x
+busy = rss_mb()
+time.sleep(2.0)
+print(json.dumps({"busy_mb": busy, "idle_mb": rss_mb()}))
+"""
+
+
+@pytest.mark.skipif(_glibc() is None, reason="glibc's malloc only")
+def test_an_idle_process_hands_back_what_its_passes_freed():
+    out = subprocess.run([sys.executable, "-c", IDLE_PROBE], cwd=ROOT, capture_output=True, text=True, check=True)
+    sizes = json.loads(out.stdout.strip().splitlines()[-1])
+    assert sizes["busy_mb"] - sizes["idle_mb"] >= 50, sizes
+
+
+def test_memory_is_released_only_once_no_pass_has_run_for_the_delay(monkeypatch):
+    from pipeline import memory
+
+    releases = []
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: releases.append(time.monotonic()))
+    for _ in range(5):  # back to back: each pass cancels the release the one before armed
+        with memory.model_pass(release_after_idle_s=0.3):
+            time.sleep(0.01)
+    assert releases == []
+    other_started, other_may_end = threading.Event(), threading.Event()
+
+    def other_pass() -> None:
+        with memory.model_pass(release_after_idle_s=0.3):
+            other_started.set()
+            other_may_end.wait()
+
+    other = threading.Thread(target=other_pass)
+    other.start()
+    other_started.wait()
+    with memory.model_pass(release_after_idle_s=0.3):
+        pass
+    time.sleep(0.6)
+    assert releases == []  # the other pass still runs
+    other_may_end.set()
+    other.join()
+    ended = time.monotonic()
+    wait_until = ended + 5
+    while not releases and time.monotonic() < wait_until:
+        time.sleep(0.02)
+    assert len(releases) == 1 and releases[0] - ended >= 0.25
+    time.sleep(0.5)
+    assert len(releases) == 1  # once per idle spell
