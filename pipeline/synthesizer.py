@@ -84,19 +84,28 @@ class SynthesizerConfig:
         return math.prod(self.upsample_rates)
 
     @property
+    def decoder_stage_margins(self) -> tuple[int, ...]:
+        """For each upsampling stage, how many of its output samples on each side of those the
+        kept output stands on the later stages read (an upper bound, see `_decoder_reach`)."""
+        return tuple(math.ceil(margin) + 1 for margin in self._decoder_reach()[:-1])
+
+    @property
     def decoder_context_frames(self) -> int:
         """How many frames of the decoder's input on each side an output frame depends on (an
-        upper bound: the receptive field of its convolutions, rounded up)."""
-        frames = 3.0  # conv_pre, kernel 7
-        rate = 1  # samples per frame at the current stage's input
-        for up_rate, up_kernel in zip(self.upsample_rates, self.upsample_kernel_sizes):
-            frames += math.ceil(up_kernel / up_rate) / rate  # the transposed conv, in its input's samples
-            rate *= up_rate
-            reach = max(_resblock_reach(self.resblock, k, ds)
-                        for k, ds in zip(self.resblock_kernel_sizes, self.resblock_dilation_sizes))
-            frames += (reach + 2) / rate  # + 2: the source's strided conv
-        frames += 3 / rate  # conv_post
-        return math.ceil(frames) + 1
+        upper bound, see `_decoder_reach`)."""
+        return math.ceil(self._decoder_reach()[-1] + 3) + 1  # + conv_pre (kernel 7)
+
+    def _decoder_reach(self) -> list[float]:
+        """How far the decoder's later convolutions read: after each upsampling stage in its
+        output samples, and last in frames before the first stage. From conv_post (kernel 7)
+        back through each stage: its residual blocks and source conv (+ 2), then its transposed
+        conv, into the stage's input samples."""
+        reach = max(_resblock_reach(self.resblock, k, ds)
+                    for k, ds in zip(self.resblock_kernel_sizes, self.resblock_dilation_sizes))
+        margins = [3.0]  # built from the last stage back
+        for rate, kernel in zip(reversed(self.upsample_rates), reversed(self.upsample_kernel_sizes)):
+            margins.append((margins[-1] + reach + 2) / rate + math.ceil(kernel / rate))
+        return margins[-2::-1] + margins[-1:]
 
 
 def _resblock_reach(kind: str, kernel: int, dilations: Sequence[int]) -> int:
@@ -574,6 +583,8 @@ class Generator(nn.Module):
         block = ResBlock1 if config.resblock == "1" else ResBlock2
         self.upp, self.nsf = config.upsample_factor, nsf
         self.context_frames = config.decoder_context_frames
+        self.stage_margins = config.decoder_stage_margins
+        self.stage_strides = tuple(math.prod(rates[i + 1:]) for i in range(len(rates)))  # output samples per sample
         self.cpu_segment_frames = CPU_DECODE_SEGMENT_FRAMES
         if nsf:
             self.m_source = SineSource(config.sample_rate)
@@ -620,24 +631,36 @@ class Generator(nn.Module):
         """Output frames start..stop, decoded from those frames and their context."""
         lo, hi = max(0, start - self.context_frames), min(z.shape[-1], stop + self.context_frames)
         source = None if source is None else source[..., lo * self.upp:hi * self.upp]
-        out = self._decode(z[..., lo:hi], g, source)
-        return out[..., (start - lo) * self.upp:(stop - lo) * self.upp]
+        return self._decode(z[..., lo:hi], g, source, ((start - lo) * self.upp, (stop - lo) * self.upp))
 
-    def _decode(self, z: Tensor, g: Tensor, source: Tensor | None) -> Tensor:
+    def _decode(self, z: Tensor, g: Tensor, source: Tensor | None, keep: tuple[int, int]) -> Tensor:
+        """Output samples keep = (a, b) of z's frames [B, inter, T] (and the source [B, 1, T·upp]).
+        After each stage only what the later stages read for those stays (`stage_margins`): the
+        context a segment needs at the input is mostly not needed past the first stage (a 10 s
+        synthesis in 400-frame segments, bf16 on one thread: 2-3 % faster)."""
+        a, b = keep
         x = self.conv_pre(z) + self.cond(g)
         if x.device.type == "cpu" and torch.backends.mkldnn.is_available():
             # the upsampling stages in channels-last [B, C, L, 1] (see `_conv`)
             x = x[..., None].contiguous(memory_format=torch.channels_last)
         per_stage = len(self.resblocks) // len(self.ups)
+        first = 0  # x's first sample, in its stage's samples
         for i, up in enumerate(self.ups):
-            x = _upsample(up, F.leaky_relu_(x, LRELU_SLOPE), self.noise_convs[i] if self.nsf else None, source)
+            first *= up.stride[0]
+            stride, n = self.stage_strides[i], x.shape[2] * up.stride[0]
+            stage_source = None if source is None else source[..., first * stride:(first + n) * stride]
+            x = _upsample(up, F.leaky_relu_(x, LRELU_SLOPE), self.noise_convs[i] if self.nsf else None, stage_source)
             blocks = self.resblocks[i * per_stage:(i + 1) * per_stage]
             xs = blocks[0](x)
             for rb in blocks[1:]:
                 xs = xs.add_(rb(x))
             x = xs.div_(per_stage)
+            lo = max(first, a // stride - self.stage_margins[i])
+            hi = min(first + x.shape[2], -(-b // stride) + self.stage_margins[i])
+            x, first = x[:, :, lo - first:hi - first], lo
         # the reference uses torch's default slope (0.01) here, not LRELU_SLOPE
-        return torch.tanh(self.conv_post(F.leaky_relu(x, 0.01)))  # [B, 1, T·upp]
+        out = torch.tanh(self.conv_post(F.leaky_relu(x, 0.01)))  # [B, 1, samples from `first`]
+        return out[..., a - first:b - first]
 
 
 # ---------------------------------------------------------------------------------------------
