@@ -9,7 +9,8 @@ next activation reuses pages already mapped; `release_freed_memory` hands the fr
 the kernel. `model_pass` marks network passes and releases once none has run for a while, so a
 busy process keeps its pages from pass to pass (a release after every pass made the next one
 fault its activations in again: 3-8 % of a pass on one thread) and an idle one goes back to its
-resident size between requests.
+resident size between requests; a process that has grown by more than KEEP_FREED_BYTES since
+its last release releases as its pass ends, so keeping adds at most that to its peak.
 
 All of it does nothing where the C library is not glibc.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +27,8 @@ from contextlib import contextmanager
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _TRIM_NEVER = 2**31 - 1  # mallopt takes an int: free memory at the heap's top is kept up to 2 GB
 RELEASE_AFTER_IDLE_S = 2.0
+KEEP_FREED_BYTES = 512 << 20
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 @functools.cache
@@ -53,18 +57,34 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+def _resident_bytes() -> int:
+    """This process's resident memory (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE_BYTES
+    except OSError:
+        return 0
+
+
 class _IdleRelease:
-    """Counts the passes running in this process; the last one to end arms a timer that releases
-    the freed memory unless another pass has started by then."""
+    """Counts the passes running in this process. The last one to end releases the freed memory
+    at once if the process has grown by more than KEEP_FREED_BYTES since the last release (or the
+    first pass), which bounds what keeping costs (passes of other shapes, such as a long input's
+    pitch, features and synthesis in one process, cannot reuse each other's blocks and would
+    stack them: a 600 s conversion's peak went from 3.8 to 6.8 GB); else it arms a timer that
+    releases unless another pass has started by then."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._running = 0
         self._timer: threading.Timer | None = None
+        self._baseline: int | None = None  # resident bytes after the last release
 
     def enter(self) -> None:
         with self._lock:
             self._running += 1
+            if self._baseline is None:
+                self._baseline = _resident_bytes()
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -72,17 +92,27 @@ class _IdleRelease:
     def exit(self, release_after_s: float) -> None:
         with self._lock:
             self._running -= 1
-            if self._running == 0:
+            if self._running:
+                return
+            release_now = _resident_bytes() > self._baseline + KEEP_FREED_BYTES
+            if not release_now:
                 self._timer = threading.Timer(release_after_s, self._release_if_idle)
                 self._timer.daemon = True
                 self._timer.start()
+        if release_now:
+            self._release()
 
     def _release_if_idle(self) -> None:
         with self._lock:
             if self._running:
                 return
             self._timer = None
-        release_freed_memory()  # a pass starting meanwhile only faults in what it then needs
+        self._release()  # a pass starting meanwhile only faults in what it then needs
+
+    def _release(self) -> None:
+        release_freed_memory()
+        with self._lock:
+            self._baseline = _resident_bytes()
 
 
 _IDLE_RELEASE = _IdleRelease()
@@ -91,7 +121,8 @@ _IDLE_RELEASE = _IdleRelease()
 @contextmanager
 def model_pass(release_after_idle_s: float | None = None) -> Iterator[None]:
     """A network pass: the memory passes free goes back to the kernel once no pass has run for
-    `release_after_idle_s` (default RELEASE_AFTER_IDLE_S)."""
+    `release_after_idle_s` (default RELEASE_AFTER_IDLE_S), or as it ends when the process holds
+    more than KEEP_FREED_BYTES beyond what it held after the last release."""
     _IDLE_RELEASE.enter()
     try:
         yield

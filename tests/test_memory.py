@@ -85,6 +85,7 @@ def test_memory_is_released_only_once_no_pass_has_run_for_the_delay(monkeypatch)
 
     releases = []
     monkeypatch.setattr(memory, "release_freed_memory", lambda: releases.append(time.monotonic()))
+    monkeypatch.setattr(memory, "_IDLE_RELEASE", memory._IdleRelease())  # its own baseline
     for _ in range(5):  # back to back: each pass cancels the release the one before armed
         with memory.model_pass(release_after_idle_s=0.3):
             time.sleep(0.01)
@@ -112,3 +113,29 @@ def test_memory_is_released_only_once_no_pass_has_run_for_the_delay(monkeypatch)
     assert len(releases) == 1 and releases[0] - ended >= 0.25
     time.sleep(0.5)
     assert len(releases) == 1  # once per idle spell
+
+
+def test_a_process_grown_past_the_bound_releases_as_its_pass_ends(monkeypatch):
+    from pipeline import memory
+
+    releases, resident = [], [1 << 30]
+
+    def release() -> None:
+        releases.append(resident[0])
+        resident[0] = (1 << 30) + (100 << 20)  # what stays resident: the new baseline
+
+    monkeypatch.setattr(memory, "release_freed_memory", release)
+    monkeypatch.setattr(memory, "_resident_bytes", lambda: resident[0])
+    monkeypatch.setattr(memory, "_IDLE_RELEASE", memory._IdleRelease())
+    with memory.model_pass(release_after_idle_s=60):  # the baseline: 1 GiB as the first pass starts
+        resident[0] += memory.KEEP_FREED_BYTES  # kept: at the bound
+    assert releases == []
+    with memory.model_pass(release_after_idle_s=60):
+        resident[0] += 1  # past it
+    assert releases == [(1 << 30) + memory.KEEP_FREED_BYTES + 1]
+    with memory.model_pass(release_after_idle_s=60):
+        resident[0] += memory.KEEP_FREED_BYTES  # at the bound above the new baseline
+    assert len(releases) == 1
+    with memory.model_pass(release_after_idle_s=60):
+        resident[0] += 1
+    assert len(releases) == 2
