@@ -119,12 +119,12 @@ _IDLE_RELEASE = _IdleRelease()
 
 
 @contextmanager
-def model_pass(release_after_idle_s: float | None = None) -> Iterator[None]:
+def model_pass(release_after_idle_s: float = RELEASE_AFTER_IDLE_S) -> Iterator[None]:
     """A network pass: the memory passes free goes back to the kernel once no pass has run for
-    `release_after_idle_s` (default RELEASE_AFTER_IDLE_S), or as it ends when the process holds
-    more than KEEP_FREED_BYTES beyond what it held after the last release."""
+    `release_after_idle_s`, or as it ends when the process holds more than KEEP_FREED_BYTES
+    beyond what it held after the last release."""
     _IDLE_RELEASE.enter()
     try:
         yield
     finally:
-        _IDLE_RELEASE.exit(RELEASE_AFTER_IDLE_S if release_after_idle_s is None else release_after_idle_s)
+        _IDLE_RELEASE.exit(release_after_idle_s)

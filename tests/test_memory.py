@@ -11,16 +11,19 @@ from pipeline.memory import _glibc
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# In a fresh process (malloc settings are process-wide): page faults of the last eight of twenty
-# 64 MB tensors made and freed in turn, and resident memory before and after a release.
-PROBE = """
-import json, resource, sys
-import torch
-from pipeline.memory import release_freed_memory, reuse_freed_memory
-
+# Probes run in a fresh process (malloc settings are process-wide) and print JSON.
+RSS_MB = """
 def rss_mb():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS"))
+"""
+
+# Page faults of the last eight of twenty 64 MB tensors made and freed in turn, and resident
+# memory before and after a release.
+PROBE = RSS_MB + """
+import json, resource, sys
+import torch
+from pipeline.memory import release_freed_memory, reuse_freed_memory
 
 reused = reuse_freed_memory() if sys.argv[1] == "reuse" else None
 for i in range(20):
@@ -52,15 +55,10 @@ def test_reused_memory_is_not_faulted_in_again_and_is_released_after():
     assert reused["kept_mb"] - reused["released_mb"] >= 50  # kept while reused, handed back on release
 
 
-
-IDLE_PROBE = """
+IDLE_PROBE = RSS_MB + """
 import json, time
 import torch
 from pipeline.memory import model_pass, reuse_freed_memory
-
-def rss_mb():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS"))
 
 reuse_freed_memory()
 for i in range(4):
