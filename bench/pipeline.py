@@ -1,6 +1,7 @@
 """Pipeline benchmark: real-time factor per stage, ours and (optionally) the reference's.
 
     .venv/bin/python bench/pipeline.py [--seconds 10,60,600] [--f0-method crepe] [--device cpu] [--precision fp32]
+        [--malloc-default] [--eager-glue]
         [--ref /tmp/oracle-work/ref --oracle ../shared/oracle --oracle-python /tmp/oracle-work/venv/bin/python]
         [--out bench/results/pipeline.json]
 
@@ -32,7 +33,7 @@ from pipeline.convert import PRECISIONS, ConversionParams, Converter  # noqa: E4
 from pipeline.demo import synthetic_speech  # noqa: E402
 from pipeline.index import load_index  # noqa: E402
 from pipeline.memory import reuse_freed_memory  # noqa: E402
-from pipeline.synthesizer import load_voice  # noqa: E402
+from pipeline.synthesizer import compile_pointwise, load_voice  # noqa: E402
 from tests.fixtures import build_fixtures, default_cache_dir  # noqa: E402
 
 STAGES = ("decode", "prepare", "pitch", "features", "retrieval", "synthesis", "finish", "encode")
@@ -57,10 +58,15 @@ def make_inputs(seconds: list[float], work: Path) -> tuple[Path, dict[float, Pat
 
 
 def bench_ours(fx: dict, inputs: dict[float, Path], f0_method: str, device: str, precision: str,
-               work: Path, reuse_memory: bool = True) -> dict:
+               work: Path, reuse_memory: bool = True, compile_glue: bool = True) -> dict:
     v = fx["voices"]["v2-40k-f0"]
     if reuse_memory:
         reuse_freed_memory()  # as the service's model replicas and `rvc-serve convert` do
+    compile_s = None
+    if compile_glue and device == "cpu" and precision == "bf16":  # as the service's synthesis replicas do
+        started = time.perf_counter()
+        compile_pointwise()
+        compile_s = time.perf_counter() - started
     started = time.perf_counter()
     voice = load_voice(v["pth"], device=device)
     index = load_index(v["index"])
@@ -84,7 +90,7 @@ def bench_ours(fx: dict, inputs: dict[float, Path], f0_method: str, device: str,
                                    "stages_rtf": {k: timings.get(k, 0.0) / seconds for k in STAGES}}
         print(f"ours  {seconds:>6g} s: wall {wall:8.2f} s  RTF {wall / seconds:.3f}  peak RSS {_peak_rss_mb()} MB  "
               + "  ".join(f"{k} {timings.get(k, 0.0):.2f}" for k in STAGES), flush=True)
-    return {"load_s": load_s, "inputs": results}
+    return {"load_s": load_s, "glue_compile_s": compile_s, "inputs": results}
 
 
 def _peak_rss_mb() -> int:
@@ -118,6 +124,8 @@ def main() -> None:
                     help="ours (pipeline.convert.network_precision); the reference runs its own fp32")
     ap.add_argument("--malloc-default", action="store_true",
                     help="leave glibc's allocator as it is (no pipeline.memory.reuse_freed_memory)")
+    ap.add_argument("--eager-glue", action="store_true",
+                    help="leave the decoder's CPU glue eager (no pipeline.synthesizer.compile_pointwise)")
     ap.add_argument("--ref", help="reference checkout (branch 20240604); runs the reference too")
     ap.add_argument("--oracle", default=str(ROOT.parent / "shared" / "oracle"))
     ap.add_argument("--oracle-python", default="/tmp/oracle-work/venv/bin/python")
@@ -134,9 +142,9 @@ def main() -> None:
                           "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                           "torch": torch.__version__},
               "f0_method": args.f0_method, "precision": args.precision,
-              "reuse_freed_memory": not args.malloc_default,
+              "reuse_freed_memory": not args.malloc_default, "compiled_glue": not args.eager_glue,
               "ours": bench_ours(fx, inputs, args.f0_method, args.device, args.precision, work,
-                                 reuse_memory=not args.malloc_default)}
+                                 reuse_memory=not args.malloc_default, compile_glue=not args.eager_glue)}
     if args.ref:
         ref = bench_reference(fx, source, inputs, args, work)
         result["reference"] = ref

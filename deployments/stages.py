@@ -18,6 +18,7 @@ jobs share one forward pass, and each result is the one the call would get alone
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import defaultdict
 
@@ -161,16 +162,31 @@ class Synthesis:
         self.precision = _precision(settings, self.device)
         self.chunking = ChunkingConfig(**settings.chunking)
         self.evictions = 0
+        self.log = get_logger()
+        if self.device == "cpu" and self.precision == "bf16":
+            # seconds of compiling: in the background, so the replica is ready at once and its
+            # first requests run the eager glue
+            threading.Thread(target=self._compile_glue, name="compile-glue", daemon=True).start()
         # Serve runs the loader inside the calling request's task: a task found here loaded
         # its voice (a cache miss).
         self.loading_tasks: set[asyncio.Task] = set()
-        self.log = get_logger()
 
         async def load(model_id: str) -> _CachedVoice:
             return await self._load(model_id)
 
         self.cached_voice = serve.multiplexed(max_num_models_per_replica=settings.voices_per_replica)(load)
         _batching(self._synthesize, settings.stages.synthesis)
+
+    def _compile_glue(self) -> None:
+        from pipeline.synthesizer import compile_pointwise
+
+        started = time.perf_counter()
+        try:
+            compile_pointwise()
+        except Exception as exc:  # noqa: BLE001 - the eager glue stays: slower, as faithful
+            self.log.warning("decoder glue not compiled, running eagerly", extra={"reason": str(exc)[:500]})
+            return
+        self.log.info("decoder glue compiled", extra={"seconds": round(time.perf_counter() - started, 2)})
 
     async def _load(self, model_id: str) -> _CachedVoice:
         from pipeline.index import load_index

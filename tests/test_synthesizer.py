@@ -421,6 +421,59 @@ def test_bf16_residual_blocks_stay_within_the_fidelity_bound(version, sample_rat
     assert 1e-6 < error < 5e-3  # rounded, but far inside the 1e-2 bound
 
 
+def test_compiled_glue_computes_what_the_eager_glue_computes(v2_voice, monkeypatch):
+    """compile_pointwise: the decoder's bf16 glue as inductor loops gives the eager output up to
+    the leaky ReLU's rounding order, is used by every residual block, and leaves fp32 exact."""
+    from pipeline import synthesizer
+
+    monkeypatch.setattr(synthesizer, "_COMPILED", {})  # this process's compilations stay this test's
+    monkeypatch.setattr(v2_voice.model.dec, "cpu_segment_frames", 25)  # crops and offsets in play
+    x = inputs(768, frames=60, seed=5)
+    exact = synthesize(v2_voice, *x)
+    with resblock_precision(torch.bfloat16):
+        eager = synthesize(v2_voice, *x)
+    synthesizer.compile_pointwise()
+    calls = {fn.__name__: 0 for fn in synthesizer._COMPILED}
+
+    def counted(fn, compiled):
+        def call(*args):
+            calls[fn.__name__] += 1
+            return compiled(*args)
+        return call
+
+    synthesizer._COMPILED.update({fn: counted(fn, c) for fn, c in synthesizer._COMPILED.items()})
+    with resblock_precision(torch.bfloat16):
+        compiled = synthesize(v2_voice, *x)
+    assert torch.equal(synthesize(v2_voice, *x), exact)  # fp32 takes no mixed-dtype glue
+    # per segment, each of the 3 stages' residual blocks: 3 activations into a dilated input,
+    # 1 sum made, 2 added into
+    blocks = len(v2_voice.model.dec.resblocks) * -(-60 // 25)
+    assert calls == {"_leaky_into": 3 * blocks, "_add_converted": blocks, "_add_converted_": 2 * blocks}
+    error = {name: ((out - exact).norm() / exact.norm()).item() for name, out in [("eager", eager), ("compiled", compiled)]}
+    assert 1e-6 < error["compiled"] < min(5e-3, 1.2 * error["eager"]), error  # rounded as much, no more
+    assert not torch.equal(compiled, eager)  # the compiled glue ran (it rounds the leaky ReLU once, not twice)
+
+
+def test_a_failed_compilation_leaves_the_eager_glue(v2_voice, monkeypatch):
+    from pipeline import synthesizer
+
+    monkeypatch.setattr(synthesizer, "_COMPILED", {})
+
+    def no_compiler(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no C++ compiler")
+        return call
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    with pytest.raises(RuntimeError, match="compiler"):
+        synthesizer.compile_pointwise()
+    assert synthesizer._COMPILED == {}
+    x = inputs(768, frames=30, seed=6)
+    with resblock_precision(torch.bfloat16):
+        out = synthesize(v2_voice, *x)
+    assert torch.isfinite(out).all()
+
+
 def test_batch_arguments_are_checked(v2_voice):
     phone, pitch, nsff0 = inputs(768)
     with pytest.raises(ValueError, match="lengths"):
