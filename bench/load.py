@@ -58,6 +58,7 @@ import numpy as np  # noqa: E402
 from deployments.backpressure import PROXY_CALLBACK, PROXY_CALLBACK_ENV  # noqa: E402
 
 os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # as scripts/serve.sh: bounded request bodies
+os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")  # as scripts/serve.sh
 
 API_KEY = "bench-load-" + secrets.token_hex(8)
 APP = "rvc"
