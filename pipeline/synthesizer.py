@@ -398,7 +398,7 @@ def _weight_in(module: nn.Module, dtype: torch.dtype | None) -> Tensor:
 # fp32 residual sum, and a leaky ReLU of that sum into the next convolution's bfloat16 input.
 # Eager torch takes two or three passes for each (a conversion copy, then a slow mixed-dtype or
 # bfloat16 kernel); compiled by inductor each is one C++ loop, 4-5x faster, and a 10 s bf16
-# synthesis on one thread takes 2.07 s instead of 2.51 (~40 % of it was this glue). Compiling
+# synthesis on one thread takes ~2.1 s instead of ~2.6 (~40 % of it was this glue). Compiling
 # takes seconds per process, so long-lived model processes opt in (`compile_pointwise`).
 
 def _leaky_into(out: Tensor, x: Tensor, slope: float) -> None:
@@ -429,7 +429,7 @@ def _flat(x: Tensor) -> Tensor | None:
         return None
 
 
-def _compiled_glue(fn: Callable, *tensors: Tensor) -> Callable | None:
+def _compiled_glue(fn: Callable, *tensors: Tensor) -> tuple[Callable, list[Tensor]] | None:
     """fn's compiled version and flat views of `tensors`, when compiled and all are flat."""
     compiled = _COMPILED.get(fn)
     if compiled is None:
