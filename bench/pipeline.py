@@ -29,11 +29,16 @@ import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import audio as audio_io  # noqa: E402
-from pipeline.convert import PRECISIONS, ConversionParams, Converter  # noqa: E402
+from pipeline.convert import (  # noqa: E402
+    PRECISIONS,
+    ConversionParams,
+    Converter,
+    compile_decoder_glue,
+)
 from pipeline.demo import synthetic_speech  # noqa: E402
 from pipeline.index import load_index  # noqa: E402
 from pipeline.memory import reuse_freed_memory  # noqa: E402
-from pipeline.synthesizer import compile_pointwise, load_voice  # noqa: E402
+from pipeline.synthesizer import load_voice  # noqa: E402
 from tests.fixtures import build_fixtures, default_cache_dir  # noqa: E402
 
 STAGES = ("decode", "prepare", "pitch", "features", "retrieval", "synthesis", "finish", "encode")
@@ -63,9 +68,8 @@ def bench_ours(fx: dict, inputs: dict[float, Path], f0_method: str, device: str,
     if reuse_memory:
         reuse_freed_memory()  # as the service's model replicas and `rvc-serve convert` do
     compile_s = None
-    if compile_glue and device == "cpu" and precision == "bf16":  # as the service's synthesis replicas do
-        started = time.perf_counter()
-        compile_pointwise()
+    started = time.perf_counter()
+    if compile_glue and compile_decoder_glue(device, precision):  # as the service's synthesis replicas do
         compile_s = time.perf_counter() - started
     started = time.perf_counter()
     voice = load_voice(v["pth"], device=device)

@@ -163,10 +163,9 @@ class Synthesis:
         self.chunking = ChunkingConfig(**settings.chunking)
         self.evictions = 0
         self.log = get_logger()
-        if self.device == "cpu" and self.precision == "bf16":
-            # seconds of compiling: in the background, so the replica is ready at once and its
-            # first requests run the eager glue
-            threading.Thread(target=self._compile_glue, name="compile-glue", daemon=True).start()
+        # seconds of compiling where it helps: in the background, so the replica is ready at
+        # once and its first requests run the eager glue
+        threading.Thread(target=self._compile_glue, name="compile-glue", daemon=True).start()
         # Serve runs the loader inside the calling request's task: a task found here loaded
         # its voice (a cache miss).
         self.loading_tasks: set[asyncio.Task] = set()
@@ -178,15 +177,16 @@ class Synthesis:
         _batching(self._synthesize, settings.stages.synthesis)
 
     def _compile_glue(self) -> None:
-        from pipeline.synthesizer import compile_pointwise
+        from pipeline.convert import compile_decoder_glue
 
         started = time.perf_counter()
         try:
-            compile_pointwise()
+            compiled = compile_decoder_glue(self.device, self.precision)
         except Exception as exc:  # noqa: BLE001 - the eager glue stays: slower, as faithful
             self.log.warning("decoder glue not compiled, running eagerly", extra={"reason": str(exc)[:500]})
             return
-        self.log.info("decoder glue compiled", extra={"seconds": round(time.perf_counter() - started, 2)})
+        if compiled:
+            self.log.info("decoder glue compiled", extra={"seconds": round(time.perf_counter() - started, 2)})
 
     async def _load(self, model_id: str) -> _CachedVoice:
         from pipeline.index import load_index

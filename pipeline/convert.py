@@ -25,7 +25,7 @@ from .hubert import Hubert, HubertConfig, content_features, load_hubert
 from .index import RetrievalIndex, blend, blend_on_device
 from .memory import model_pass
 from .pitch import PitchModels, PitchRequest, estimate_pitch_batch
-from .synthesizer import SynthNoise, Voice, resblock_precision
+from .synthesizer import SynthNoise, Voice, compile_pointwise, resblock_precision
 
 WINDOW = 160  # samples per f0 frame at 16 kHz (10 ms)
 SR = audio_io.SAMPLE_RATE
@@ -385,6 +385,18 @@ def has_bf16_arithmetic(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     return any(getattr(torch.cpu, check, lambda: False)()
                for check in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def compile_decoder_glue(device: torch.device | str, precision: str) -> bool:
+    """`synthesizer.compile_pointwise()` where passes under `network_precision(device, precision)`
+    run the decoder's mixed-dtype glue (bf16 on a CPU with bfloat16 arithmetic); whether it did.
+    For long-lived processes: seconds of compiling, then a faster synthesis. Raises as
+    compile_pointwise does (the eager glue then stays)."""
+    device = torch.device(device)
+    if device.type != "cpu" or precision != "bf16" or not has_bf16_arithmetic(device):
+        return False
+    compile_pointwise()
+    return True
 
 
 @dataclass(frozen=True)

@@ -399,7 +399,8 @@ def _weight_in(module: nn.Module, dtype: torch.dtype | None) -> Tensor:
 # Eager torch takes two or three passes for each (a conversion copy, then a slow mixed-dtype or
 # bfloat16 kernel); compiled by inductor each is one C++ loop, 4-5x faster, and a 10 s bf16
 # synthesis on one thread takes ~2.1 s instead of ~2.6 (~40 % of it was this glue). Compiling
-# takes seconds per process, so long-lived model processes opt in (`compile_pointwise`).
+# takes seconds per process, so long-lived model processes opt in (`compile_pointwise`, through
+# `convert.compile_decoder_glue`, which knows when the glue runs).
 
 def _leaky_into(out: Tensor, x: Tensor, slope: float) -> None:
     """out = leaky_relu(x, slope), in out's dtype."""
@@ -440,7 +441,7 @@ def _compiled_glue(fn: Callable, *tensors: Tensor) -> tuple[Callable, list[Tenso
 
 def compile_pointwise() -> None:
     """Compile the decoder's CPU pointwise glue (above) for this process and run each compiled
-    function once (3-7 s, once per process). Raises where inductor cannot build its kernels (no
+    function once (4-8 s, once per process). Raises where inductor cannot build its kernels (no
     C++ compiler, no writable cache directory): the eager functions then stay in use. Safe to
     call while other threads synthesize: they switch to the compiled functions once all are
     ready. TORCHDYNAMO_DISABLE=1 makes the compiled functions run eagerly."""

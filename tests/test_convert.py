@@ -295,3 +295,19 @@ def test_chunk_features_in_batches_equal_each_chunk_alone(converter, speech, mon
         alone = chunk_features(converter.hubert, chunk, "v2")
         assert got.shape == alone.shape
         torch.testing.assert_close(got, alone, rtol=0, atol=5e-5)
+
+
+def test_the_decoder_glue_is_compiled_only_where_it_runs(monkeypatch):
+    """bf16 on a CPU with bfloat16 arithmetic mixes dtypes in the decoder; fp32, fp16 and
+    emulated bf16 do not, so compiling there would only cost seconds."""
+    from pipeline import convert
+
+    compiled = []
+    monkeypatch.setattr(convert, "compile_pointwise", lambda: compiled.append(True))
+    monkeypatch.setattr(convert, "has_bf16_arithmetic", lambda device: True)
+    assert not convert.compile_decoder_glue("cpu", "fp32")
+    assert not convert.compile_decoder_glue("cuda", "bf16")
+    assert not compiled
+    assert convert.compile_decoder_glue("cpu", "bf16") and compiled == [True]
+    monkeypatch.setattr(convert, "has_bf16_arithmetic", lambda device: False)
+    assert not convert.compile_decoder_glue("cpu", "bf16") and compiled == [True]
