@@ -336,6 +336,42 @@ def start_service(args: argparse.Namespace, settings_args: dict) -> str:
     return f"http://127.0.0.1:{port}"
 
 
+def glue_compiles_ended(logs: Path) -> int:
+    """How many replicas logged the end of their decoder-glue compile, in Ray's log folder."""
+    from deployments.stages import GLUE_COMPILED_LOG, GLUE_EAGER_LOG
+
+    ended = 0
+    for log in logs.glob("worker-*.err"):
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("{") and (GLUE_COMPILED_LOG in line or GLUE_EAGER_LOG in line):
+                try:
+                    ended += json.loads(line).get("msg") in (GLUE_COMPILED_LOG, GLUE_EAGER_LOG)
+                except json.JSONDecodeError:
+                    continue
+    return ended
+
+
+def wait_for_glue_compile(settings_args: dict, replicas: int, timeout_s: float = 240.0) -> float | None:
+    """Seconds waited until every synthesis replica logged the end of its decoder-glue compile
+    (deployments/stages.py compiles it in the background at start), or None where it compiles
+    none (not bf16 on a CPU with bfloat16 arithmetic). A cell measured during the compile would
+    count the compiler's CPU and the eager glue's time; with both cores busy loading the other
+    replicas it took 44 s on one 2-core machine (6 s alone)."""
+    import ray
+
+    from deployments.settings import AppSettings
+    from pipeline.convert import fastest_precision, runs_decoder_glue
+
+    precision = AppSettings.model_validate(settings_args).precision
+    if not runs_decoder_glue("cpu", fastest_precision("cpu") if precision == "auto" else precision):
+        return None
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    started = time.monotonic()
+    while glue_compiles_ended(logs) < replicas and time.monotonic() - started < timeout_s:
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
 def run_cell(base_url: str, procs: ProcessSampler, idle_cpu: float, body: bytes, content_type: str,
              voices: list[str], concurrency: int, deadline: float, query: dict[str, str], audio_seconds: float,
              args: argparse.Namespace) -> dict:
@@ -450,6 +486,11 @@ def main(argv: list[str] | None = None) -> None:
                 result["service_start_s"] = time.perf_counter() - started
                 print(f"service up at {base_url} in {result['service_start_s']:.1f} s; upload {len(audio)} bytes "
                       f"({audio_seconds:.2f} s of audio)", flush=True)
+                if args.conversion == "real":
+                    waited = result["glue_compile_wait_s"] = wait_for_glue_compile(settings_args,
+                                                                                  args.synthesis_replicas)
+                    if waited is not None:
+                        print(f"synthesis replicas compiled their decoder glue {waited:.1f} s after start-up")
                 idle0 = procs.cpu_by_name()
                 time.sleep(IDLE_SAMPLE_S)
                 idle = procs.cpu_by_name()

@@ -152,6 +152,11 @@ class _CachedVoice:
             torch.cuda.empty_cache()
 
 
+# The synthesis replica's log lines when its background compile ends (bench/load.py waits for them).
+GLUE_COMPILED_LOG = "decoder glue compiled"
+GLUE_EAGER_LOG = "decoder glue not compiled, running eagerly"
+
+
 @serve.deployment
 class Synthesis:
     def __init__(self, settings: AppSettings) -> None:
@@ -183,10 +188,10 @@ class Synthesis:
         try:
             compiled = compile_decoder_glue(self.device, self.precision)
         except Exception as exc:  # noqa: BLE001 - the eager glue stays: slower, as faithful
-            self.log.warning("decoder glue not compiled, running eagerly", extra={"reason": str(exc)[:500]})
+            self.log.warning(GLUE_EAGER_LOG, extra={"reason": str(exc)[:500]})
             return
         if compiled:
-            self.log.info("decoder glue compiled", extra={"seconds": round(time.perf_counter() - started, 2)})
+            self.log.info(GLUE_COMPILED_LOG, extra={"seconds": round(time.perf_counter() - started, 2)})
 
     async def _load(self, model_id: str) -> _CachedVoice:
         from pipeline.index import load_index

@@ -387,13 +387,18 @@ def has_bf16_arithmetic(device: torch.device) -> bool:
                for check in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
-def compile_decoder_glue(device: torch.device | str, precision: str) -> bool:
-    """`synthesizer.compile_pointwise()` where passes under `network_precision(device, precision)`
-    run the decoder's mixed-dtype glue (bf16 on a CPU with bfloat16 arithmetic); whether it did.
-    For long-lived processes: seconds of compiling, then a faster synthesis. Raises as
-    compile_pointwise does (the eager glue then stays)."""
+def runs_decoder_glue(device: torch.device | str, precision: str) -> bool:
+    """Whether passes under `network_precision(device, precision)` run the decoder's mixed-dtype
+    CPU glue (bf16 on a CPU with bfloat16 arithmetic), which `compile_decoder_glue` compiles."""
     device = torch.device(device)
-    if device.type != "cpu" or precision != "bf16" or not has_bf16_arithmetic(device):
+    return device.type == "cpu" and precision == "bf16" and has_bf16_arithmetic(device)
+
+
+def compile_decoder_glue(device: torch.device | str, precision: str) -> bool:
+    """`synthesizer.compile_pointwise()` where the decoder's mixed-dtype glue runs
+    (`runs_decoder_glue`); whether it did. For long-lived processes: seconds of compiling, then a
+    faster synthesis. Raises as compile_pointwise does (the eager glue then stays)."""
+    if not runs_decoder_glue(device, precision):
         return False
     compile_pointwise()
     return True

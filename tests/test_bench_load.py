@@ -62,3 +62,26 @@ def test_prebuilt_body_is_the_upload_the_service_receives(tmp_path):
 
     upload = asyncio.run(receive_upload(content_type, chunks(), tmp_path))
     assert upload.path.read_bytes() == audio
+
+
+def test_glue_compile_ends_are_counted_from_the_replicas_json_log_lines(tmp_path):
+    """bench/load.py waits for each synthesis replica's "compile ended" line before measuring;
+    the lines are the replica's own JSON log records (deployments/logs.py)."""
+    import logging
+
+    from bench.load import glue_compiles_ended
+    from deployments.logs import JsonFormatter
+    from deployments.stages import GLUE_COMPILED_LOG, GLUE_EAGER_LOG
+
+    def record(msg: str, **extra) -> str:
+        rec = logging.LogRecord("rvc", logging.INFO, __file__, 1, msg, None, None)
+        rec.__dict__.update(extra)
+        return JsonFormatter().format(rec)
+
+    (tmp_path / "worker-a.err").write_text("\n".join([
+        "plain stderr mentioning decoder glue compiled", record("voice loaded", model_id="demo"),
+        record(GLUE_COMPILED_LOG, seconds=6.1)]) + "\n")
+    assert glue_compiles_ended(tmp_path) == 1
+    (tmp_path / "worker-b.err").write_text(record(GLUE_EAGER_LOG, reason="no compiler") + "\n{broken\n")
+    (tmp_path / "raylet.err").write_text(record(GLUE_COMPILED_LOG) + "\n")  # not a worker's log
+    assert glue_compiles_ended(tmp_path) == 2
