@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/load.py [--full] [--concurrency 1,4] [--voices 1,3] [--jobs N]
         [--audio-seconds 1 | --upload-mb 5] [--f0-method crepe-tiny] [--mode jobs|posts]
-        [--conversion real|fake] [--think-s 0] [--synthesis-replicas 1] [--voices-per-replica 4]
+        [--conversion real|fake] [--think-s 0] [--synthesis-replicas 1 | --autoscale] [--voices-per-replica 4]
         [--warm] [--time-limit-s 240] [--out bench/results/load.json]
 
 It starts its own local Ray and Serve (the app of serve_config.yaml through `build_app`, with
@@ -295,7 +295,8 @@ def register_voices(data_dir: Path, count: int) -> list[str]:
 
 def app_args(args: argparse.Namespace, data_dir: Path) -> dict:
     """serve_config.yaml's application args with this run's data directory, keys, a limit no
-    client reaches, and fixed replica counts (autoscaling would blur the cells)."""
+    client reaches, and fixed replica counts (autoscaling would blur the cells), or with
+    `--autoscale` the config's own replica ranges (what the app does under sustained load)."""
     import yaml
 
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
@@ -303,8 +304,8 @@ def app_args(args: argparse.Namespace, data_dir: Path) -> dict:
     stages = {}
     for name, stage in base["stages"].items():
         replicas = args.synthesis_replicas if name == "synthesis" else stage["min_replicas"]
-        stages[name] = {**stage, "min_replicas": replicas, "max_replicas": replicas,
-                        "graceful_shutdown_timeout_s": 1}
+        scaling = {} if args.autoscale else {"min_replicas": replicas, "max_replicas": replicas}
+        stages[name] = {**stage, **scaling, "graceful_shutdown_timeout_s": 1}
     keys = data_dir / "api-keys"
     keys.write_text(API_KEY + "\n")
     return {**base, "data_dir": str(data_dir), "api_keys_file": str(keys), "rate_limit_per_minute": 10**9,
@@ -393,8 +394,16 @@ def run_cell(base_url: str, procs: ProcessSampler, idle_cpu: float, body: bytes,
             "service_cpu_s_per_request_above_idle": (sum(cpu.values()) - idle_cpu * wall) / sent,
             "cpu_s_per_request_by_process": {k: round(v / sent, 4) for k, v in cpu.most_common() if v > 0},
             "driver_cpu_s_per_request": (time.process_time() - driver_cpu0) / sent,
-            "load_avg": os.getloadavg()[0],
+            "load_avg": os.getloadavg()[0], "replicas_at_end": running_replicas(),
             **service_delta(before, scrape(base_url))}
+
+
+def running_replicas() -> dict[str, int]:
+    """Running replicas of each deployment of the app now (they change with `--autoscale`)."""
+    from ray import serve
+
+    app = serve.status().applications[APP]
+    return {name: d.replica_states.get("RUNNING", 0) for name, d in app.deployments.items()}
 
 
 def stop_service() -> None:
@@ -436,6 +445,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="instead of --audio-seconds: an upload of this size (44.1 kHz mono PCM16 wav)")
     ap.add_argument("--f0-method", default="crepe-tiny", choices=["crepe", "crepe-tiny"])
     ap.add_argument("--synthesis-replicas", type=int, default=1)
+    ap.add_argument("--autoscale", action="store_true",
+                    help="replicas autoscale in serve_config.yaml's ranges (default: fixed at each stage's minimum)")
     ap.add_argument("--voices-per-replica", type=int, default=4)
     ap.add_argument("--warm", action="store_true", help="convert once with every voice before the cells")
     ap.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 2)
@@ -487,8 +498,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"service up at {base_url} in {result['service_start_s']:.1f} s; upload {len(audio)} bytes "
                       f"({audio_seconds:.2f} s of audio)", flush=True)
                 if args.conversion == "real":
-                    waited = result["glue_compile_wait_s"] = wait_for_glue_compile(settings_args,
-                                                                                  args.synthesis_replicas)
+                    waited = result["glue_compile_wait_s"] = wait_for_glue_compile(
+                        settings_args, settings_args["stages"]["synthesis"]["min_replicas"])
                     if waited is not None:
                         print(f"synthesis replicas compiled their decoder glue {waited:.1f} s after start-up")
                 idle0 = procs.cpu_by_name()

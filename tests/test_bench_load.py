@@ -85,3 +85,23 @@ def test_glue_compile_ends_are_counted_from_the_replicas_json_log_lines(tmp_path
     (tmp_path / "worker-b.err").write_text(record(GLUE_EAGER_LOG, reason="no compiler") + "\n{broken\n")
     (tmp_path / "raylet.err").write_text(record(GLUE_COMPILED_LOG) + "\n")  # not a worker's log
     assert glue_compiles_ended(tmp_path) == 2
+
+
+def test_replica_counts_are_fixed_unless_autoscaling(tmp_path):
+    """Cells compare like with like at fixed replica counts; `--autoscale` keeps the shipped
+    config's ranges, so the run shows what the default app does under sustained load."""
+    import yaml
+
+    from bench.load import APP, ROOT, app_args, parse_args
+
+    shipped = next(a for a in yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"]
+                   if a["name"] == APP)["args"]["stages"]
+    fixed = app_args(parse_args(["--synthesis-replicas", "3"]), tmp_path)["stages"]
+    assert fixed["synthesis"]["min_replicas"] == fixed["synthesis"]["max_replicas"] == 3
+    assert fixed["features"]["min_replicas"] == fixed["features"]["max_replicas"] == shipped["features"]["min_replicas"]
+    scaling = app_args(parse_args(["--autoscale"]), tmp_path)["stages"]
+    for name, stage in shipped.items():
+        assert (scaling[name]["min_replicas"], scaling[name]["max_replicas"]) == \
+            (stage["min_replicas"], stage["max_replicas"])
+        assert scaling[name]["graceful_shutdown_timeout_s"] == 1
+    assert any(s["max_replicas"] > s["min_replicas"] for s in shipped.values())  # something can scale
