@@ -1,16 +1,19 @@
 """Where the synthesizer's GPU time goes: a batch of 16 × 10 s through `Synthesizer.infer` in
 fp16, its top CUDA kernels (torch.profiler), and each distinct residual-block convolution of the
-decoder timed alone, as cuDNN's dilated 1-D convolution and split into `dilation` interleaved
-phases of undilated ones (the same sums: a dilation-d convolution reads every d-th sample).
-GPU only; prints tables and writes JSON; asserts nothing.
+decoder timed alone: cuDNN's dilated 1-D convolution (its heuristic's algorithm, and with
+`cudnn.benchmark`), split into `dilation` interleaved phases of undilated ones (the same sums: a
+dilation-d convolution reads every d-th sample), as a 2-D convolution in channels-last
+memory, and as a Triton implicit GEMM over the time-major input (each tile size tried; the
+fastest reported). Prints tables and writes JSON; asserts nothing. `--device cpu` is a dry run (fp32).
 
-    python bench/synth_gpu.py [--batch 16] [--seconds 10] [--out bench/results/synth-gpu.json]
+    python bench/synth_gpu.py [--batch 16] [--seconds 10] [--device cuda] [--out bench/results/synth-gpu.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,69 +39,179 @@ def phase_split_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return y.view(b, d, y.shape[1], -1).permute(0, 2, 3, 1).reshape(b, y.shape[1], -1)[..., :t]
 
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the Triton way is then not timed
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _time_major_conv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, T, N, LEFT, C, TAPS, DILATION,
+                                HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """y[b, t, :] = Σ_tap x[b, t + tap·d − left, :] @ w[tap] (+ bias): an implicit GEMM over
+        the time-major input, read in place; samples outside [0, T) read as zeros ('same'
+        padding without a padded copy). Shapes are runtime values, so one compilation per tile
+        serves every convolution of the decoder."""
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)  # output rows b·T + t
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        t = rm % T
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for tap in range(TAPS):
+            src = t + tap * DILATION - LEFT
+            ok = (rm < M) & (src >= 0) & (src < T)
+            row = (rm + tap * DILATION - LEFT) * C  # the same item's row src
+            for c0 in range(0, C, BK):
+                a = tl.load(x_ptr + row[:, None] + (c0 + rk)[None, :], mask=ok[:, None], other=0.0)
+                b = tl.load(w_ptr + (tap * C + c0 + rk)[:, None] * N + rn[None, :], mask=(rn < N)[None, :], other=0.0)
+                acc += tl.dot(a, b)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def time_major_conv(x_tm: torch.Tensor, w_kc: torch.Tensor, bias: torch.Tensor | None, taps: int, dilation: int,
+                    bm: int = 128, bn: int = 64, bk: int = 32, warps: int = 4, stages: int = 3) -> torch.Tensor:
+    """conv1d(x, w, dilation=d, padding='same') for x_tm [B, T, C] (time-major, contiguous) and
+    w_kc [taps·C, N] (tap-major rows: w_kc[tap·C + c, n] = w[n, c, tap]) → [B, T, N]."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    b, t, c = x_tm.shape
+    n = w_kc.shape[1]
+    y = torch.empty(b, t, n, device=x_tm.device, dtype=x_tm.dtype)
+    m = b * t
+    _time_major_conv_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        x_tm, w_kc, bias if bias is not None else w_kc, y, m, t, n, dilation * (taps - 1) // 2,
+        C=c, TAPS=taps, DILATION=dilation, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=min(bk, c),
+        num_warps=warps, num_stages=stages)
+    return y
+
+
+TRITON_TILES = ((128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (256, 64, 32, 8, 3),
+                (128, 32, 32, 4, 4))  # (BM, BN, BK, warps, stages): the fastest per shape is reported
+
+
+def channels_last_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
+    """conv1d(x, weight, dilation=d, padding='same') for x [B, C, T, 1] and weight [C_out, C, k, 1]
+    in channels-last memory ([B, T, C] rows: what tensor cores' implicit GEMMs read; the
+    decoder's CPU layout) as a 2-D convolution."""
+    k = weight.shape[2]
+    return F.conv2d(x, weight, bias, padding=(dilation * (k - 1) // 2, 0), dilation=(dilation, 1))
+
+
+def conv_rows(dec, b: int, t: int, device: str, dtype: torch.dtype, gen: torch.Generator) -> list[dict]:
+    """Each distinct residual-block convolution at its stage's length, timed four ways: cuDNN's
+    1-D convolution with its heuristic algorithm and with `cudnn.benchmark` (which tries them
+    all), the phase split, and the channels-last 2-D convolution (with `cudnn.benchmark`)."""
+    rows, seen = [], {}
+    length = t
+    per_stage = len(dec.resblocks) // len(dec.ups)
+    for i, up in enumerate(dec.ups):
+        length *= up.stride[0]
+        for block in dec.resblocks[i * per_stage:(i + 1) * per_stage]:
+            convs = [c for name in ("convs1", "convs2", "convs") for c in getattr(block, name, [])]
+            for conv in convs:
+                key = (conv.in_channels, conv.kernel_size[0], conv.dilation[0], length)
+                if key in seen:
+                    seen[key]["count"] += 1
+                    continue
+                x = torch.randn(b, conv.in_channels, length, device=device, generator=gen).to(dtype)
+                w, bias = conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
+                d = conv.dilation[0]
+                ref = F.conv1d(x, w, bias, dilation=d, padding="same")
+                row = seen[key] = {"channels": key[0], "kernel": key[1], "dilation": d, "length": length, "count": 1,
+                       "gflop": 2 * b * length * key[0] * conv.out_channels * key[1] / 1e9}
+                row["cudnn_ms"] = timed(lambda x=x, w=w, bias=bias, d=d: F.conv1d(x, w, bias, dilation=d, padding="same")) * 1e3
+                x2 = x[..., None].contiguous(memory_format=torch.channels_last)
+                w2 = w[..., None].contiguous(memory_format=torch.channels_last)
+                with cudnn_benchmark():
+                    row["cudnn_benchmark_ms"] = timed(
+                        lambda x=x, w=w, bias=bias, d=d: F.conv1d(x, w, bias, dilation=d, padding="same")) * 1e3
+                    row["channels_last_ms"] = timed(lambda x2=x2, w2=w2, bias=bias, d=d: channels_last_conv(x2, w2, bias, d)) * 1e3
+                row["channels_last_max_diff"] = float((channels_last_conv(x2, w2, bias, d)[..., 0] - ref).abs().max())
+                if triton is not None and device == "cuda":
+                    x_tm = x.transpose(1, 2).contiguous()
+                    w_kc = w.permute(2, 1, 0).reshape(-1, w.shape[0]).contiguous()
+                    got = time_major_conv(x_tm, w_kc, bias, key[1], d).transpose(1, 2)
+                    row["triton_max_diff"] = float((got - ref).abs().max())
+                    tiles = {tile: timed(lambda tile=tile: time_major_conv(x_tm, w_kc, bias, key[1], d, *tile)) * 1e3
+                             for tile in TRITON_TILES}
+                    best = min(tiles, key=tiles.get)
+                    row["triton_ms"], row["triton_tile"] = tiles[best], "x".join(map(str, best))
+                if d > 1:
+                    row["phase_split_ms"] = timed(lambda x=x, w=w, bias=bias, d=d: phase_split_conv(x, w, bias, d)) * 1e3
+                    row["phase_split_max_diff"] = float((phase_split_conv(x, w, bias, d) - ref).abs().max())
+                row["best_tflops"] = row["gflop"] / min(v for k, v in row.items() if k.endswith("_ms"))
+                rows.append(row)
+                print(" ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+                      flush=True)
+    return rows
+
+
+def per_pass_totals(rows: list[dict]) -> dict[str, float]:
+    """Milliseconds of the decoder's residual-block convolutions per pass, each way that ran for
+    every shape, and with the fastest way for each shape."""
+    ways = [w for w in ("cudnn_ms", "cudnn_benchmark_ms", "channels_last_ms", "triton_ms") if all(w in r for r in rows)]
+    totals = {w: sum(r["count"] * r[w] for r in rows) for w in ways}
+    totals["best_of_each_ms"] = sum(r["count"] * min(v for k, v in r.items() if k.endswith("_ms")) for r in rows)
+    return totals
+
+
+@contextmanager
+def cudnn_benchmark():
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script (fp32)")
     ap.add_argument("--work", default="/tmp/rvc-synth-gpu")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "synth-gpu.json"))
     args = ap.parse_args()
+    device = args.device
+    precision, dtype = ("fp16", torch.float16) if device == "cuda" else ("fp32", torch.float32)
     fx = build_fixtures(Path(args.work) / "fixtures")
-    voice = load_voice(fx["voices"]["v2-40k-f0"]["pth"], device="cuda")
+    voice = load_voice(fx["voices"]["v2-40k-f0"]["pth"], device=device)
     model, dec = voice.model, voice.model.dec
     b, t = args.batch, int(args.seconds * 100)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    phone = torch.randn(b, t, voice.feature_dim, device="cuda", generator=gen)
-    pitch = torch.randint(1, 256, (b, t), device="cuda", generator=gen)
-    nsff0 = torch.full((b, t), 200.0, device="cuda")
-    result: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": b, "frames": t}
+    gen = torch.Generator(device=device).manual_seed(0)
+    phone = torch.randn(b, t, voice.feature_dim, device=device, generator=gen)
+    pitch = torch.randint(1, 256, (b, t), device=device, generator=gen)
+    nsff0 = torch.full((b, t), 200.0, device=device)
+    result: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+                    "precision": precision, "batch": b, "frames": t}
 
     def infer() -> torch.Tensor:
         return model.infer(phone, pitch, nsff0, sid=0, noise=SynthNoise.zeros())
 
-    with torch.inference_mode(), network_precision("cuda", "fp16"):
+    with torch.inference_mode(), network_precision(device, precision):
         seconds = timed(infer, reps=3)
         result["infer_s"] = seconds
-        print(f"infer {b} × {args.seconds:g} s fp16: {seconds * 1e3:.1f} ms ({b * args.seconds / seconds:.0f}× real time)")
+        print(f"infer {b} × {args.seconds:g} s {precision}: {seconds * 1e3:.1f} ms ({b * args.seconds / seconds:.0f}× real time)")
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        activity, sort = (ProfilerActivity.CUDA, "self_cuda_time_total") if device == "cuda" else \
+            (ProfilerActivity.CPU, "self_cpu_time_total")
+        with profile(activities=[activity]) as prof:
             infer()
-            torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by=sort, row_limit=25)
         print(table)
         result["top_kernels"] = table
-
-        # each distinct residual-block convolution, at its stage's length
-        rows, seen = [], set()
-        length = t
-        per_stage = len(dec.resblocks) // len(dec.ups)
-        for i, up in enumerate(dec.ups):
-            length *= up.stride[0]
-            for block in dec.resblocks[i * per_stage:(i + 1) * per_stage]:
-                convs = [c for name in ("convs1", "convs2", "convs") for c in getattr(block, name, [])]
-                for conv in convs:
-                    key = (conv.in_channels, conv.kernel_size[0], conv.dilation[0], length)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    x = torch.randn(b, conv.in_channels, length, device="cuda", dtype=torch.float16, generator=gen)
-                    w, bias = conv.weight.half(), None if conv.bias is None else conv.bias.half()
-                    d = conv.dilation[0]
-                    ref = F.conv1d(x, w, bias, dilation=d, padding="same")
-                    row = {"channels": key[0], "kernel": key[1], "dilation": d, "length": length,
-                           "gflop": 2 * b * length * key[0] * conv.out_channels * key[1] / 1e9,
-                           "cudnn_ms": timed(lambda x=x, w=w, bias=bias, d=d: F.conv1d(x, w, bias, dilation=d, padding="same"))
-                           * 1e3}
-                    if d > 1:
-                        split = phase_split_conv(x, w, bias, d)
-                        row["phase_split_ms"] = timed(lambda x=x, w=w, bias=bias, d=d: phase_split_conv(x, w, bias, d)) * 1e3
-                        row["phase_split_max_diff"] = float((split - ref).abs().max())
-                    row["cudnn_tflops"] = row["gflop"] / row["cudnn_ms"]
-                    rows.append(row)
-                    print(" ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
-                          flush=True)
-        result["convolutions"] = rows
+        result["convolutions"] = conv_rows(dec, b, t, device, dtype, gen)
+        result["convolutions_per_pass_ms"] = per_pass_totals(result["convolutions"])
+        print("residual-block convolutions per pass: " + "  ".join(
+            f"{k[:-3]} {v:.1f} ms" for k, v in result["convolutions_per_pass_ms"].items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
