@@ -372,7 +372,7 @@ _PEAK_LOGIT_SPREAD = 2.0  # std over frames of the largest logit: 0-4 % of frame
 
 
 def _calibration_audio(gen: torch.Generator) -> Tensor:
-    """[4, 20320] float32: gliding harmonic notes with gaps and noise, 1.27 s at 16 kHz each."""
+    """[4, 20320] float64: gliding harmonic notes with gaps and noise, 1.27 s at 16 kHz each."""
     n = (_CALIBRATION_FRAMES - 1) * HOP
     t = torch.arange(n, dtype=torch.float64) / SAMPLE_RATE
     clips = []
@@ -383,7 +383,7 @@ def _calibration_audio(gen: torch.Generator) -> Tensor:
         gate = sum(((t >= a) & (t < b)).double() for a, b in spans)
         hiss = noise * torch.randn(n, generator=gen, dtype=torch.float64)
         clips.append(amplitude * tone * gate + hiss)
-    return torch.stack(clips).float()
+    return torch.stack(clips)
 
 
 def _fill_random(net: nn.Module, gen: torch.Generator) -> None:
@@ -443,8 +443,9 @@ def random_rmvpe_state_dict(seed: int) -> dict[str, Tensor]:
     spread with std 2 and the 0.03 threshold falls in a gap between frames. On speech-like input
     mostly 60-80 % of frames come out voiced (25-97 % over the seeds and signals tried), more of
     those with sound than of the gaps, and 0-4 % of frames lie within 1e-3 of the threshold.
-    The calibration runs a forward pass, so the last fp16 bit of a statistic may differ between
-    CPUs (float sums reorder); the same machine always gives the same weights.
+    The calibration pass runs in float64, so every CPU gives the same fp16 weights (in float32
+    the order of its sums, which differs between CPUs' kernels, moved the last fp16 bit of some
+    statistics, and the goldens' f0 on another CPU with them).
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):  # build without touching the global RNG
@@ -454,7 +455,8 @@ def random_rmvpe_state_dict(seed: int) -> dict[str, Tensor]:
         _fill_random(net, gen)
         _round_fp16(net)
         audio = _calibration_audio(gen)
-        mel_basis, window = mel_filterbank(), torch.hann_window(N_FFT)
+        net.double()
+        mel_basis, window = mel_filterbank().double(), torch.hann_window(N_FFT, dtype=torch.float64)
         mel = torch.stack([log_mel(clip, mel_basis, window) for clip in audio])  # [4, 128, 128]
         features = _calibrate_batchnorm(net, mel)
 
