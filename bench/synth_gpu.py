@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -131,13 +132,17 @@ def conv_rows(dec, b: int, t: int, device: str, dtype: torch.dtype, gen: torch.G
                         lambda x=x, w=w, bias=bias, d=d: F.conv1d(x, w, bias, dilation=d, padding="same")) * 1e3
                     row["channels_last_ms"] = timed(lambda x2=x2, w2=w2, bias=bias, d=d: channels_last_conv(x2, w2, bias, d)) * 1e3
                 row["channels_last_max_diff"] = float((channels_last_conv(x2, w2, bias, d)[..., 0] - ref).abs().max())
-                if triton is not None and device == "cuda":
+                if triton is not None and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
                     x_tm = x.transpose(1, 2).contiguous()
                     w_kc = w.permute(2, 1, 0).reshape(-1, w.shape[0]).contiguous()
                     got = time_major_conv(x_tm, w_kc, bias, key[1], d).transpose(1, 2)
                     row["triton_max_diff"] = float((got - ref).abs().max())
-                    tiles = {tile: timed(lambda tile=tile: time_major_conv(x_tm, w_kc, bias, key[1], d, *tile)) * 1e3
-                             for tile in TRITON_TILES}
+                    taps = key[1]
+
+                    def triton_way(tile, x_tm=x_tm, w_kc=w_kc, bias=bias, taps=taps, d=d):
+                        return time_major_conv(x_tm, w_kc, bias, taps, d, *tile)
+
+                    tiles = {tile: timed(lambda tile=tile: triton_way(tile)) * 1e3 for tile in TRITON_TILES}
                     best = min(tiles, key=tiles.get)
                     row["triton_ms"], row["triton_tile"] = tiles[best], "x".join(map(str, best))
                 if d > 1:
