@@ -4,7 +4,8 @@ decoder timed alone: cuDNN's dilated 1-D convolution (its heuristic's algorithm,
 `cudnn.benchmark`), split into `dilation` interleaved phases of undilated ones (the same sums: a
 dilation-d convolution reads every d-th sample), as a 2-D convolution in channels-last
 memory, and as a Triton implicit GEMM over the time-major input (each tile size tried; the
-fastest reported). Prints tables and writes JSON; asserts nothing. `--device cpu` is a dry run (fp32).
+fastest reported). Prints tables and writes JSON; asserts nothing. `--device cpu` is a dry run
+(fp32; with TRITON_INTERPRET=1 and triton installed the Triton way runs in its interpreter).
 
     python bench/synth_gpu.py [--batch 16] [--seconds 10] [--device cuda] [--out bench/results/synth-gpu.json]
 """
