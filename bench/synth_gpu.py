@@ -49,12 +49,16 @@ except ImportError:  # CPU-only installs: the Triton way is then not timed
 
 if triton is not None:
     @triton.jit
-    def _time_major_conv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, T, N, LEFT, C, TAPS, DILATION,
-                                HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """y[b, t, :] = Σ_tap x[b, t + tap·d − left, :] @ w[tap] (+ bias): an implicit GEMM over
-        the time-major input, read in place; samples outside [0, T) read as zeros ('same'
-        padding without a padded copy). Shapes are runtime values, so one compilation per tile
-        serves every convolution of the decoder."""
+    def _time_major_conv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, M, T, N, LEFT, C, TAPS, DILATION,
+                                IN_SLOPE, OUT_SLOPE, HAS_BIAS: tl.constexpr, IN_ACT: tl.constexpr,
+                                OUT_ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """y[b, t, :] = act(Σ_tap act_in(x[b, t + tap·d − left, :]) @ w[tap] + bias) (+ res[b, t, :]):
+        an implicit GEMM over the time-major input, read in place; samples outside [0, T) read
+        as zeros ('same' padding without a padded copy). The optional leaky ReLUs and residual
+        add are the decoder's glue around its convolutions, done on the way in and out (the
+        input may be the fp32 residual sum: it is cast to the weights' dtype as it is loaded).
+        Shapes are runtime values, so one compilation per tile serves every convolution."""
         rm = tl.program_id(0) * BM + tl.arange(0, BM)  # output rows b·T + t
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
@@ -66,28 +70,40 @@ if triton is not None:
             row = (rm + tap * DILATION - LEFT) * C  # the same item's row src
             for c0 in range(0, C, BK):
                 a = tl.load(x_ptr + row[:, None] + (c0 + rk)[None, :], mask=ok[:, None], other=0.0)
+                if IN_ACT:
+                    a = tl.where(a > 0, a, a * IN_SLOPE)
                 b = tl.load(w_ptr + (tap * C + c0 + rk)[:, None] * N + rn[None, :], mask=(rn < N)[None, :], other=0.0)
-                acc += tl.dot(a, b)
+                acc += tl.dot(a.to(b.dtype), b)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rm < M)[:, None] & (rn < N)[None, :])
+        if OUT_ACT:
+            acc = tl.where(acc > 0, acc, acc * OUT_SLOPE)
+        out = rm[:, None] * N + rn[None, :]
+        keep = (rm < M)[:, None] & (rn < N)[None, :]
+        if HAS_RESIDUAL:
+            acc += tl.load(res_ptr + out, mask=keep, other=0.0).to(tl.float32)
+        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=keep)
 
 
 def time_major_conv(x_tm: torch.Tensor, w_kc: torch.Tensor, bias: torch.Tensor | None, taps: int, dilation: int,
-                    bm: int = 128, bn: int = 64, bk: int = 32, warps: int = 4, stages: int = 3) -> torch.Tensor:
+                    bm: int = 128, bn: int = 64, bk: int = 32, warps: int = 4, stages: int = 3, *,
+                    in_slope: float | None = None, out_slope: float | None = None,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
     """conv1d(x, w, dilation=d, padding='same') for x_tm [B, T, C] (time-major, contiguous) and
-    w_kc [taps·C, N] (tap-major rows: w_kc[tap·C + c, n] = w[n, c, tap]) → [B, T, N]."""
+    w_kc [taps·C, N] (tap-major rows: w_kc[tap·C + c, n] = w[n, c, tap]) → [B, T, N] in the
+    weights' dtype; with in_slope / out_slope a leaky ReLU of the input / output, with
+    `residual` [B, T, N] that added (the output then in its dtype)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     b, t, c = x_tm.shape
     n = w_kc.shape[1]
-    y = torch.empty(b, t, n, device=x_tm.device, dtype=x_tm.dtype)
+    y = torch.empty(b, t, n, device=x_tm.device, dtype=w_kc.dtype if residual is None else residual.dtype)
     m = b * t
     _time_major_conv_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        x_tm, w_kc, bias if bias is not None else w_kc, y, m, t, n, dilation * (taps - 1) // 2,
-        C=c, TAPS=taps, DILATION=dilation, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=min(bk, c),
-        num_warps=warps, num_stages=stages)
+        x_tm, w_kc, bias if bias is not None else w_kc, residual if residual is not None else y, y,
+        m, t, n, dilation * (taps - 1) // 2, c, taps, dilation, in_slope or 0.0, out_slope or 0.0,
+        HAS_BIAS=bias is not None, IN_ACT=in_slope is not None, OUT_ACT=out_slope is not None,
+        HAS_RESIDUAL=residual is not None, BM=bm, BN=bn, BK=min(bk, c), num_warps=warps, num_stages=stages)
     return y
 
 
@@ -143,13 +159,67 @@ def conv_rows(dec, b: int, t: int, device: str, dtype: torch.dtype, gen: torch.G
                     def triton_way(tile, x_tm=x_tm, w_kc=w_kc, bias=bias, taps=taps, d=d):
                         return time_major_conv(x_tm, w_kc, bias, taps, d, *tile)
 
-                    tiles = {tile: timed(lambda tile=tile: triton_way(tile)) * 1e3 for tile in TRITON_TILES}
+                    tiles = {tile: timed(lambda tile=tile: triton_way(tile)) * 1e3
+                             for tile in (TRITON_TILES[:1] if os.environ.get("TRITON_INTERPRET") == "1" else TRITON_TILES)}
                     best = min(tiles, key=tiles.get)
                     row["triton_ms"], row["triton_tile"] = tiles[best], "x".join(map(str, best))
                 if d > 1:
                     row["phase_split_ms"] = timed(lambda x=x, w=w, bias=bias, d=d: phase_split_conv(x, w, bias, d)) * 1e3
                     row["phase_split_max_diff"] = float((phase_split_conv(x, w, bias, d) - ref).abs().max())
                 row["best_tflops"] = row["gflop"] / min(v for k, v in row.items() if k.endswith("_ms"))
+                rows.append(row)
+                print(" ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+                      flush=True)
+    return rows
+
+
+def pair_rows(dec, b: int, t: int, device: str, dtype: torch.dtype, gen: torch.Generator) -> list[dict]:
+    """Each distinct step of a residual block (leaky ReLU of the fp32 sum, dilated convolution,
+    leaky ReLU, undilated convolution, added into the sum) timed as the pipeline runs it on a GPU
+    (cuDNN convolutions in `dtype` with the glue as separate kernels) and as two Triton kernels
+    that do the glue on the way in and out."""
+    from pipeline.synthesizer import LRELU_SLOPE as slope
+
+    rows, seen = [], {}
+    length = t
+    per_stage = len(dec.resblocks) // len(dec.ups)
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    for i, up in enumerate(dec.ups):
+        length *= up.stride[0]
+        for block in dec.resblocks[i * per_stage:(i + 1) * per_stage]:
+            for c1, c2 in zip(getattr(block, "convs1", []), getattr(block, "convs2", [])):
+                key = (c1.in_channels, c1.kernel_size[0], c1.dilation[0], length)
+                if key in seen:
+                    seen[key]["count"] += 1
+                    continue
+                k, d = key[1], key[2]
+                total = torch.randn(b, key[0], length, device=device, generator=gen)
+                w1, w2 = c1.weight.to(dtype), c2.weight.to(dtype)
+                b1, b2 = c1.bias.to(dtype), c2.bias.to(dtype)
+
+                def eager(total=total, w1=w1, w2=w2, b1=b1, b2=b2, d=d):
+                    h = F.leaky_relu_(F.conv1d(F.leaky_relu(total, slope).to(dtype), w1, b1, dilation=d,
+                                               padding="same"), slope)
+                    return total + F.conv1d(h, w2, b2, padding="same")
+
+                row = seen[key] = {"channels": key[0], "kernel": k, "dilation": d, "length": length, "count": 1,
+                                   "eager_ms": timed(eager) * 1e3}
+                if triton is not None and (device == "cuda" or interpret):
+                    total_tm = total.transpose(1, 2).contiguous()
+                    w1_kc = w1.permute(2, 1, 0).reshape(-1, w1.shape[0]).contiguous()
+                    w2_kc = w2.permute(2, 1, 0).reshape(-1, w2.shape[0]).contiguous()
+
+                    def fused(tile, total_tm=total_tm, w1_kc=w1_kc, w2_kc=w2_kc, b1=b1, b2=b2, k=k, d=d):
+                        h = time_major_conv(total_tm, w1_kc, b1, k, d, *tile, in_slope=slope, out_slope=slope)
+                        return time_major_conv(h, w2_kc, b2, k, 1, *tile, residual=total_tm)
+
+                    ref = eager()
+                    row["fused_max_diff"] = float((fused(TRITON_TILES[0]).transpose(1, 2) - ref).abs().max())
+                    row["fused_ref_max"] = float(ref.abs().max())
+                    tiles = {tile: timed(lambda tile=tile: fused(tile)) * 1e3
+                             for tile in (TRITON_TILES[:1] if interpret else TRITON_TILES)}
+                    best = min(tiles, key=tiles.get)
+                    row["triton_fused_ms"], row["triton_tile"] = tiles[best], "x".join(map(str, best))
                 rows.append(row)
                 print(" ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
                       flush=True)
@@ -218,6 +288,12 @@ def main() -> None:
         result["convolutions_per_pass_ms"] = per_pass_totals(result["convolutions"])
         print("residual-block convolutions per pass: " + "  ".join(
             f"{k[:-3]} {v:.1f} ms" for k, v in result["convolutions_per_pass_ms"].items()))
+        result["block_steps"] = pair_rows(dec, b, t, device, dtype, gen)
+        result["block_steps_per_pass_ms"] = {
+            way: sum(r["count"] * r[way] for r in result["block_steps"])
+            for way in ("eager_ms", "triton_fused_ms") if all(way in r for r in result["block_steps"])}
+        print("residual-block steps with their glue, per pass: " + "  ".join(
+            f"{k[:-3]} {v:.1f} ms" for k, v in result["block_steps_per_pass_ms"].items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
