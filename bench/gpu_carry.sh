@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 ref_git=${1:?usage: bench/gpu_carry.sh REFERENCE_GIT_DIR}
 shared=${SHARED:-../shared}
 python=${PYTHON:-.venv/bin/python}
+[ -x "$python" ] || scripts/setup.sh  # the project's venv: its torchcrepe, pip and packaging
 
 # The versions this project's venv runs (tests/CI), so the GPU numbers are of the same code.
 wheels=(soundfile==0.14.0 cffi==2.1.1 pycparser==3.12 soxr==1.1.0 faiss-cpu==1.15.1
