@@ -368,7 +368,10 @@ def wait_for_glue_compile(settings_args: dict, replicas: int, timeout_s: float =
         return None
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     started = time.monotonic()
-    while glue_compiles_ended(logs) < replicas and time.monotonic() - started < timeout_s:
+    while glue_compiles_ended(logs) < replicas:
+        if time.monotonic() - started > timeout_s:
+            print(f"warning: no end of the decoder-glue compile logged in {timeout_s:.0f} s; measuring anyway")
+            break
         time.sleep(0.5)
     return time.monotonic() - started
 
