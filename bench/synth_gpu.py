@@ -15,7 +15,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,58 +121,78 @@ def channels_last_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return F.conv2d(x, weight, bias, padding=(dilation * (k - 1) // 2, 0), dilation=(dilation, 1))
 
 
-def conv_rows(dec, b: int, t: int, device: str, dtype: torch.dtype, gen: torch.Generator) -> list[dict]:
-    """Each distinct residual-block convolution at its stage's length, timed four ways: cuDNN's
-    1-D convolution with its heuristic algorithm and with `cudnn.benchmark` (which tries them
-    all), the phase split, and the channels-last 2-D convolution (with `cudnn.benchmark`)."""
-    rows, seen = [], {}
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_runs(device: str) -> bool:
+    return triton is not None and (device == "cuda" or _interpreting())
+
+
+def _fastest_tile(run: Callable[..., torch.Tensor]) -> tuple[float, str]:
+    """Milliseconds of run(*tile) with the fastest of TRITON_TILES, and that tile (the first
+    tile only in the interpreter, which is slow)."""
+    times = {tile: timed(lambda tile=tile: run(*tile)) * 1e3
+             for tile in (TRITON_TILES[:1] if _interpreting() else TRITON_TILES)}
+    best = min(times, key=times.get)
+    return times[best], "x".join(map(str, best))
+
+
+def _distinct(dec, t: int, items_of: Callable) -> list[tuple[tuple, object, int]]:
+    """Over the decoder's residual blocks, each distinct key (channels, kernel, dilation, stage
+    length) of the (convolution, item) pairs items_of(block) yields: the key, its first item and
+    how many items share it."""
+    found: dict[tuple, list] = {}
     length = t
     per_stage = len(dec.resblocks) // len(dec.ups)
     for i, up in enumerate(dec.ups):
         length *= up.stride[0]
         for block in dec.resblocks[i * per_stage:(i + 1) * per_stage]:
-            convs = [c for name in ("convs1", "convs2", "convs") for c in getattr(block, name, [])]
-            for conv in convs:
+            for conv, item in items_of(block):
                 key = (conv.in_channels, conv.kernel_size[0], conv.dilation[0], length)
-                if key in seen:
-                    seen[key]["count"] += 1
-                    continue
-                x = torch.randn(b, conv.in_channels, length, device=device, generator=gen).to(dtype)
-                w, bias = conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
-                d = conv.dilation[0]
-                ref = F.conv1d(x, w, bias, dilation=d, padding="same")
-                row = seen[key] = {"channels": key[0], "kernel": key[1], "dilation": d, "length": length, "count": 1,
-                       "gflop": 2 * b * length * key[0] * conv.out_channels * key[1] / 1e9}
-                row["cudnn_ms"] = timed(lambda x=x, w=w, bias=bias, d=d: F.conv1d(x, w, bias, dilation=d, padding="same")) * 1e3
-                x2 = x[..., None].contiguous(memory_format=torch.channels_last)
-                w2 = w[..., None].contiguous(memory_format=torch.channels_last)
-                with cudnn_benchmark():
-                    row["cudnn_benchmark_ms"] = timed(
-                        lambda x=x, w=w, bias=bias, d=d: F.conv1d(x, w, bias, dilation=d, padding="same")) * 1e3
-                    row["channels_last_ms"] = timed(lambda x2=x2, w2=w2, bias=bias, d=d: channels_last_conv(x2, w2, bias, d)) * 1e3
-                row["channels_last_max_diff"] = float((channels_last_conv(x2, w2, bias, d)[..., 0] - ref).abs().max())
-                if triton is not None and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
-                    x_tm = x.transpose(1, 2).contiguous()
-                    w_kc = w.permute(2, 1, 0).reshape(-1, w.shape[0]).contiguous()
-                    got = time_major_conv(x_tm, w_kc, bias, key[1], d).transpose(1, 2)
-                    row["triton_max_diff"] = float((got - ref).abs().max())
-                    taps = key[1]
+                found.setdefault(key, [item, 0])[1] += 1
+    return [(key, item, count) for key, (item, count) in found.items()]
 
-                    def triton_way(tile, x_tm=x_tm, w_kc=w_kc, bias=bias, taps=taps, d=d):
-                        return time_major_conv(x_tm, w_kc, bias, taps, d, *tile)
 
-                    tiles = {tile: timed(lambda tile=tile: triton_way(tile)) * 1e3
-                             for tile in (TRITON_TILES[:1] if os.environ.get("TRITON_INTERPRET") == "1" else TRITON_TILES)}
-                    best = min(tiles, key=tiles.get)
-                    row["triton_ms"], row["triton_tile"] = tiles[best], "x".join(map(str, best))
-                if d > 1:
-                    row["phase_split_ms"] = timed(lambda x=x, w=w, bias=bias, d=d: phase_split_conv(x, w, bias, d)) * 1e3
-                    row["phase_split_max_diff"] = float((phase_split_conv(x, w, bias, d) - ref).abs().max())
-                row["best_tflops"] = row["gflop"] / min(v for k, v in row.items() if k.endswith("_ms"))
-                rows.append(row)
-                print(" ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
-                      flush=True)
-    return rows
+def _print_row(row: dict) -> None:
+    print(" ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+
+
+def conv_rows(dec, b: int, t: int, device: str, dtype: torch.dtype, gen: torch.Generator) -> list[dict]:
+    """Each distinct residual-block convolution at its stage's length, timed four ways: cuDNN's
+    1-D convolution with its heuristic algorithm and with `cudnn.benchmark` (which tries them
+    all), the phase split, and the channels-last 2-D convolution (with `cudnn.benchmark`)."""
+    def convs(block):
+        return [(c, c) for name in ("convs1", "convs2", "convs") for c in getattr(block, name, [])]
+
+    return [_conv_row(key, conv, count, b, device, dtype, gen) for key, conv, count in _distinct(dec, t, convs)]
+
+
+def _conv_row(key: tuple, conv, count: int, b: int, device: str, dtype: torch.dtype, gen: torch.Generator) -> dict:
+    channels, k, d, length = key
+    x = torch.randn(b, channels, length, device=device, generator=gen).to(dtype)
+    w, bias = conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
+    ref = F.conv1d(x, w, bias, dilation=d, padding="same")
+    row = {"channels": channels, "kernel": k, "dilation": d, "length": length, "count": count,
+           "gflop": 2 * b * length * channels * conv.out_channels * k / 1e9}
+    row["cudnn_ms"] = timed(lambda: F.conv1d(x, w, bias, dilation=d, padding="same")) * 1e3
+    x2 = x[..., None].contiguous(memory_format=torch.channels_last)
+    w2 = w[..., None].contiguous(memory_format=torch.channels_last)
+    with cudnn_benchmark():
+        row["cudnn_benchmark_ms"] = timed(lambda: F.conv1d(x, w, bias, dilation=d, padding="same")) * 1e3
+        row["channels_last_ms"] = timed(lambda: channels_last_conv(x2, w2, bias, d)) * 1e3
+    row["channels_last_max_diff"] = float((channels_last_conv(x2, w2, bias, d)[..., 0] - ref).abs().max())
+    if _triton_runs(device):
+        run = partial(time_major_conv, x.transpose(1, 2).contiguous(),
+                      w.permute(2, 1, 0).reshape(-1, w.shape[0]).contiguous(), bias, k, d)
+        row["triton_max_diff"] = float((run().transpose(1, 2) - ref).abs().max())
+        row["triton_ms"], row["triton_tile"] = _fastest_tile(run)
+    if d > 1:
+        row["phase_split_ms"] = timed(lambda: phase_split_conv(x, w, bias, d)) * 1e3
+        row["phase_split_max_diff"] = float((phase_split_conv(x, w, bias, d) - ref).abs().max())
+    row["best_tflops"] = row["gflop"] / min(v for name, v in row.items() if name.endswith("_ms"))
+    _print_row(row)
+    return row
 
 
 def pair_rows(dec, b: int, t: int, device: str, dtype: torch.dtype, gen: torch.Generator) -> list[dict]:
@@ -178,59 +200,50 @@ def pair_rows(dec, b: int, t: int, device: str, dtype: torch.dtype, gen: torch.G
     leaky ReLU, undilated convolution, added into the sum) timed as the pipeline runs it on a GPU
     (cuDNN convolutions in `dtype` with the glue as separate kernels) and as two Triton kernels
     that do the glue on the way in and out."""
+    def pairs(block):
+        return [(c1, (c1, c2)) for c1, c2 in zip(getattr(block, "convs1", []), getattr(block, "convs2", []))]
+
+    return [_pair_row(key, pair, count, b, device, dtype, gen) for key, pair, count in _distinct(dec, t, pairs)]
+
+
+def _pair_row(key: tuple, pair: tuple, count: int, b: int, device: str, dtype: torch.dtype,
+              gen: torch.Generator) -> dict:
     from pipeline.synthesizer import LRELU_SLOPE as slope
 
-    rows, seen = [], {}
-    length = t
-    per_stage = len(dec.resblocks) // len(dec.ups)
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    for i, up in enumerate(dec.ups):
-        length *= up.stride[0]
-        for block in dec.resblocks[i * per_stage:(i + 1) * per_stage]:
-            for c1, c2 in zip(getattr(block, "convs1", []), getattr(block, "convs2", [])):
-                key = (c1.in_channels, c1.kernel_size[0], c1.dilation[0], length)
-                if key in seen:
-                    seen[key]["count"] += 1
-                    continue
-                k, d = key[1], key[2]
-                total = torch.randn(b, key[0], length, device=device, generator=gen)
-                w1, w2 = c1.weight.to(dtype), c2.weight.to(dtype)
-                b1, b2 = c1.bias.to(dtype), c2.bias.to(dtype)
+    channels, k, d, length = key
+    c1, c2 = pair
+    total = torch.randn(b, channels, length, device=device, generator=gen)
+    w1, w2 = c1.weight.to(dtype), c2.weight.to(dtype)
+    b1, b2 = c1.bias.to(dtype), c2.bias.to(dtype)
 
-                def eager(total=total, w1=w1, w2=w2, b1=b1, b2=b2, d=d):
-                    h = F.leaky_relu_(F.conv1d(F.leaky_relu(total, slope).to(dtype), w1, b1, dilation=d,
-                                               padding="same"), slope)
-                    return total + F.conv1d(h, w2, b2, padding="same")
+    def eager():
+        h = F.leaky_relu_(F.conv1d(F.leaky_relu(total, slope).to(dtype), w1, b1, dilation=d, padding="same"), slope)
+        return total + F.conv1d(h, w2, b2, padding="same")
 
-                row = seen[key] = {"channels": key[0], "kernel": k, "dilation": d, "length": length, "count": 1,
-                                   "eager_ms": timed(eager) * 1e3}
-                if triton is not None and (device == "cuda" or interpret):
-                    total_tm = total.transpose(1, 2).contiguous()
-                    w1_kc = w1.permute(2, 1, 0).reshape(-1, w1.shape[0]).contiguous()
-                    w2_kc = w2.permute(2, 1, 0).reshape(-1, w2.shape[0]).contiguous()
+    row = {"channels": channels, "kernel": k, "dilation": d, "length": length, "count": count,
+           "eager_ms": timed(eager) * 1e3}
+    if _triton_runs(device):
+        total_tm = total.transpose(1, 2).contiguous()
+        w1_kc = w1.permute(2, 1, 0).reshape(-1, w1.shape[0]).contiguous()
+        w2_kc = w2.permute(2, 1, 0).reshape(-1, w2.shape[0]).contiguous()
 
-                    def fused(tile, total_tm=total_tm, w1_kc=w1_kc, w2_kc=w2_kc, b1=b1, b2=b2, k=k, d=d):
-                        h = time_major_conv(total_tm, w1_kc, b1, k, d, *tile, in_slope=slope, out_slope=slope)
-                        return time_major_conv(h, w2_kc, b2, k, 1, *tile, residual=total_tm)
+        def fused(*tile):
+            h = time_major_conv(total_tm, w1_kc, b1, k, d, *tile, in_slope=slope, out_slope=slope)
+            return time_major_conv(h, w2_kc, b2, k, 1, *tile, residual=total_tm)
 
-                    ref = eager()
-                    row["fused_max_diff"] = float((fused(TRITON_TILES[0]).transpose(1, 2) - ref).abs().max())
-                    row["fused_ref_max"] = float(ref.abs().max())
-                    tiles = {tile: timed(lambda tile=tile: fused(tile)) * 1e3
-                             for tile in (TRITON_TILES[:1] if interpret else TRITON_TILES)}
-                    best = min(tiles, key=tiles.get)
-                    row["triton_fused_ms"], row["triton_tile"] = tiles[best], "x".join(map(str, best))
-                rows.append(row)
-                print(" ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
-                      flush=True)
-    return rows
+        ref = eager()
+        row["fused_max_diff"] = float((fused().transpose(1, 2) - ref).abs().max())
+        row["fused_ref_max"] = float(ref.abs().max())
+        row["triton_fused_ms"], row["triton_tile"] = _fastest_tile(fused)
+    _print_row(row)
+    return row
 
 
 def per_pass_totals(rows: list[dict]) -> dict[str, float]:
-    """Milliseconds of the decoder's residual-block convolutions per pass, each way that ran for
-    every shape, and with the fastest way for each shape."""
-    ways = [w for w in ("cudnn_ms", "cudnn_benchmark_ms", "channels_last_ms", "triton_ms") if all(w in r for r in rows)]
-    totals = {w: sum(r["count"] * r[w] for r in rows) for w in ways}
+    """Milliseconds per decoder pass (each row times its count): each way that ran for every
+    row, and with the fastest way for each row."""
+    ways = dict.fromkeys(k for r in rows for k in r if k.endswith("_ms"))
+    totals = {w: sum(r["count"] * r[w] for r in rows) for w in ways if all(w in r for r in rows)}
     totals["best_of_each_ms"] = sum(r["count"] * min(v for k, v in r.items() if k.endswith("_ms")) for r in rows)
     return totals
 
@@ -289,9 +302,7 @@ def main() -> None:
         print("residual-block convolutions per pass: " + "  ".join(
             f"{k[:-3]} {v:.1f} ms" for k, v in result["convolutions_per_pass_ms"].items()))
         result["block_steps"] = pair_rows(dec, b, t, device, dtype, gen)
-        result["block_steps_per_pass_ms"] = {
-            way: sum(r["count"] * r[way] for r in result["block_steps"])
-            for way in ("eager_ms", "triton_fused_ms") if all(way in r for r in result["block_steps"])}
+        result["block_steps_per_pass_ms"] = per_pass_totals(result["block_steps"])
         print("residual-block steps with their glue, per pass: " + "  ".join(
             f"{k[:-3]} {v:.1f} ms" for k, v in result["block_steps_per_pass_ms"].items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
