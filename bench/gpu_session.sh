@@ -23,11 +23,10 @@ run() {  # name, command...: a failing part is reported and the next one still r
   "$@" 2>&1 | tee "$out/$name.log" || { echo "== $name failed"; status=1; }
 }
 case ",$parts," in *,pitch,*) run pitch python3 bench/pitch_gpu.py --out "$out/pitch.json" ;; esac
-# one fixture build (a minute or two) for both: synth_gpu builds it under its --work
+# one --work for both, so they share one fixture build (a minute or two) under it
 case ",$parts," in *,synth,*) run synth python3 bench/synth_gpu.py --work /tmp/rvc-gpu --out "$out/synth.json" ;; esac
 case ",$parts," in *,gpu,*)
   run gpu python3 bench/gpu.py --parts fidelity,throughput,transfers,reference --throughput-precisions fp16 \
-    --mixed --seconds 10,60 --work /tmp/rvc-gpu --fixtures /tmp/rvc-gpu/fixtures --ref .gpu/ref --oracle .gpu/oracle \
-    --out "$out/gpu.json" ;;
+    --mixed --seconds 10,60 --work /tmp/rvc-gpu --ref .gpu/ref --oracle .gpu/oracle --out "$out/gpu.json" ;;
 esac
 exit $status

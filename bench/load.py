@@ -361,10 +361,10 @@ def wait_for_glue_compile(settings_args: dict, replicas: int, timeout_s: float =
     import ray
 
     from deployments.settings import AppSettings
-    from pipeline.convert import fastest_precision, runs_decoder_glue
+    from deployments.stages import replica_precision
+    from pipeline.convert import runs_decoder_glue
 
-    precision = AppSettings.model_validate(settings_args).precision
-    if not runs_decoder_glue("cpu", fastest_precision("cpu") if precision == "auto" else precision):
+    if not runs_decoder_glue("cpu", replica_precision(AppSettings.model_validate(settings_args), "cpu")):
         return None
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     started = time.monotonic()

@@ -54,7 +54,8 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _precision(settings: AppSettings, device: str) -> str:
+def replica_precision(settings: AppSettings, device: str) -> str:
+    """The precision a model replica on `device` runs in (`auto`: the fastest within the bound)."""
     from pipeline.convert import fastest_precision
 
     return fastest_precision(device) if settings.precision == "auto" else settings.precision
@@ -66,7 +67,7 @@ class ContentFeatures:
         from pipeline.hubert import load_hubert
 
         self.device = _device()
-        self.precision = _precision(settings, self.device)
+        self.precision = replica_precision(settings, self.device)
         self.hubert = load_hubert(settings.hubert, device=self.device)
         _batching(self._extract, settings.stages.features)
 
@@ -95,7 +96,7 @@ class PitchEstimator:
         from pipeline.pitch import PitchModels
 
         self.device = _device()
-        self.precision = _precision(settings, self.device)
+        self.precision = replica_precision(settings, self.device)
         self.models = PitchModels(device=self.device, rmvpe_path=settings.rmvpe)
         self.models.get("crepe")  # the default method is loaded before the replica reports ready
         _batching(self._estimate, settings.stages.pitch)
@@ -164,7 +165,7 @@ class Synthesis:
 
         self.settings = settings
         self.device = _device()
-        self.precision = _precision(settings, self.device)
+        self.precision = replica_precision(settings, self.device)
         self.chunking = ChunkingConfig(**settings.chunking)
         self.evictions = 0
         self.log = get_logger()
