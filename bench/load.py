@@ -1,14 +1,15 @@
 """Service load test: the job API on 127.0.0.1 under concurrent clients, with 1…N distinct voices.
 
     .venv/bin/python bench/load.py [--full] [--concurrency 1,4] [--voices 1,3] [--jobs N]
-        [--audio-seconds 1 | --upload-mb 5] [--f0-method crepe-tiny] [--mode jobs|posts]
+        [--audio-seconds 1 | --upload-mb 5] [--f0-method crepe-tiny|crepe|rmvpe] [--mode jobs|posts]
         [--conversion real|fake] [--think-s 0] [--synthesis-replicas 1 | --autoscale] [--voices-per-replica 4]
-        [--warm] [--time-limit-s 240] [--out bench/results/load.json]
+        [--overlay gpu-prod] [--warm] [--time-limit-s 240] [--out bench/results/load.json]
 
-It starts its own local Ray and Serve (the app of serve_config.yaml through `build_app`, with
-fixed replica counts, on a free port, with a fresh data directory holding the demo voice and
-its copies `voice-NN`, so the conversion stages are the real ones on random weights), runs one
-cell per (voices, concurrency) and stops everything it started. Each cell runs closed-loop
+It starts its own local Ray and Serve (the app of serve_config.yaml through `build_app`, or with
+`--overlay` the app args a Kubernetes overlay deploys, with fixed replica counts, on a free port,
+with a fresh data directory holding the demo voice and its copies `voice-NN`, and random rmvpe
+weights for `--f0-method rmvpe`, so the conversion stages are the real ones on random weights),
+runs one cell per (voices, concurrency) and stops everything it started. Each cell runs closed-loop
 clients, each picking a voice at random (seeded) per request:
 
     jobs   each client POSTs, polls its job until it ends, then POSTs again: POST latency,
@@ -294,13 +295,20 @@ def register_voices(data_dir: Path, count: int) -> list[str]:
 
 
 def app_args(args: argparse.Namespace, data_dir: Path) -> dict:
-    """serve_config.yaml's application args with this run's data directory, keys, a limit no
-    client reaches, and fixed replica counts (autoscaling would blur the cells), or with
-    `--autoscale` the config's own replica ranges (what the app does under sustained load)."""
+    """serve_config.yaml's application args (or `--overlay`'s, less its paths into the image)
+    with this run's data directory, keys, a limit no client reaches, and fixed replica counts
+    (autoscaling would blur the cells), or with `--autoscale` the config's own replica ranges
+    (what the app does under sustained load)."""
     import yaml
 
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    from deployments.k8s_manifests import Overlay
+
+    if args.overlay:
+        config = Overlay(ROOT / "k8s", args.overlay).serve_config()
+    else:
+        config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     base = next(a for a in config["applications"] if a["name"] == APP)["args"]
+    base = {k: v for k, v in base.items() if k not in ("hubert_path", "rmvpe_path")}
     stages = {}
     for name, stage in base["stages"].items():
         replicas = args.synthesis_replicas if name == "synthesis" else stage["min_replicas"]
@@ -309,7 +317,15 @@ def app_args(args: argparse.Namespace, data_dir: Path) -> dict:
     keys = data_dir / "api-keys"
     keys.write_text(API_KEY + "\n")
     return {**base, "data_dir": str(data_dir), "api_keys_file": str(keys), "rate_limit_per_minute": 10**9,
-            "voices_per_replica": args.voices_per_replica, "stages": stages}
+            "voices_per_replica": args.voices_per_replica or base["voices_per_replica"], "stages": stages}
+
+
+def write_random_rmvpe(data_dir: Path) -> None:
+    """Random rmvpe weights in the published layout where the service looks by default, once."""
+    from pipeline.rmvpe import random_rmvpe_state_dict, save_rmvpe
+
+    if not (data_dir / "rmvpe.pt").is_file():
+        save_rmvpe(random_rmvpe_state_dict(seed=0), data_dir / "rmvpe.pt")
 
 
 def start_service(args: argparse.Namespace, settings_args: dict) -> str:
@@ -320,7 +336,7 @@ def start_service(args: argparse.Namespace, settings_args: dict) -> str:
     from deployments.app import build_app, ingress_app
     from deployments.settings import AppSettings
 
-    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=args.ray_cpus, num_gpus=args.ray_gpus, include_dashboard=False, log_to_driver=False,
              object_store_memory=512 * 1024 * 1024)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -446,13 +462,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--audio-seconds", type=float, default=1.0, help="length of the uploaded speech")
     ap.add_argument("--upload-mb", type=float, default=0.0,
                     help="instead of --audio-seconds: an upload of this size (44.1 kHz mono PCM16 wav)")
-    ap.add_argument("--f0-method", default="crepe-tiny", choices=["crepe", "crepe-tiny"])
+    ap.add_argument("--f0-method", default="crepe-tiny", choices=["crepe", "crepe-tiny", "rmvpe"])
     ap.add_argument("--synthesis-replicas", type=int, default=1)
     ap.add_argument("--autoscale", action="store_true",
                     help="replicas autoscale in serve_config.yaml's ranges (default: fixed at each stage's minimum)")
-    ap.add_argument("--voices-per-replica", type=int, default=4)
+    ap.add_argument("--voices-per-replica", type=int, help="default: the config's")
+    ap.add_argument("--overlay", help="the app args of this k8s overlay (e.g. gpu-prod) instead of serve_config.yaml's")
     ap.add_argument("--warm", action="store_true", help="convert once with every voice before the cells")
     ap.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--ray-gpus", type=int, help="default: the GPUs Ray finds")
     ap.add_argument("--cell-time-limit-s", type=float, help="default 120 (--full: 900)")
     ap.add_argument("--time-limit-s", type=float, help="for the whole run after start-up; default 240 (--full: 7200)")
     ap.add_argument("--seed", type=int, default=0)
@@ -484,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
         data_dir.mkdir(exist_ok=True)
         settings_args = app_args(args, data_dir.resolve())
         prepare_data_dir(AppSettings.model_validate(settings_args))
+        if args.f0_method == "rmvpe":
+            write_random_rmvpe(data_dir)
         voices = register_voices(data_dir, max(voice_counts))
         audio_path = (make_audio(args.upload_mb * 2**20 / (2 * 44100), work) if args.upload_mb
                       else make_audio(args.audio_seconds, work))

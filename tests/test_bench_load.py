@@ -105,3 +105,30 @@ def test_replica_counts_are_fixed_unless_autoscaling(tmp_path):
             (stage["min_replicas"], stage["max_replicas"])
         assert scaling[name]["graceful_shutdown_timeout_s"] == 1
     assert any(s["max_replicas"] > s["min_replicas"] for s in shipped.values())  # something can scale
+
+
+def test_overlay_app_args_are_what_the_overlay_deploys_less_its_image_paths(tmp_path):
+    """`--overlay gpu-prod` runs the GPU deployment's settings (fp16, batches of 16, GPU shares,
+    8 voices per replica) on this run's data directory: the overlay's weight paths point into
+    the container image, so the data directory's demo weights are used instead."""
+    from bench.load import APP, ROOT, app_args, parse_args
+    from deployments.k8s_manifests import Overlay
+    from deployments.settings import AppSettings
+
+    deployed = next(a for a in Overlay(ROOT / "k8s", "gpu-prod").serve_config()["applications"]
+                    if a["name"] == APP)["args"]
+    assert "hubert_path" in deployed and "rmvpe_path" in deployed
+    args = app_args(parse_args(["--overlay", "gpu-prod"]), tmp_path)
+    assert "hubert_path" not in args and "rmvpe_path" not in args and args["data_dir"] == str(tmp_path)
+    assert args["precision"] == deployed["precision"] == "fp16"
+    assert args["voices_per_replica"] == deployed["voices_per_replica"] == 8
+    for name, stage in deployed["stages"].items():
+        assert {k: v for k, v in args["stages"][name].items() if k in stage} == \
+            {**stage, "max_replicas": stage["min_replicas"]}
+    assert args["stages"]["synthesis"]["num_gpus"] == 0.5 and args["stages"]["features"]["max_batch_size"] == 16
+    settings = AppSettings.model_validate(args)
+    assert settings.hubert == tmp_path / "hubert_base.pt"
+    assert app_args(parse_args(["--overlay", "gpu-prod", "--voices-per-replica", "3"]), tmp_path)[
+        "voices_per_replica"] == 3
+    with pytest.raises(ValueError, match="no overlay"):
+        app_args(parse_args(["--overlay", "nonesuch"]), tmp_path)
