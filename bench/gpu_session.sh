@@ -34,11 +34,14 @@ case ",$parts," in *,gpu,*)
   run gpu "$python" bench/gpu.py --parts fidelity,throughput,transfers,reference --throughput-precisions fp16 \
     --mixed --seconds 10,60 --work /tmp/rvc-gpu --ref .gpu/ref --oracle .gpu/oracle --out "$out/gpu.json" ;;
 esac
-# the service as the gpu-prod overlay deploys it (fp16, batches of 16, one replica per stage on
-# the one GPU), 10 s uploads with rmvpe: jobs per minute and audio seconds per wall second
+# the service as the gpu-prod overlay deploys it (fp16, batches of 16, one replica of each model
+# stage on the one GPU), 10 s uploads with rmvpe: jobs per minute and audio seconds per wall
+# second. The host stages get the overlay's most replicas: one conversion process (~0.35 CPU s
+# per 10 s job, docs/performance.md) would cap the service near 30x real time by itself.
 case ",$parts," in *,service,*)
-  run service "$python" bench/load.py --overlay gpu-prod --f0-method rmvpe --audio-seconds 10 --voices 1 \
-    --concurrency 1,16 --jobs 32 --warm --time-limit-s 150 --cell-time-limit-s 100 --out "$out/service.json" ;;
+  run service "$python" bench/load.py --overlay gpu-prod --replicas conversion=4,ingress=2 --f0-method rmvpe \
+    --audio-seconds 10 --voices 1 --concurrency 1,16 --jobs 32 --warm --time-limit-s 150 --cell-time-limit-s 100 \
+    --out "$out/service.json" ;;
 esac
 case ",$parts," in *,pitch,*) run pitch "$python" bench/pitch_gpu.py --out "$out/pitch.json" ;; esac
 case ",$parts," in *,synth,*) run synth "$python" bench/synth_gpu.py --work /tmp/rvc-gpu --out "$out/synth.json" ;; esac

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/load.py [--full] [--concurrency 1,4] [--voices 1,3] [--jobs N]
         [--audio-seconds 1 | --upload-mb 5] [--f0-method crepe-tiny|crepe|rmvpe] [--mode jobs|posts]
-        [--conversion real|fake] [--think-s 0] [--synthesis-replicas 1 | --autoscale] [--voices-per-replica 4]
+        [--conversion real|fake] [--think-s 0] [--replicas synthesis=2,... | --autoscale] [--voices-per-replica 4]
         [--overlay gpu-prod] [--warm] [--time-limit-s 240] [--out bench/results/load.json]
 
 It starts its own local Ray and Serve (the app of serve_config.yaml through `build_app`, or with
@@ -297,8 +297,8 @@ def register_voices(data_dir: Path, count: int) -> list[str]:
 def app_args(args: argparse.Namespace, data_dir: Path) -> dict:
     """serve_config.yaml's application args (or `--overlay`'s, less its paths into the image)
     with this run's data directory, keys, a limit no client reaches, and fixed replica counts
-    (autoscaling would blur the cells), or with `--autoscale` the config's own replica ranges
-    (what the app does under sustained load)."""
+    (autoscaling would blur the cells: `--replicas`, else each stage's minimum), or with
+    `--autoscale` the config's own replica ranges (what the app does under sustained load)."""
     import yaml
 
     from deployments.k8s_manifests import Overlay
@@ -309,9 +309,12 @@ def app_args(args: argparse.Namespace, data_dir: Path) -> dict:
         config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     base = next(a for a in config["applications"] if a["name"] == APP)["args"]
     base = {k: v for k, v in base.items() if k not in ("hubert_path", "rmvpe_path")}
+    unknown = set(args.replicas) - set(base["stages"])
+    if unknown:
+        raise ValueError(f"--replicas: no stage {', '.join(sorted(unknown))} (stages: {', '.join(base['stages'])})")
     stages = {}
     for name, stage in base["stages"].items():
-        replicas = args.synthesis_replicas if name == "synthesis" else stage["min_replicas"]
+        replicas = args.replicas.get(name, stage["min_replicas"])
         scaling = {} if args.autoscale else {"min_replicas": replicas, "max_replicas": replicas}
         stages[name] = {**stage, **scaling, "graceful_shutdown_timeout_s": 1}
     keys = data_dir / "api-keys"
@@ -448,6 +451,17 @@ def print_table(cells: list[dict]) -> None:
                        for k, fmt in cols))
 
 
+def replica_counts(text: str) -> dict[str, int]:
+    """'synthesis=2,conversion=4' → {'synthesis': 2, 'conversion': 4}."""
+    counts = {}
+    for item in filter(None, text.split(",")):
+        name, sep, count = item.partition("=")
+        if not sep or not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected STAGE=N with N >= 1")
+        counts[name.strip()] = int(count)
+    return counts
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="the full matrix: concurrency 1,4,16,32 × voices 1,3,20")
@@ -463,9 +477,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--upload-mb", type=float, default=0.0,
                     help="instead of --audio-seconds: an upload of this size (44.1 kHz mono PCM16 wav)")
     ap.add_argument("--f0-method", default="crepe-tiny", choices=["crepe", "crepe-tiny", "rmvpe"])
-    ap.add_argument("--synthesis-replicas", type=int, default=1)
-    ap.add_argument("--autoscale", action="store_true",
-                    help="replicas autoscale in serve_config.yaml's ranges (default: fixed at each stage's minimum)")
+    scaling = ap.add_mutually_exclusive_group()
+    scaling.add_argument("--replicas", type=replica_counts, default={},
+                         help="fixed replicas of some stages, e.g. synthesis=2,conversion=4 (others: their minimum)")
+    scaling.add_argument("--autoscale", action="store_true",
+                         help="replicas autoscale in the config's ranges (default: fixed at each stage's minimum)")
     ap.add_argument("--voices-per-replica", type=int, help="default: the config's")
     ap.add_argument("--overlay", help="the app args of this k8s overlay (e.g. gpu-prod) instead of serve_config.yaml's")
     ap.add_argument("--warm", action="store_true", help="convert once with every voice before the cells")

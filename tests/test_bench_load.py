@@ -96,8 +96,9 @@ def test_replica_counts_are_fixed_unless_autoscaling(tmp_path):
 
     shipped = next(a for a in yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"]
                    if a["name"] == APP)["args"]["stages"]
-    fixed = app_args(parse_args(["--synthesis-replicas", "3"]), tmp_path)["stages"]
+    fixed = app_args(parse_args(["--replicas", "synthesis=3,conversion=2"]), tmp_path)["stages"]
     assert fixed["synthesis"]["min_replicas"] == fixed["synthesis"]["max_replicas"] == 3
+    assert fixed["conversion"]["min_replicas"] == fixed["conversion"]["max_replicas"] == 2
     assert fixed["features"]["min_replicas"] == fixed["features"]["max_replicas"] == shipped["features"]["min_replicas"]
     scaling = app_args(parse_args(["--autoscale"]), tmp_path)["stages"]
     for name, stage in shipped.items():
@@ -105,6 +106,11 @@ def test_replica_counts_are_fixed_unless_autoscaling(tmp_path):
             (stage["min_replicas"], stage["max_replicas"])
         assert scaling[name]["graceful_shutdown_timeout_s"] == 1
     assert any(s["max_replicas"] > s["min_replicas"] for s in shipped.values())  # something can scale
+    with pytest.raises(ValueError, match="no stage synth"):
+        app_args(parse_args(["--replicas", "synth=2"]), tmp_path)
+    for bad in (["--replicas", "synthesis"], ["--replicas", "synthesis=0"], ["--replicas", "synthesis=2", "--autoscale"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
 
 
 def test_overlay_app_args_are_what_the_overlay_deploys_less_its_image_paths(tmp_path):
