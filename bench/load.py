@@ -109,7 +109,8 @@ def service_delta(before: dict[str, float], after: dict[str, float]) -> dict:
     stages = sorted(k.split(":", 1)[1] for k in d if k.startswith("count:") and d[k] > 0)
     return {"voice_cache": {"hits": hits, "misses": misses, "evictions": d.get("cache:eviction", 0.0),
                             "hit_rate": hits / (hits + misses) if hits + misses else None,
-                            "cold_loads": loads, "cold_load_mean_s": d.get("sum:voice_load", 0.0) / loads if loads else None,
+                            "cold_loads": loads,
+                            "cold_load_mean_s": d.get("sum:voice_load", 0.0) / loads if loads else None,
                             "cold_loads_within_1s": d.get("le1:voice_load", 0.0)},
             "stage_mean_s": {stage: d[f"sum:{stage}"] / d[f"count:{stage}"] for stage in stages}}
 
@@ -405,7 +406,8 @@ def run_cell(base_url: str, procs: ProcessSampler, idle_cpu: float, body: bytes,
     started = time.perf_counter()
     cell = asyncio.run(run_clients(
         base_url, body, content_type, voices, concurrency=concurrency,
-        requests=args.jobs or (2 * concurrency if args.full else max(3, concurrency)), mode=args.mode, query=query, deadline=deadline,
+        requests=args.jobs or (2 * concurrency if args.full else max(3, concurrency)), mode=args.mode, query=query,
+        deadline=deadline,
         seed=args.seed + 1000 * len(voices) + concurrency, think_s=args.think_s))
     wall = time.perf_counter() - started
     sent = max(1, sum(cell.statuses.values()))

@@ -108,7 +108,8 @@ def test_replica_counts_are_fixed_unless_autoscaling(tmp_path):
     assert any(s["max_replicas"] > s["min_replicas"] for s in shipped.values())  # something can scale
     with pytest.raises(ValueError, match="no stage synth"):
         app_args(parse_args(["--replicas", "synth=2"]), tmp_path)
-    for bad in (["--replicas", "synthesis"], ["--replicas", "synthesis=0"], ["--replicas", "synthesis=2", "--autoscale"]):
+    for bad in (["--replicas", "synthesis"], ["--replicas", "synthesis=0"],
+                ["--replicas", "synthesis=2", "--autoscale"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
 
