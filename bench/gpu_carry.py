@@ -56,6 +56,13 @@ def image_packages(kinds_md: Path) -> set[str]:
     raise SystemExit(f"no 'Packages:' list in {kinds_md}")
 
 
+def marker_environment(python_version: str) -> dict[str, str]:
+    """Requirement-marker values of CPython `python_version` (e.g. 3.12.3) on x86-64 Linux."""
+    return {"python_version": ".".join(python_version.split(".")[:2]), "python_full_version": python_version,
+            "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+            "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+
+
 def closure(roots: list[Requirement], environment: dict[str, str], skip: set[str]) -> dict[str, str]:
     """name → installed version of every distribution `roots` need in this venv, through their
     requirements (markers evaluated for `environment`, requested extras followed), less `skip`
@@ -131,10 +138,8 @@ def main(argv: list[str] | None = None) -> None:
             with exclude.open("a") as f:
                 f.write(relative + "\n")
 
-    short_version = ".".join(args.python_version.split(".")[:2])
-    environment = {"python_version": short_version, "python_full_version": args.python_version,
-                   "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
-                   "os_name": "posix", "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+    environment = marker_environment(args.python_version)
+    short_version = environment["python_version"]
     on_image = image_packages(args.image_packages)
     versions = closure(runtime_roots(), environment, on_image | NOT_CARRIED)
     print(f"{len(versions)} distributions to carry for Python {short_version}: "

@@ -2,11 +2,9 @@
 import pytest
 from packaging.requirements import Requirement
 
-from bench.gpu_carry import NOT_CARRIED, closure, image_packages, runtime_roots
+from bench.gpu_carry import NOT_CARRIED, closure, image_packages, marker_environment, runtime_roots
 
-PY312 = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
-         "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
-         "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+PY312 = marker_environment("3.12.3")
 
 
 def test_extras_are_followed_only_where_asked():
@@ -28,9 +26,9 @@ def test_skipped_distributions_and_what_only_they_need_are_left_out():
 def test_markers_are_evaluated_for_the_target_python():
     # aiohttp needs async-timeout below 3.11 (not installed in this venv) and typing_extensions below 3.13
     assert "typing-extensions" in closure([Requirement("aiohttp")], PY312, skip=set())
-    py313 = {**PY312, "python_version": "3.13", "python_full_version": "3.13.0"}
+    py313 = marker_environment("3.13.0")
     assert "typing-extensions" not in closure([Requirement("aiohttp")], py313, skip=set())
-    py310 = {**PY312, "python_version": "3.10", "python_full_version": "3.10.0"}
+    py310 = marker_environment("3.10.0")
     with pytest.raises(SystemExit, match="async-timeout"):
         closure([Requirement("aiohttp")], py310, skip=set())
 
