@@ -509,7 +509,10 @@ def main(argv: list[str] | None = None) -> None:
     voice_counts = [int(v) for v in args.voices.split(",")]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="rvc-load-"))
     work.mkdir(parents=True, exist_ok=True)
+    import torch
+
     result: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                                 "load_avg_at_start": os.getloadavg()},
                     "config": {k: v for k, v in vars(args).items() if k not in ("work", "out")}, "cells": []}
     try:
