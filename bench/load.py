@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/load.py [--full] [--concurrency 1,4] [--voices 1,3] [--jobs N]
         [--audio-seconds 1 | --upload-mb 5] [--f0-method crepe-tiny|crepe|rmvpe] [--mode jobs|posts]
-        [--conversion real|fake] [--think-s 0] [--replicas synthesis=2,... | --autoscale] [--voices-per-replica 4]
-        [--overlay gpu-prod] [--warm] [--time-limit-s 240] [--out bench/results/load.json]
+        [--conversion real|fake] [--think-s 0] [--poll-s 0.5,2] [--replicas synthesis=2,... | --autoscale]
+        [--voices-per-replica 4] [--overlay gpu-prod] [--warm] [--time-limit-s 240] [--out bench/results/load.json]
 
 It starts its own local Ray and Serve (the app of serve_config.yaml through `build_app`, or with
 `--overlay` the app args a Kubernetes overlay deploys, with fixed replica counts, on a free port,
@@ -64,7 +64,9 @@ os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")  # as scripts/
 API_KEY = "bench-load-" + secrets.token_hex(8)
 APP = "rvc"
 FULL_CONCURRENCY, FULL_VOICES = (1, 4, 16, 32), (1, 3, 20)
-POLL_FIRST_S, POLL_MAX_S = 0.5, 2.0  # a client's job polls: the first after 0.5 s, then ×1.5 up to 2 s
+# A client's job polls: the first after 0.5 s, then ×1.5 up to 2 s (`--poll-s`). Closed-loop
+# clients learn of a job's end only at a poll, so jobs far shorter than that (GPUs) want shorter.
+DEFAULT_POLL_S = (0.5, 2.0)
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f %z"  # the contract's jobStartTime / jobEndTime
 IDLE_SAMPLE_S = 3.0  # the service's own CPU use with no client, measured once after start
 
@@ -210,7 +212,7 @@ def multipart_body(audio: bytes) -> tuple[bytes, str]:
 
 async def run_clients(base_url: str, body: bytes, content_type: str, voices: list[str], *, concurrency: int,
                       requests: int, mode: str, query: dict[str, str], deadline: float, seed: int,
-                      think_s: float = 0.0) -> CellResult:
+                      think_s: float = 0.0, poll_s: tuple[float, float] = DEFAULT_POLL_S) -> CellResult:
     """`concurrency` closed-loop clients sending `requests` creates in all (or until `deadline`),
     each pausing a random (exponential) time of mean `think_s` before each create. A job's
     latency is the service's own (its start and end times), so polling may be sparse: every
@@ -238,10 +240,10 @@ async def run_clients(base_url: str, body: bytes, content_type: str, voices: lis
             if mode == "posts":
                 continue
             job_url = f"/v1/inferences-vc/{response.json()['inferenceId']}"
-            poll_s = POLL_FIRST_S
+            wait_s = poll_s[0]
             while True:
-                await asyncio.sleep(poll_s)
-                poll_s = min(POLL_MAX_S, 1.5 * poll_s)
+                await asyncio.sleep(wait_s)
+                wait_s = min(poll_s[1], 1.5 * wait_s)
                 if time.monotonic() > deadline:
                     result.unfinished_jobs += 1
                     return
@@ -407,8 +409,8 @@ def run_cell(base_url: str, procs: ProcessSampler, idle_cpu: float, body: bytes,
     cell = asyncio.run(run_clients(
         base_url, body, content_type, voices, concurrency=concurrency,
         requests=args.jobs or (2 * concurrency if args.full else max(3, concurrency)), mode=args.mode, query=query,
-        deadline=deadline,
-        seed=args.seed + 1000 * len(voices) + concurrency, think_s=args.think_s))
+        deadline=deadline, seed=args.seed + 1000 * len(voices) + concurrency, think_s=args.think_s,
+        poll_s=args.poll_s))
     wall = time.perf_counter() - started
     sent = max(1, sum(cell.statuses.values()))
     cpu = procs.cpu_by_name()
@@ -453,6 +455,17 @@ def print_table(cells: list[dict]) -> None:
                        for k, fmt in cols))
 
 
+def poll_schedule(text: str) -> tuple[float, float]:
+    """'0.2,0.5' → (0.2, 0.5): the first poll's delay and the longest between polls."""
+    try:
+        first, longest = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIRST,MAX seconds") from None
+    if not 0 < first <= longest:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 < FIRST <= MAX")
+    return first, longest
+
+
 def replica_counts(text: str) -> dict[str, int]:
     """'synthesis=2,conversion=4' → {'synthesis': 2, 'conversion': 4}."""
     counts = {}
@@ -473,6 +486,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="creates per cell (default: one per client, at least 3; --full: two per client)")
     ap.add_argument("--mode", choices=["jobs", "posts"], default="jobs")
     ap.add_argument("--conversion", choices=["real", "fake"], default="real")
+    ap.add_argument("--poll-s", type=poll_schedule, default=DEFAULT_POLL_S,
+                    help="FIRST,MAX: a job's first poll after FIRST s, then every 1.5x as long up to MAX s (0.5,2)")
     ap.add_argument("--think-s", type=float, default=0.0,
                     help="mean pause of each client before each create (0: back to back)")
     ap.add_argument("--audio-seconds", type=float, default=1.0, help="length of the uploaded speech")
@@ -557,7 +572,8 @@ def main(argv: list[str] | None = None) -> None:
                     before = scrape(base_url)
                     for voice in voices:
                         asyncio.run(run_clients(base_url, body, content_type, [voice], concurrency=1, requests=1,
-                                                mode="jobs", query=query, deadline=run_deadline, seed=args.seed))
+                                                mode="jobs", query=query, deadline=run_deadline, seed=args.seed,
+                                                poll_s=args.poll_s))
                     result["warm_up"] = service_delta(before, scrape(base_url))
                 for n_voices in voice_counts:
                     for concurrency in concurrencies:

@@ -139,3 +139,13 @@ def test_overlay_app_args_are_what_the_overlay_deploys_less_its_image_paths(tmp_
         "voices_per_replica"] == 3
     with pytest.raises(ValueError, match="no overlay"):
         app_args(parse_args(["--overlay", "nonesuch"]), tmp_path)
+
+
+def test_poll_schedule_argument():
+    from bench.load import DEFAULT_POLL_S, parse_args
+
+    assert parse_args([]).poll_s == DEFAULT_POLL_S == (0.5, 2.0)
+    assert parse_args(["--poll-s", "0.2,0.5"]).poll_s == (0.2, 0.5)
+    for bad in ("0.5", "1,0.5", "0,1", "a,b"):
+        with pytest.raises(SystemExit):
+            parse_args(["--poll-s", bad])
