@@ -334,6 +334,20 @@ def write_random_rmvpe(data_dir: Path) -> None:
         save_rmvpe(random_rmvpe_state_dict(seed=0), data_dir / "rmvpe.pt")
 
 
+def resources_needed(settings_args: dict, cluster_has_gpu: bool) -> dict[str, float]:
+    """CPUs and GPUs the stages' replicas reserve at their minimum counts (as deployed)."""
+    from deployments.settings import AppSettings
+
+    stages = AppSettings.model_validate(settings_args).stages
+    need = {"CPU": 0.0, "GPU": 0.0}
+    for name in type(stages).model_fields:
+        stage = getattr(stages, name)
+        actor = stage.deployment_options(name, cluster_has_gpu)["ray_actor_options"]
+        need["CPU"] += actor["num_cpus"] * stage.min_replicas
+        need["GPU"] += actor["num_gpus"] * stage.min_replicas
+    return need
+
+
 def start_service(args: argparse.Namespace, settings_args: dict) -> str:
     """Local Ray + Serve on a free port with the app (real stages, or the fake conversion)."""
     import ray
@@ -344,6 +358,12 @@ def start_service(args: argparse.Namespace, settings_args: dict) -> str:
 
     ray.init(num_cpus=args.ray_cpus, num_gpus=args.ray_gpus, include_dashboard=False, log_to_driver=False,
              object_store_memory=512 * 1024 * 1024)
+    have = ray.cluster_resources()
+    need = resources_needed(settings_args, have.get("GPU", 0) > 0)
+    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+    if short:  # Serve would wait for ever for replicas Ray cannot place
+        raise SystemExit("the replicas need more than this Ray has: " + ", ".join(
+            f"{k} {v:g} (Ray has {h:g}: --ray-{k.lower()}s)" for k, (v, h) in short.items()))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
