@@ -42,8 +42,8 @@ esac
 # poll, and jobs of a second or two would otherwise wait for it as long as they ran.
 case ",$parts," in *,service,*)
   run service "$python" bench/load.py --overlay gpu-prod --replicas conversion=4,ingress=2 --f0-method rmvpe \
-    --poll-s 0.1,0.25 --audio-seconds 10 --voices 1 --concurrency 1,16 --jobs 32 --warm --time-limit-s 150 --cell-time-limit-s 100 \
-    --out "$out/service.json" ;;
+    --poll-s 0.1,0.25 --audio-seconds 10 --voices 1 --concurrency 1,16 --jobs 32 --warm \
+    --time-limit-s 150 --cell-time-limit-s 100 --out "$out/service.json" ;;
 esac
 case ",$parts," in *,pitch,*) run pitch "$python" bench/pitch_gpu.py --out "$out/pitch.json" ;; esac
 case ",$parts," in *,synth,*) run synth "$python" bench/synth_gpu.py --work /tmp/rvc-gpu --out "$out/synth.json" ;; esac

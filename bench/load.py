@@ -47,6 +47,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -55,6 +56,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:
+    from deployments.settings import AppSettings, StagesSettings
 
 from deployments.backpressure import PROXY_CALLBACK, PROXY_CALLBACK_ENV  # noqa: E402
 
@@ -302,14 +306,13 @@ def app_args(args: argparse.Namespace, data_dir: Path) -> dict:
     with this run's data directory, keys, a limit no client reaches, and fixed replica counts
     (autoscaling would blur the cells: `--replicas`, else each stage's minimum), or with
     `--autoscale` the config's own replica ranges (what the app does under sustained load)."""
-    import yaml
-
     from deployments.k8s_manifests import Overlay
+    from deployments.serve_config import load_serve_config
 
     if args.overlay:
         config = Overlay(ROOT / "k8s", args.overlay).serve_config()
     else:
-        config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+        config = load_serve_config(ROOT / "serve_config.yaml")
     base = next(a for a in config["applications"] if a["name"] == APP)["args"]
     base = {k: v for k, v in base.items() if k not in ("hubert_path", "rmvpe_path")}
     unknown = set(args.replicas) - set(base["stages"])
@@ -334,11 +337,8 @@ def write_random_rmvpe(data_dir: Path) -> None:
         save_rmvpe(random_rmvpe_state_dict(seed=0), data_dir / "rmvpe.pt")
 
 
-def resources_needed(settings_args: dict, cluster_has_gpu: bool) -> dict[str, float]:
-    """CPUs and GPUs the stages' replicas reserve at their minimum counts (as deployed)."""
-    from deployments.settings import AppSettings
-
-    stages = AppSettings.model_validate(settings_args).stages
+def resources_needed(stages: StagesSettings, cluster_has_gpu: bool) -> dict[str, float]:
+    """CPUs and GPUs the stages' replicas reserve at their minimum counts, as deployed."""
     need = {"CPU": 0.0, "GPU": 0.0}
     for name in type(stages).model_fields:
         stage = getattr(stages, name)
@@ -356,10 +356,11 @@ def start_service(args: argparse.Namespace, settings_args: dict) -> str:
     from deployments.app import build_app, ingress_app
     from deployments.settings import AppSettings
 
+    settings = AppSettings.model_validate(settings_args)
     ray.init(num_cpus=args.ray_cpus, num_gpus=args.ray_gpus, include_dashboard=False, log_to_driver=False,
              object_store_memory=512 * 1024 * 1024)
     have = ray.cluster_resources()
-    need = resources_needed(settings_args, have.get("GPU", 0) > 0)
+    need = resources_needed(settings.stages, have.get("GPU", 0) > 0)
     short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
     if short:  # Serve would wait for ever for replicas Ray cannot place
         raise SystemExit("the replicas need more than this Ray has: " + ", ".join(
@@ -371,7 +372,6 @@ def start_service(args: argparse.Namespace, settings_args: dict) -> str:
     if args.conversion == "fake":
         from tests.fake_conversion import FakeConversion
 
-        settings = AppSettings.model_validate(settings_args)
         app = ingress_app(settings, FakeConversion.options(ray_actor_options={"num_cpus": 0}).bind(settings))
     else:
         app = build_app(settings_args)
@@ -394,7 +394,7 @@ def glue_compiles_ended(logs: Path) -> int:
     return ended
 
 
-def wait_for_glue_compile(settings_args: dict, replicas: int, timeout_s: float = 240.0) -> float | None:
+def wait_for_glue_compile(settings: AppSettings, timeout_s: float = 240.0) -> float | None:
     """Seconds waited until every synthesis replica logged the end of its decoder-glue compile
     (deployments/stages.py compiles it in the background at start), or None where it compiles
     none (not bf16 on a CPU with bfloat16 arithmetic). A cell measured during the compile would
@@ -402,12 +402,12 @@ def wait_for_glue_compile(settings_args: dict, replicas: int, timeout_s: float =
     replicas it took 44 s on one 2-core machine (6 s alone)."""
     import ray
 
-    from deployments.settings import AppSettings
     from deployments.stages import replica_precision
     from pipeline.convert import runs_decoder_glue
 
-    if not runs_decoder_glue("cpu", replica_precision(AppSettings.model_validate(settings_args), "cpu")):
+    if not runs_decoder_glue("cpu", replica_precision(settings, "cpu")):
         return None
+    replicas = settings.stages.synthesis.min_replicas
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     started = time.monotonic()
     while glue_compiles_ended(logs) < replicas:
@@ -557,7 +557,8 @@ def main(argv: list[str] | None = None) -> None:
         data_dir = work / "data"
         data_dir.mkdir(exist_ok=True)
         settings_args = app_args(args, data_dir.resolve())
-        prepare_data_dir(AppSettings.model_validate(settings_args))
+        settings = AppSettings.model_validate(settings_args)
+        prepare_data_dir(settings)
         if args.f0_method == "rmvpe":
             write_random_rmvpe(data_dir)
         voices = register_voices(data_dir, max(voice_counts))
@@ -577,8 +578,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"service up at {base_url} in {result['service_start_s']:.1f} s; upload {len(audio)} bytes "
                       f"({audio_seconds:.2f} s of audio)", flush=True)
                 if args.conversion == "real":
-                    waited = result["glue_compile_wait_s"] = wait_for_glue_compile(
-                        settings_args, settings_args["stages"]["synthesis"]["min_replicas"])
+                    waited = result["glue_compile_wait_s"] = wait_for_glue_compile(settings)
                     if waited is not None:
                         print(f"synthesis replicas compiled their decoder glue {waited:.1f} s after start-up")
                 idle0 = procs.cpu_by_name()

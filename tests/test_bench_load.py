@@ -155,14 +155,16 @@ def test_resources_the_fixed_replicas_reserve(tmp_path):
     """What `start_service` checks against Ray before deploying: replicas Ray cannot place would
     keep Serve waiting for ever (the gpu-prod overlay on a machine without a GPU, say)."""
     from bench.load import app_args, parse_args, resources_needed
+    from deployments.settings import AppSettings
 
     gpu_prod = app_args(parse_args(["--overlay", "gpu-prod", "--replicas", "conversion=4,ingress=2"]), tmp_path)
+    gpu_prod_stages = AppSettings.model_validate(gpu_prod).stages
     # explicit GPU shares: 0.25 features + 0.25 pitch + 0.5 synthesis, with or without a GPU in the cluster
-    assert resources_needed(gpu_prod, cluster_has_gpu=False)["GPU"] == pytest.approx(1.0)
+    assert resources_needed(gpu_prod_stages, cluster_has_gpu=False)["GPU"] == pytest.approx(1.0)
     stages = gpu_prod["stages"]
-    assert resources_needed(gpu_prod, cluster_has_gpu=True)["CPU"] == pytest.approx(
+    assert resources_needed(gpu_prod_stages, cluster_has_gpu=True)["CPU"] == pytest.approx(
         sum(s["num_cpus"] * s["min_replicas"] for s in stages.values()))
     assert stages["conversion"]["min_replicas"] == 4
-    shipped = app_args(parse_args([]), tmp_path)  # "auto" GPU shares: none without a GPU
+    shipped = AppSettings.model_validate(app_args(parse_args([]), tmp_path)).stages  # "auto": none without a GPU
     assert resources_needed(shipped, cluster_has_gpu=False)["GPU"] == 0
     assert resources_needed(shipped, cluster_has_gpu=True)["GPU"] > 0
