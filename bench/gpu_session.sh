@@ -38,11 +38,11 @@ esac
 # stage on the one GPU), 10 s uploads with rmvpe: jobs per minute and audio seconds per wall
 # second. The host stages get the overlay's most replicas: one conversion process (~0.35 CPU s
 # per 10 s job, docs/performance.md) would cap the service near 30x real time by itself. Clients
-# poll every 0.1-0.25 s (~0.9 of the 16 cores at 16 clients): they learn of a job's end only at a
-# poll, and jobs of a second or two would otherwise wait for it as long as they ran.
+# hold their polls (`Prefer: wait=10`): they learn of a job's end when it ends, with one poll per
+# job instead of one every 0.1-0.25 s (~0.9 of the 16 cores at 16 clients).
 case ",$parts," in *,service,*)
   run service "$python" bench/load.py --overlay gpu-prod --replicas conversion=4,ingress=2 --f0-method rmvpe \
-    --poll-s 0.1,0.25 --audio-seconds 10 --voices 1 --concurrency 1,16 --jobs 32 --warm \
+    --hold-s 10 --audio-seconds 10 --voices 1 --concurrency 1,16 --jobs 32 --warm \
     --time-limit-s 150 --cell-time-limit-s 100 --out "$out/service.json" ;;
 esac
 case ",$parts," in *,pitch,*) run pitch "$python" bench/pitch_gpu.py --out "$out/pitch.json" ;; esac

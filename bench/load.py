@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/load.py [--full] [--concurrency 1,4] [--voices 1,3] [--jobs N]
         [--audio-seconds 1 | --upload-mb 5] [--f0-method crepe-tiny|crepe|rmvpe] [--mode jobs|posts]
-        [--conversion real|fake] [--think-s 0] [--poll-s 0.5,2] [--replicas synthesis=2,... | --autoscale]
+        [--conversion real|fake] [--think-s 0] [--poll-s 0.5,2 | --hold-s 10] [--replicas synthesis=2,... | --autoscale]
         [--voices-per-replica 4] [--overlay gpu-prod] [--warm] [--time-limit-s 240] [--out bench/results/load.json]
 
 It starts its own local Ray and Serve (the app of serve_config.yaml through `build_app`, or with
@@ -12,9 +12,9 @@ weights for `--f0-method rmvpe`, so the conversion stages are the real ones on r
 runs one cell per (voices, concurrency) and stops everything it started. Each cell runs closed-loop
 clients, each picking a voice at random (seeded) per request:
 
-    jobs   each client POSTs, polls its job until it ends, then POSTs again: POST latency,
-           job latency (the service's own start/end times), jobs per minute and audio-seconds
-           converted per wall-second over the cell;
+    jobs   each client POSTs, polls its job until it ends (`--hold-s`: held polls), then POSTs
+           again: POST latency, job latency (the service's own start/end times, and as the client
+           saw it), polls per job, jobs per minute and audio-seconds converted per wall-second;
     posts  each client POSTs back to back (the jobs run afterwards): POST latency only.
            With `--conversion fake` the conversion is tests/fake_conversion.py, so the jobs
            cost no model time and the upload path is what is measured.
@@ -81,6 +81,8 @@ class CellResult:
 
     post_s: list[float] = field(default_factory=list)  # latency of each accepted POST
     job_s: list[float] = field(default_factory=list)  # the service's jobStartTime → jobEndTime
+    seen_s: list[float] = field(default_factory=list)  # the POST sent → the poll that saw the job end
+    polls: int = 0
     statuses: Counter = field(default_factory=Counter)  # POST answers by HTTP status
     failed_jobs: int = 0
     unfinished_jobs: int = 0  # still RUNNING when the cell's time ran out
@@ -101,6 +103,7 @@ def summarize(cell: CellResult, wall_s: float, audio_seconds: float) -> dict:
         "post_max_s": max(cell.post_s, default=None),
         "jobs_succeeded": done, "jobs_failed": cell.failed_jobs, "jobs_unfinished": cell.unfinished_jobs,
         "job_p50_s": percentile(cell.job_s, 50), "job_p99_s": percentile(cell.job_s, 99),
+        "job_seen_p50_s": percentile(cell.seen_s, 50), "polls_per_job": cell.polls / done if done else None,
         "wall_s": wall_s,
         "jobs_per_minute": 60.0 * done / wall_s if wall_s > 0 else None,
         "audio_s_per_wall_s": done * audio_seconds / wall_s if wall_s > 0 else None,
@@ -216,17 +219,21 @@ def multipart_body(audio: bytes) -> tuple[bytes, str]:
 
 async def run_clients(base_url: str, body: bytes, content_type: str, voices: list[str], *, concurrency: int,
                       requests: int, mode: str, query: dict[str, str], deadline: float, seed: int,
-                      think_s: float = 0.0, poll_s: tuple[float, float] = DEFAULT_POLL_S) -> CellResult:
+                      think_s: float = 0.0, poll_s: tuple[float, float] = DEFAULT_POLL_S,
+                      hold_s: int = 0) -> CellResult:
     """`concurrency` closed-loop clients sending `requests` creates in all (or until `deadline`),
     each pausing a random (exponential) time of mean `think_s` before each create. A job's
     latency is the service's own (its start and end times), so polling may be sparse: every
-    poll costs the service an HTTP request, and polling fast would load what is measured."""
+    poll costs the service an HTTP request, and polling fast would load what is measured.
+    With `hold_s` each poll asks the service to hold it until the job ends (`Prefer: wait`);
+    the `poll_s` schedule then applies only to polls it answered at once."""
     import httpx
 
     result = CellResult()
     rng = random.Random(seed)
     budget = iter(range(requests))
     headers = {"x-api-key": API_KEY, "content-type": content_type}
+    poll_headers = {"x-api-key": API_KEY, **({"Prefer": f"wait={hold_s}"} if hold_s else {})}
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
 
     async def client(http: httpx.AsyncClient) -> None:
@@ -244,16 +251,22 @@ async def run_clients(base_url: str, body: bytes, content_type: str, voices: lis
             if mode == "posts":
                 continue
             job_url = f"/v1/inferences-vc/{response.json()['inferenceId']}"
-            wait_s = poll_s[0]
+            pause_s, next_pause_s = (0.0 if hold_s else poll_s[0]), poll_s[0]
             while True:
-                await asyncio.sleep(wait_s)
-                wait_s = min(poll_s[1], 1.5 * wait_s)
+                await asyncio.sleep(pause_s)
                 if time.monotonic() > deadline:
                     result.unfinished_jobs += 1
                     return
-                job = (await http.get(job_url, headers={"x-api-key": API_KEY})).json()
+                answer = await http.get(job_url, headers=poll_headers)
+                result.polls += 1
+                job = answer.json()
+                if "preference-applied" in answer.headers:
+                    pause_s = 0.0
+                else:
+                    pause_s, next_pause_s = next_pause_s, min(poll_s[1], 1.5 * next_pause_s)
                 if job["status"] == "SUCCESS":
                     result.job_s.append(job_seconds(job))
+                    result.seen_s.append(time.perf_counter() - started)
                     break
                 if job["status"] == "FAILED":
                     result.failed_jobs += 1
@@ -430,7 +443,7 @@ def run_cell(base_url: str, procs: ProcessSampler, idle_cpu: float, body: bytes,
         base_url, body, content_type, voices, concurrency=concurrency,
         requests=args.jobs or (2 * concurrency if args.full else max(3, concurrency)), mode=args.mode, query=query,
         deadline=deadline, seed=args.seed + 1000 * len(voices) + concurrency, think_s=args.think_s,
-        poll_s=args.poll_s))
+        poll_s=args.poll_s, hold_s=args.hold_s))
     wall = time.perf_counter() - started
     sent = max(1, sum(cell.statuses.values()))
     cpu = procs.cpu_by_name()
@@ -464,9 +477,11 @@ def stop_service() -> None:
 
 def print_table(cells: list[dict]) -> None:
     cols = [("voices", "{:>6}"), ("concurrency", "{:>4}"), ("jobs_succeeded", "{:>5}"), ("post_p50_s", "{:>8}"),
-            ("post_p99_s", "{:>8}"), ("job_p50_s", "{:>8}"), ("jobs_per_minute", "{:>8}"),
-            ("audio_s_per_wall_s", "{:>8}"), ("hit_rate", "{:>6}"), ("cold_load_mean_s", "{:>8}")]
-    heads = ["voices", "conc", "jobs", "POSTp50", "POSTp99", "job p50", "jobs/min", "audio/s", "hit", "cold s"]
+            ("post_p99_s", "{:>8}"), ("job_p50_s", "{:>8}"), ("job_seen_p50_s", "{:>8}"), ("polls_per_job", "{:>6}"),
+            ("jobs_per_minute", "{:>8}"), ("audio_s_per_wall_s", "{:>8}"), ("service_cpu_s_per_request", "{:>7}"),
+            ("hit_rate", "{:>6}"), ("cold_load_mean_s", "{:>8}")]
+    heads = ["voices", "conc", "jobs", "POSTp50", "POSTp99", "job p50", "seen p50", "polls", "jobs/min", "audio/s",
+             "CPU s", "hit", "cold s"]
     print(" ".join(fmt.format(h) for (_, fmt), h in zip(cols, heads)))
     for cell in cells:
         row = {**cell, **cell["voice_cache"]}
@@ -508,6 +523,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--conversion", choices=["real", "fake"], default="real")
     ap.add_argument("--poll-s", type=poll_schedule, default=DEFAULT_POLL_S,
                     help="FIRST,MAX: a job's first poll after FIRST s, then every 1.5x as long up to MAX s (0.5,2)")
+    ap.add_argument("--hold-s", type=int, default=0,
+                    help="each poll asks the service to hold it until the job ends, up to this many s "
+                         "(Prefer: wait); 0: plain polls on the --poll-s schedule")
     ap.add_argument("--think-s", type=float, default=0.0,
                     help="mean pause of each client before each create (0: back to back)")
     ap.add_argument("--audio-seconds", type=float, default=1.0, help="length of the uploaded speech")
@@ -593,7 +611,7 @@ def main(argv: list[str] | None = None) -> None:
                     for voice in voices:
                         asyncio.run(run_clients(base_url, body, content_type, [voice], concurrency=1, requests=1,
                                                 mode="jobs", query=query, deadline=run_deadline, seed=args.seed,
-                                                poll_s=args.poll_s))
+                                                poll_s=args.poll_s, hold_s=args.hold_s))
                     result["warm_up"] = service_delta(before, scrape(base_url))
                 for n_voices in voice_counts:
                     for concurrency in concurrencies:

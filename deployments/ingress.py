@@ -30,7 +30,8 @@ from .backpressure import bound_replica_receive
 from .jobs import RETRYABLE, get_or_create, job_tracker, limiter_name, one_line_error
 from .logs import get_logger
 from .openapi import openapi_document
-from .params import CREATE_PARAMS, IDEMPOTENCY_HEADER, PAGE_PARAMS, check_idempotency_key, missing, parse_query
+from .params import (CREATE_PARAMS, IDEMPOTENCY_HEADER, PAGE_PARAMS, PREFER_HEADER, check_idempotency_key, missing,
+                     parse_query, requested_wait_s)
 from .ratelimit import RateLimiter
 from .registry import get_voice, list_voices, models_page
 from .results import RESULT_ROUTE, URL_LIFETIME_S, LocalResultStore, check_key, signed_url, verify
@@ -65,6 +66,9 @@ class Ingress:
         app_name = serve.get_replica_context().app_name
         self.limiter = get_or_create(RateLimiter, limiter_name(app_name))
         self.tracker = await job_tracker(app_name, settings, conversion)
+        # Held polls (`Prefer: wait`) take at most half this replica's request slots, so creates
+        # always find room; a poll past that is answered at once, as a plain poll.
+        self.held_polls = asyncio.Semaphore(max(1, settings.stages.ingress.max_ongoing_requests // 2))
         self.log = get_logger()
         self.registry = CollectorRegistry()
         self.requests = Counter("rvc_http_requests_total", "HTTP requests by route, method and status code.",
@@ -94,13 +98,16 @@ class Ingress:
         async def endpoint(request: Request) -> Response:
             start = time.perf_counter()
             code = "500"
+            label = route
             try:
                 response = await handler(request)
                 code = str(response.status_code)
+                if "preference-applied" in response.headers:  # a held poll: its time is the job's
+                    label = f"{route} (held)"
                 return response
             finally:
-                self.requests.labels(route, request.method, code).inc()
-                self.latency.labels(route).observe(time.perf_counter() - start)
+                self.requests.labels(label, request.method, code).inc()
+                self.latency.labels(label).observe(time.perf_counter() - start)
         return endpoint
 
     async def _gate(self, request: Request) -> tuple[str, dict[str, str]] | Response:
@@ -211,19 +218,29 @@ class Ingress:
         return await asyncio.to_thread(self.results.local_path(job.results[result_format]).read_bytes)
 
     async def get_job(self, request: Request) -> Response:
-        return await self._job_answer(request, self.tracker.get)
+        """The job; with `Prefer: wait=N` held until it ends, N s at most (MAX_POLL_WAIT_S), and
+        answered with `Preference-Applied: wait=N`."""
+        wait_s = requested_wait_s(request.headers.get(PREFER_HEADER))
+        if wait_s is None or self.held_polls.locked():
+            return await self._job_answer(request, self.tracker.get.remote)
+        async with self.held_polls:
+            response = await self._job_answer(
+                request, lambda inference_id, tenant: self.tracker.wait.remote(inference_id, tenant, wait_s))
+        if response.status_code == 200:
+            response.headers["Preference-Applied"] = f"wait={wait_s}"
+        return response
 
     async def cancel_job(self, request: Request) -> Response:
         """Cancel a RUNNING job; answers the job as it stands after (a finished one unchanged)."""
-        return await self._job_answer(request, self.tracker.cancel)
+        return await self._job_answer(request, self.tracker.cancel.remote)
 
-    async def _job_answer(self, request: Request, tracker_method) -> Response:
-        """The key's job named in the path, after `tracker_method(id, tenant)`; 404 if it has none."""
+    async def _job_answer(self, request: Request, tracker_call) -> Response:
+        """The key's job named in the path, after `tracker_call(id, tenant)`; 404 if it has none."""
         gate = await self._gate(request)
         if isinstance(gate, Response):
             return gate
         tenant, headers = gate
-        job = await tracker_method.remote(request.path_params["inferenceId"], tenant)
+        job = await tracker_call(request.path_params["inferenceId"], tenant)
         if job is None:
             return JSONResponse(NOT_FOUND, 404, headers=headers)
         return JSONResponse(self._job_view(job, request), 200, headers=headers)

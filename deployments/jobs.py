@@ -146,12 +146,16 @@ class JobTracker:
             return None
         return job
 
-    async def wait(self, inference_id: str, tenant: str) -> Job | None:
-        """`get` once the job has ended: its run is awaited, not polled. (After a restart of this
-        actor Ray sends the call again, and the new actor has resumed the job.)"""
+    async def wait(self, inference_id: str, tenant: str, timeout_s: float | None = None) -> Job | None:
+        """`get` once the job has ended, or after `timeout_s` if it runs longer: its run is
+        awaited, not polled. (After a restart of this actor Ray sends the call again, and the new
+        actor has resumed the job.)"""
+        if await self.get(inference_id, tenant) is None:
+            return None  # another tenant's job: not even its end may be observed
         task = self.tasks.get(inference_id)
         if task is not None:
-            await asyncio.wait({task})  # neither cancels the job when a caller gives up nor raises its outcome
+            # Neither cancels the job when a caller gives up nor raises its outcome.
+            await asyncio.wait({task}, timeout=timeout_s)
         return await self.get(inference_id, tenant)
 
     async def cancel(self, inference_id: str, tenant: str) -> Job | None:

@@ -5,7 +5,8 @@ ranges and defaults cannot drift apart; everything else is written out here.
 """
 from __future__ import annotations
 
-from .params import CREATE_PARAMS, IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN, PAGE_PARAMS, QueryParam
+from .params import (CREATE_PARAMS, IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN, MAX_POLL_WAIT_S, PAGE_PARAMS,
+                     PREFER_HEADER, QueryParam)
 from .ratelimit import WINDOW_S
 from .results import RESULT_ROUTE, URL_LIFETIME_S
 from .uploads import MAX_FILE_BYTES
@@ -53,6 +54,13 @@ def _job_response(text: str) -> dict:
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}}
 
 
+def _held_job_response() -> dict:
+    response = _job_response("The job (once it ended, or N s passed, when held by `Prefer: wait=N`).")
+    applied = {"description": "`wait=N` when the answer was held (up to N s) for the job to end.",
+               "schema": {"type": "string"}}
+    return {**response, "headers": {**response["headers"], "Preference-Applied": applied}}
+
+
 _IDEMPOTENCY_KEY = {
     "name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
     "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
@@ -61,6 +69,13 @@ _IDEMPOTENCY_KEY = {
                    "are forgotten when their job is deleted by the retention policy.",
 }
 _INFERENCE_ID = {"name": "inferenceId", "in": "path", "required": True, "schema": {"type": "string"}}
+_PREFER_WAIT = {
+    "name": PREFER_HEADER, "in": "header", "required": False, "schema": {"type": "string", "example": "wait=10"},
+    "description": f"`wait=N` (RFC 7240): hold the answer until the job ends, at most N s (capped at "
+                   f"{MAX_POLL_WAIT_S}); a held answer carries `Preference-Applied: wait=N`. One held poll "
+                   f"replaces many short ones (each of which counts against the rate limit). Without it, or "
+                   f"when the service is holding many polls already, the job is answered at once.",
+}
 
 
 def openapi_document(f0_methods: tuple[str, ...]) -> dict:
@@ -134,8 +149,8 @@ def openapi_document(f0_methods: tuple[str, ...]) -> dict:
                 "get": {
                     "summary": "Get a job of this key",
                     "security": [{"apiKey": []}],
-                    "parameters": [_INFERENCE_ID],
-                    "responses": {"200": _job_response("The job."), **_AUTH_ERRORS, "404": _message("Not found")},
+                    "parameters": [_INFERENCE_ID, _PREFER_WAIT],
+                    "responses": {"200": _held_job_response(), **_AUTH_ERRORS, "404": _message("Not found")},
                 },
                 "delete": {
                     "summary": "Cancel a job of this key",

@@ -13,6 +13,11 @@ from typing import Any
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 # Printable ASCII without spaces, as idempotency keys (UUIDs, hashes) are.
 IDEMPOTENCY_KEY_PATTERN = r"^[!-~]{1,255}$"
+# A job poll may ask to be held until the job ends (RFC 7240 `Prefer: wait=N`), for at most this
+# long: half the ingress's default graceful shutdown (20 s), so a rolling update lets held polls
+# answer rather than cutting them.
+PREFER_HEADER = "Prefer"
+MAX_POLL_WAIT_S = 10
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,17 @@ def check_idempotency_key(value: str | None) -> dict | None:
         return None
     return {"loc": ["header", IDEMPOTENCY_HEADER], "msg": f'string does not match regex "{IDEMPOTENCY_KEY_PATTERN}"',
             "type": "value_error.str.regex", "ctx": {"pattern": IDEMPOTENCY_KEY_PATTERN}}
+
+
+def requested_wait_s(prefer: str | None) -> int | None:
+    """The seconds a `Prefer` header's `wait=N` asks for, at most MAX_POLL_WAIT_S; None when it
+    asks for none. A malformed preference is ignored, as RFC 7240 has servers do, never a 422."""
+    for preference in (prefer or "").split(","):
+        name, _, value = preference.partition(";")[0].partition("=")
+        value = value.strip().strip('"')
+        if name.strip().lower() == "wait" and value.isascii() and value.isdigit() and len(value) <= 9:
+            return min(int(value), MAX_POLL_WAIT_S) or None
+    return None
 
 
 def _limit(value: float) -> int | float:

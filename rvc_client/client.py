@@ -19,6 +19,8 @@ from .schema import SUCCESS, Job, Model
 
 RETRY_STATUSES = (429, 503)
 MAX_RETRY_AFTER_S = 300.0
+# What `wait` asks the service to hold each poll for (`Prefer: wait=N`; the service caps it).
+HELD_POLL_S = 10
 
 
 def query_name(param: str) -> str:
@@ -61,22 +63,31 @@ class Client:
 
             return Job.from_json(self._send("POST", "/v1/inferences-vc", body).json())
 
-    def get(self, inference_id: str) -> Job:
-        return Job.from_json(self._send("GET", f"/v1/inferences-vc/{inference_id}").json())
+    def get(self, inference_id: str, hold_s: int = 0) -> Job:
+        """The job; with `hold_s` ≥ 1 the service may hold the answer until the job ends, up to
+        `hold_s` seconds (`Prefer: wait`)."""
+        headers = {"Prefer": f"wait={hold_s}"} if hold_s >= 1 else {}
+        return Job.from_json(self._send("GET", f"/v1/inferences-vc/{inference_id}",
+                                        lambda: {"headers": headers}).json())
 
     def wait(self, inference_id: str, timeout_s: float = 900.0, *, poll_s: float = 0.25,
              max_poll_s: float = 5.0) -> Job:
-        """The job once it has ended (SUCCESS or FAILED), polling at growing intervals; raises
-        WaitTimeout when it is still running after `timeout_s`."""
+        """The job once it has ended (SUCCESS or FAILED); raises WaitTimeout when it is still
+        running after `timeout_s`. Each poll asks to be held until the job ends (HELD_POLL_S),
+        so a service that holds polls answers at the job's end; one that answers at once is
+        polled at growing intervals from `poll_s` to `max_poll_s`."""
         deadline = monotonic() + timeout_s
         while True:
-            job = self.get(inference_id)
-            left = deadline - monotonic()
+            asked = monotonic()
+            job = self.get(inference_id, hold_s=int(min(HELD_POLL_S, deadline - asked)))
+            answered = monotonic()
             if job.finished:
                 return job
-            if left <= 0:
+            if answered >= deadline:
                 raise WaitTimeout(job, timeout_s)
-            sleep(min(poll_s, left))
+            pause = min(poll_s - (answered - asked), deadline - answered)  # none after a held poll
+            if pause > 0:
+                sleep(pause)
             poll_s = min(poll_s * 1.5, max_poll_s)
 
     def download(self, job: Job, dest: str | Path) -> Path:

@@ -12,13 +12,14 @@ from deployments.uploads import receive_upload
 
 
 def test_percentiles_and_rates():
-    cell = CellResult(post_s=[0.01 * i for i in range(1, 101)], job_s=[2.0, 4.0, 6.0],
-                      statuses=Counter({200: 100, 503: 2}), failed_jobs=1)
+    cell = CellResult(post_s=[0.01 * i for i in range(1, 101)], job_s=[2.0, 4.0, 6.0], seen_s=[2.5, 4.5, 9.0],
+                      polls=7, statuses=Counter({200: 100, 503: 2}), failed_jobs=1)
     summary = summarize(cell, wall_s=30.0, audio_seconds=5.0)
     assert summary["post_p50_s"] == pytest.approx(0.505)
     assert summary["post_p99_s"] == pytest.approx(0.9901)
     assert summary["post_max_s"] == pytest.approx(1.0)
     assert summary["job_p50_s"] == pytest.approx(4.0)
+    assert summary["job_seen_p50_s"] == pytest.approx(4.5) and summary["polls_per_job"] == pytest.approx(7 / 3)
     assert summary["jobs_per_minute"] == pytest.approx(6.0)  # 3 jobs in 30 s
     assert summary["audio_s_per_wall_s"] == pytest.approx(0.5)  # 15 audio seconds in 30 s
     assert summary["post_statuses"] == {"200": 100, "503": 2} and summary["jobs_failed"] == 1

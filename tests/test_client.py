@@ -27,18 +27,27 @@ def job_json(status: str = RUNNING, **extra) -> dict:
     return {**body, **extra}
 
 
+class Sleeps(list):
+    """The client's sleeps, recorded instead of slept; its clock advances by them (and by
+    `advance`, the time a scripted response takes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = 1000.0
+
+    def sleep(self, seconds: float) -> None:
+        self.append(seconds)
+        self.advance(seconds)
+
+    def advance(self, seconds: float) -> None:
+        self.clock += seconds
+
+
 @pytest.fixture
-def sleeps(monkeypatch) -> list[float]:
-    """The client's sleeps, recorded instead of slept; its clock advances by them."""
-    slept: list[float] = []
-    clock = [1000.0]
-
-    def sleep(seconds: float) -> None:
-        slept.append(seconds)
-        clock[0] += seconds
-
-    monkeypatch.setattr(client_module, "sleep", sleep)
-    monkeypatch.setattr(client_module, "monotonic", lambda: clock[0])
+def sleeps(monkeypatch) -> Sleeps:
+    slept = Sleeps()
+    monkeypatch.setattr(client_module, "sleep", slept.sleep)
+    monkeypatch.setattr(client_module, "monotonic", lambda: slept.clock)
     return slept
 
 
@@ -98,6 +107,18 @@ def test_submit_wait_download(tmp_path, sleeps):
     download = seen[-1]
     assert str(download.url) == RESULT_URL and "x-api-key" not in download.headers  # signed URL, no key
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["out.mp3"]
+
+
+def test_wait_asks_for_held_polls_and_does_not_sleep_after_them(sleeps):
+    def held(request: httpx.Request) -> httpx.Response:  # the service holds the poll its full wait
+        sleeps.advance(int(request.headers["prefer"].removeprefix("wait=")))
+        return httpx.Response(200, json=job_json(), headers={"Preference-Applied": request.headers["prefer"]})
+
+    seen: list[httpx.Request] = []
+    api = scripted(held, held, httpx.Response(200, json=job_json(SUCCESS, inferenceUrl=RESULT_URL)), seen=seen)
+    assert api.wait("job1", timeout_s=25).status == SUCCESS
+    assert [r.headers["prefer"] for r in seen] == ["wait=10", "wait=10", "wait=5"]  # never past the deadline
+    assert sleeps == []
 
 
 def test_429_and_503_are_retried_after_retry_after_or_a_backoff(tmp_path, sleeps):

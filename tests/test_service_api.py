@@ -422,6 +422,47 @@ def test_cancel_of_a_finished_job_leaves_it_as_it_was(svc):
     assert httpx.get(after["inferenceUrl"], timeout=30).status_code == 200
 
 
+def _held_poll(svc, inference_id: str, prefer: str, key: str = KEY_A) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    response = svc.client.get(f"/v1/inferences-vc/{inference_id}", headers={"x-api-key": key, "Prefer": prefer})
+    return response, time.monotonic() - started
+
+
+def test_held_poll_answers_at_the_jobs_end(svc):
+    job_id = _post(svc, {"modelId": "voice-slow"}, wav_bytes()).json()["inferenceId"]  # converts for 3 s
+    # Another key learns nothing, not even when the job ends: refused at once.
+    response, seconds = _held_poll(svc, job_id, "wait=10", key=KEY_B)
+    assert response.status_code == 404 and seconds < 2 and "preference-applied" not in response.headers
+    response, seconds = _held_poll(svc, job_id, "respond-async, wait=10")
+    assert response.status_code == 200 and _rate_headers(response)
+    assert response.headers["preference-applied"] == "wait=10"
+    assert response.json()["status"] == "SUCCESS" and seconds < 8  # at the job's end, not after 10 s
+    assert response.json() == _job(svc, job_id).json()
+    # Finished: answered at once. A malformed preference is ignored (a plain poll), never a 422.
+    for prefer in ("wait=10", "wait=soon", "wait=0"):
+        response, seconds = _held_poll(svc, job_id, prefer)
+        assert response.status_code == 200 and response.json()["status"] == "SUCCESS" and seconds < 2
+        assert ("preference-applied" in response.headers) == (prefer == "wait=10")
+    metrics = svc.client.get("/metrics").text
+    assert 'route="/v1/inferences-vc/{inferenceId} (held)"' in metrics  # held time kept apart
+
+
+def test_held_polls_are_capped_and_give_up_after_their_wait(svc):
+    job_id = _post(svc, {"modelId": "voice-hang"}, wav_bytes()).json()["inferenceId"]
+    slots = svc.settings.stages.ingress.max_ongoing_requests // 2
+    # One poll more than the replica holds at once: that one is answered at once, as a plain poll.
+    with ThreadPoolExecutor(slots + 1) as pool:
+        polls = list(pool.map(lambda _: _held_poll(svc, job_id, "wait=3"), range(slots + 1)))
+    assert all(r.status_code == 200 and r.json()["status"] == "RUNNING" for r, _ in polls)
+    held = [seconds for r, seconds in polls if r.headers.get("preference-applied") == "wait=3"]
+    plain = [seconds for r, seconds in polls if "preference-applied" not in r.headers]
+    assert len(held) == slots and len(plain) == 1
+    assert min(held) >= 2.9 and plain[0] < 2.5  # the held ones gave up after their 3 s
+    # An ask beyond the cap is held for the cap.
+    assert _held_poll(svc, job_id, "wait=3600")[0].headers["preference-applied"] == "wait=10"
+    assert _cancel(svc, job_id).json()["status"] == "FAILED"
+
+
 @pytest.fixture(scope="module")
 def forgetful(tmp_path_factory, serve_url):
     yield from _app(tmp_path_factory, serve_url, "forgetful", retention_s=3, retention_interval_s=0.5)

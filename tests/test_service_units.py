@@ -119,6 +119,15 @@ def test_valid_query_fills_defaults():
                       "f0_up_key": 0, "protect": 0.33, "f0_method": "crepe"}
 
 
+@pytest.mark.parametrize("prefer, seconds", [
+    (None, None), ("", None), ("wait=5", 5), ("wait=0", None), ("respond-async, wait=7", 7),
+    ('WAIT = 3 ; foo=bar', 3), ('wait="4"', 4), ("wait=3600", params.MAX_POLL_WAIT_S),
+    ("wait=soon", None), ("wait=-1", None), ("wait=1.5", None), ("wait=\u00b2", None), ("wait=" + "9" * 40, None),
+    ("handling=lenient", None), ("waiting=5", None)])
+def test_prefer_wait_is_read_as_rfc_7240_says(prefer, seconds):
+    assert params.requested_wait_s(prefer) == seconds
+
+
 # --- rate window ------------------------------------------------------------------------------
 
 def test_sliding_window_is_exact():
