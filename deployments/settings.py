@@ -36,6 +36,7 @@ DEMO_KEY_FILE = "demo-api-key"
 # GPU share each model stage asks for when the cluster has GPUs and the stage says "auto":
 # the three stages of one job fit on one GPU.
 AUTO_GPU_SHARE = {"features": 0.25, "pitch": 0.25, "synthesis": 0.5}
+MODEL_STAGES = tuple(AUTO_GPU_SHARE)  # the stages a conversion calls per chunk
 
 
 class StageSettings(BaseModel):
@@ -150,6 +151,11 @@ class AppSettings(BaseModel):
     # on any pitch replicas (a multiple of crepe's 512-frame viterbi period: the joined track is
     # exact); rmvpe always runs whole.
     pitch_piece_frames: int = Field(4096, ge=512, multiple_of=512)
+    # Calls one job has at once at each model stage (its chunks, its crepe pieces): a long job's
+    # share of a stage, whose other calls wait in the job for a free one. Bounded so that a
+    # conversion replica's calls (this × conversion.max_ongoing_requests) never overflow a
+    # model stage's max_queued_requests, which Ray would refuse (BackPressureError).
+    chunks_in_flight: int = Field(8, ge=1)
     # The networks' precision (pipeline.convert.network_precision; errors measured in
     # docs/performance.md, all within 1e-2 relative of fp32): fp16 is for GPUs (CPUs run it as
     # fp32), bf16 for CPUs with AMX/AVX512-BF16 (the synthesizer's residual blocks in bfloat16:
@@ -161,6 +167,19 @@ class AppSettings(BaseModel):
     # `rvc-serve convert` uses the defaults: change them and outputs differ from it.
     chunking: dict[str, int] = Field(default_factory=dict)
     stages: StagesSettings = StagesSettings()
+
+    @model_validator(mode="after")
+    def _stage_queues_hold_the_chunk_calls(self) -> "AppSettings":
+        calls = self.stages.conversion.max_ongoing_requests * self.chunks_in_flight
+        for name in MODEL_STAGES:
+            queued = getattr(self.stages, name).max_queued_requests
+            if queued != -1 and queued < calls:
+                raise ValueError(
+                    f"stages.{name}.max_queued_requests ({queued}) must be -1 or at least "
+                    f"stages.conversion.max_ongoing_requests x chunks_in_flight "
+                    f"({self.stages.conversion.max_ongoing_requests} x {self.chunks_in_flight} = {calls}): "
+                    f"a conversion replica's calls to it would otherwise be refused")
+        return self
 
     @field_validator("data_dir", "api_keys_file", "hubert_path", "rmvpe_path")
     @classmethod

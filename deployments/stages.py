@@ -10,6 +10,7 @@ same dither per frame, wherever each piece runs):
     Synthesis         index blend + synthesizer for chunks of one      (retrieve, chunk_noise,
                       voice (+ its index) cached per model id (LRU)     synthesize_chunks)
     Conversion        load → prepare → pitch ∥ features → synthesis per chunk → join → write
+                      (at most chunks_in_flight calls of a job at each model stage)
 
 Each replica loads only the models its stage uses. The model stages batch concurrent calls
 (`@serve.batch`, sized by each stage's max_batch_size / batch_wait_timeout_s): chunks of any
@@ -21,6 +22,7 @@ import asyncio
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 import ray
@@ -29,7 +31,7 @@ from ray import serve
 from .logs import get_logger
 from .registry import get_voice
 from .results import LocalResultStore
-from .settings import AppSettings
+from .settings import MODEL_STAGES, AppSettings
 
 RESULT_FORMATS = ("mp3", "flac")  # lossy (the inferenceUrl) and the lossless copy
 
@@ -293,23 +295,33 @@ class Conversion:
             latency[stage].append(time.perf_counter() - started)
             return result
 
+        # This job's calls at each model stage (settings.chunks_in_flight): a call is made only
+        # when it has a slot, so the stages' queues hold every call that is made.
+        slots = {stage: asyncio.Semaphore(self.settings.chunks_in_flight) for stage in MODEL_STAGES}
+
+        async def stage_call(stage: str, call: Callable[[], Awaitable]):
+            async with slots[stage]:
+                return await timed(stage, call())
+
         prepared = await timed("load", asyncio.to_thread(
             lambda: prepare_input(load_audio(request["upload_path"]), ChunkingConfig(**self.settings.chunking))))
         self.log.info("conversion started", extra={**extra, "chunks": len(prepared.chunks),
                                                    "seconds": round(prepared.audio_hp.shape[0] / 16000, 3)})
-        pitch = asyncio.ensure_future(timed("pitch", self._pitch(prepared, params))) if info.f0 else None
+        pitch = None
+        if info.f0:
+            pitch = asyncio.ensure_future(timed("pitch", self._pitch(prepared, params, slots["pitch"])))
         synthesis = self.synthesis.options(multiplexed_model_id=model_id)
 
         async def chunk_audio(i: int, chunk) -> dict:
             samples = prepared.audio_pad[chunk.start:chunk.end]
-            feats0 = await timed("features", self.features.extract.remote(samples, info.version))
+            feats0 = await stage_call("features", lambda: self.features.extract.remote(samples, info.version))
             coarse = pitchf = None
             if pitch is not None:
                 coarse, pitchf = await pitch
                 f0_slice = slice(chunk.f0_start, chunk.f0_end)
                 coarse, pitchf = coarse[f0_slice], pitchf[f0_slice]
             preceding = [prepared.audio_pad[c.start:c.end].shape[0] for c in prepared.chunks[:i]]
-            return await timed("synthesis", synthesis.synthesize.remote(
+            return await stage_call("synthesis", lambda: synthesis.synthesize.remote(
                 feats0, coarse, pitchf, samples.shape[0], preceding, params))
 
         pieces = await _all_or_cancel([chunk_audio(i, c) for i, c in enumerate(prepared.chunks)]
@@ -333,9 +345,10 @@ class Conversion:
         return {"results": keys, "stats": {"latency": dict(latency), "voice_cache": cache}}
 
 
-    async def _pitch(self, prepared, params) -> tuple[np.ndarray, np.ndarray]:
+    async def _pitch(self, prepared, params, slots: asyncio.Semaphore) -> tuple[np.ndarray, np.ndarray]:
         """The input's (coarse, pitchf): whole on one pitch replica, or for a long crepe input in
-        512-frame-aligned pieces spread over the replicas and joined here (the same track)."""
+        512-frame-aligned pieces spread over the replicas (`slots` of them at once) and joined
+        here (the same track)."""
         from pipeline.convert import input_pitch_request
         from pipeline.pitch import crepe_pieces, crepe_track, finish_pitch
 
@@ -344,7 +357,11 @@ class Conversion:
             return await self.pitch.estimate.remote(prepared, params)
         request = input_pitch_request(prepared, params)
         pieces = crepe_pieces(request.audio_pad, request.dither, piece_frames)
-        raw = await _all_or_cancel([self.pitch.estimate_piece.remote(p, params.f0_method) for p in pieces])
+        async def piece_f0(piece):
+            async with slots:
+                return await self.pitch.estimate_piece.remote(piece, params.f0_method)
+
+        raw = await _all_or_cancel([piece_f0(p) for p in pieces])
 
         def join() -> tuple[np.ndarray, np.ndarray]:
             f0 = crepe_track(np.concatenate([f for f, _ in raw]), np.concatenate([p for _, p in raw]))

@@ -25,7 +25,12 @@ KEY = "e2e-key-0123456789"
 CHUNKING = {"x_pad": 1, "x_query": 1, "x_center": 2, "x_max": 3}
 # The chunks of a job arrive together: features and synthesis run them as batches.
 BATCHING = {"max_ongoing_requests": 4, "max_batch_size": 4, "batch_wait_timeout_s": 0.05}
-STAGES = {**TEST_STAGES, "features": {**TEST_STAGE, **BATCHING}, "synthesis": {**TEST_STAGE, **BATCHING}}
+# Model-stage queues shorter than a job's chunk count (4): the conversion makes at most
+# chunks_in_flight (2) calls of a job at once, so none is refused for a full queue.
+CHUNKS_IN_FLIGHT, QUEUE = 2, {"max_queued_requests": 2}
+STAGES = {**TEST_STAGES, "conversion": {**TEST_STAGE, "max_ongoing_requests": 1},
+          "features": {**TEST_STAGE, **BATCHING, **QUEUE}, "pitch": {**TEST_STAGE, **QUEUE},
+          "synthesis": {**TEST_STAGE, **BATCHING, **QUEUE}}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +45,7 @@ def e2e(tmp_path_factory, serve_url):
     app = build_app({"data_dir": str(data), "api_keys_file": str(write_keys(data / "keys", KEY)),
                      "chunking": CHUNKING, "voices_per_replica": 1, "job_timeout_s": 600,
                      "pitch_piece_frames": 512,  # a 7 s input's crepe track comes in 2 pieces
+                     "chunks_in_flight": CHUNKS_IN_FLIGHT,
                      "precision": "fp32",  # exact, as `rvc-serve convert` (the default is the fastest)
                      "rate_limit_per_minute": 10000, "stages": STAGES})
     other = data / "other.pth"  # a second voice, registered after the builder wrote the demo

@@ -39,6 +39,21 @@ def test_settings_reject_unknown_keys_and_coerce_cli_strings(tmp_path):
             settings.AppSettings.model_validate(bad)
 
 
+def test_model_stage_queues_must_hold_a_conversion_replicas_chunk_calls(tmp_path):
+    base = {"data_dir": str(tmp_path)}
+    defaults = settings.AppSettings.model_validate(base)  # 4 jobs per conversion replica x 8 = 32 queued
+    assert defaults.stages.conversion.max_ongoing_requests * defaults.chunks_in_flight == 32
+    with pytest.raises(ValidationError, match=r"stages.pitch.max_queued_requests \(31\).*4 x 8 = 32"):
+        settings.AppSettings.model_validate({**base, "stages": {"pitch": {"max_queued_requests": 31}}})
+    with pytest.raises(ValidationError, match=r"stages.features.max_queued_requests \(32\).*4 x 9 = 36"):
+        settings.AppSettings.model_validate({**base, "chunks_in_flight": 9})
+    for fits in ({"chunks_in_flight": 4, "stages": {"conversion": {"max_ongoing_requests": 8}}},
+                 {"chunks_in_flight": 64, "stages": {n: {"max_queued_requests": -1} for n in settings.MODEL_STAGES}}):
+        settings.AppSettings.model_validate({**base, **fits})
+    with pytest.raises(ValidationError):
+        settings.AppSettings.model_validate({**base, "chunks_in_flight": 0})
+
+
 def test_settings_defaults_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("RVC_DATA_DIR", str(tmp_path / "d"))
     monkeypatch.setenv("RVC_RATE_LIMIT_PER_MINUTE", "9")
