@@ -169,7 +169,7 @@ class AppSettings(BaseModel):
     stages: StagesSettings = StagesSettings()
 
     @model_validator(mode="after")
-    def _stage_queues_hold_the_chunk_calls(self) -> "AppSettings":
+    def _stage_queues_hold_their_callers_calls(self) -> "AppSettings":
         calls = self.stages.conversion.max_ongoing_requests * self.chunks_in_flight
         for name in MODEL_STAGES:
             queued = getattr(self.stages, name).max_queued_requests
@@ -179,6 +179,11 @@ class AppSettings(BaseModel):
                     f"stages.conversion.max_ongoing_requests x chunks_in_flight "
                     f"({self.stages.conversion.max_ongoing_requests} x {self.chunks_in_flight} = {calls}): "
                     f"a conversion replica's calls to it would otherwise be refused")
+        queued = self.stages.conversion.max_queued_requests
+        if queued != -1 and queued < self.max_concurrent_jobs:
+            raise ValueError(f"stages.conversion.max_queued_requests ({queued}) must be -1 or at least "
+                             f"max_concurrent_jobs ({self.max_concurrent_jobs}): the job actor's calls would "
+                             f"otherwise be refused")
         return self
 
     @field_validator("data_dir", "api_keys_file", "hubert_path", "rmvpe_path")

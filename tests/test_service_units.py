@@ -39,7 +39,7 @@ def test_settings_reject_unknown_keys_and_coerce_cli_strings(tmp_path):
             settings.AppSettings.model_validate(bad)
 
 
-def test_model_stage_queues_must_hold_a_conversion_replicas_chunk_calls(tmp_path):
+def test_stage_queues_must_hold_their_callers_calls(tmp_path):
     base = {"data_dir": str(tmp_path)}
     defaults = settings.AppSettings.model_validate(base)  # 4 jobs per conversion replica x 8 = 32 queued
     assert defaults.stages.conversion.max_ongoing_requests * defaults.chunks_in_flight == 32
@@ -52,6 +52,9 @@ def test_model_stage_queues_must_hold_a_conversion_replicas_chunk_calls(tmp_path
         settings.AppSettings.model_validate({**base, **fits})
     with pytest.raises(ValidationError):
         settings.AppSettings.model_validate({**base, "chunks_in_flight": 0})
+    # The job actor's conversion calls (max_concurrent_jobs) likewise fit the conversion's queue.
+    with pytest.raises(ValidationError, match=r"stages.conversion.max_queued_requests \(16\).*\(17\)"):
+        settings.AppSettings.model_validate({**base, "max_concurrent_jobs": 17})
 
 
 def test_settings_defaults_from_environment(tmp_path, monkeypatch):
