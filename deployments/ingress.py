@@ -24,14 +24,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from pipeline.audio import AudioDecodeError, sniff_and_probe
+from pipeline.audio import AudioDecodeError, AudioTooLong, sniff_and_probe
 
 from .backpressure import bound_replica_receive
 from .jobs import RETRYABLE, get_or_create, job_tracker, limiter_name, one_line_error
 from .logs import get_logger
 from .openapi import openapi_document
-from .params import (CREATE_PARAMS, IDEMPOTENCY_HEADER, PAGE_PARAMS, PREFER_HEADER, check_idempotency_key, missing,
-                     parse_query, requested_wait_s)
+from .params import (CREATE_PARAMS, IDEMPOTENCY_HEADER, PAGE_PARAMS, PREFER_HEADER, audio_too_long,
+                     check_idempotency_key, missing, parse_query, requested_wait_s)
 from .ratelimit import RateLimiter
 from .registry import get_voice, list_voices, models_page
 from .results import RESULT_ROUTE, URL_LIFETIME_S, LocalResultStore, check_key, signed_url, verify
@@ -160,7 +160,9 @@ class Ingress:
         if errors:
             return 422, {"detail": errors}
         try:
-            fmt = await asyncio.to_thread(sniff_and_probe, upload)
+            fmt = await asyncio.to_thread(sniff_and_probe, upload, self.settings.max_audio_seconds)
+        except AudioTooLong as exc:
+            return 422, {"detail": [audio_too_long(exc.max_seconds)]}
         except AudioDecodeError:
             return 402, INVALID_FILE
         model_id = values.pop("model_id")
@@ -303,7 +305,7 @@ class Ingress:
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(self, request: Request) -> Response:
-        return JSONResponse(openapi_document(self.f0_methods))
+        return JSONResponse(openapi_document(self.f0_methods, self.settings.max_audio_seconds))
 
     def _base_url(self, request: Request) -> str:
         return self.settings.public_base_url or str(request.base_url).rstrip("/")

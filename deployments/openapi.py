@@ -78,7 +78,7 @@ _PREFER_WAIT = {
 }
 
 
-def openapi_document(f0_methods: tuple[str, ...]) -> dict:
+def openapi_document(f0_methods: tuple[str, ...], max_audio_seconds: float) -> dict:
     return {
         "openapi": "3.1.0",
         "info": {"title": "rvc-serve voice conversion API", "version": "1.0.0",
@@ -133,7 +133,9 @@ def openapi_document(f0_methods: tuple[str, ...]) -> dict:
                     "type": "object", "required": ["audioInfer"],
                     "properties": {"audioInfer": {
                         "type": "string", "format": "binary",
-                        "description": f"wav, mp3 or flac (decided by content), at most {MAX_FILE_BYTES} bytes"}},
+                        "description": f"wav, mp3 or flac (decided by content), at most {MAX_FILE_BYTES} bytes "
+                                       f"and {max_audio_seconds:g} s of audio (longer: 422 "
+                                       f"value_error.audio.too_long)"}},
                 }}}},
                 "responses": {
                     "200": _job_response("Accepted; status RUNNING. With an Idempotency-Key used before: "

@@ -54,6 +54,13 @@ def missing(loc: list[str]) -> dict:
     return {"loc": loc, "msg": "field required", "type": "value_error.missing"}
 
 
+def audio_too_long(max_seconds: float) -> dict:
+    """The 422 entry for an upload holding more audio than the service converts."""
+    limit = _limit(max_seconds)
+    return {"loc": ["body", "audioInfer"], "msg": f"ensure this audio is at most {limit} seconds long",
+            "type": "value_error.audio.too_long", "ctx": {"limit_value": limit}}
+
+
 def check_idempotency_key(value: str | None) -> dict | None:
     """The 422 entry for a malformed Idempotency-Key header; None when it is absent or valid."""
     if value is None or re.fullmatch(IDEMPOTENCY_KEY_PATTERN, value):

@@ -141,6 +141,10 @@ class AppSettings(BaseModel):
     # A job interrupted this many times (job actor or replica crashes) is failed, not re-run.
     job_attempts: int = Field(3, ge=1)
     max_concurrent_jobs: int = Field(4, ge=1)
+    # Longest audio a job converts: refused at create (422) when the header says more, failed at
+    # decode when it lied. A few MB of FLAC can hold days of silence, and a 1 h job already
+    # takes ~3 GB in its conversion replica.
+    max_audio_seconds: float = Field(3600.0, gt=0)
     # Finished jobs and their results are deleted this long after they ended, and uploads no
     # RUNNING job holds this long after they were written. Default: the result URL's lifetime
     # plus a margin, so a URL fetched when the job ended works for its whole lifetime.

@@ -304,7 +304,8 @@ class Conversion:
                 return await timed(stage, call())
 
         prepared = await timed("load", asyncio.to_thread(
-            lambda: prepare_input(load_audio(request["upload_path"]), ChunkingConfig(**self.settings.chunking))))
+            lambda: prepare_input(load_audio(request["upload_path"], max_seconds=self.settings.max_audio_seconds),
+                                  ChunkingConfig(**self.settings.chunking))))
         self.log.info("conversion started", extra={**extra, "chunks": len(prepared.chunks),
                                                    "seconds": round(prepared.audio_hp.shape[0] / 16000, 3)})
         pitch = None

@@ -31,6 +31,15 @@ class AudioDecodeError(ValueError):
     """The bytes are not a wav, mp3 or flac file we can decode (wrong type, truncated, empty)."""
 
 
+class AudioTooLong(ValueError):
+    """A decodable file holding more audio than allowed. A few MB of FLAC can hold days of
+    silence, and an 8 kbit/s MP3 hours, so the byte limit alone bounds neither work nor memory."""
+
+    def __init__(self, max_seconds: float) -> None:
+        super().__init__(f"audio is longer than {max_seconds:g} s")
+        self.max_seconds = max_seconds
+
+
 def sniff_format(head: bytes) -> str | None:
     """The container named by a file's first bytes, or None. Looks at content, never names."""
     if len(head) >= 12 and head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
@@ -45,11 +54,13 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def sniff_and_probe(path: str | Path) -> str:
+def sniff_and_probe(path: str | Path, max_seconds: float | None = None) -> str:
     """Decide a file's type by its bytes and prove it decodes; returns 'wav', 'mp3' or 'flac'.
 
     Reads the header, checks the declared shape is sane and that the declared data is present,
-    and decodes the first and the last block, so a truncated or corrupt file fails here.
+    and decodes the first and the last block, so a truncated or corrupt file fails here. A file
+    whose header declares more than `max_seconds` raises AudioTooLong (`load_audio` counts
+    again as it decodes: headers can lie).
     """
     path = Path(path)
     with open(path, "rb") as f:
@@ -64,6 +75,8 @@ def sniff_and_probe(path: str | Path) -> str:
     try:
         with sf.SoundFile(path) as f:
             _check_shape(f.samplerate, f.channels, f.frames)
+            if max_seconds is not None and f.frames > max_seconds * f.samplerate:
+                raise AudioTooLong(max_seconds)
             block = min(f.frames, _BLOCK_FRAMES)
             first = f.read(block, dtype="float32", always_2d=True)
             if f.frames > _BLOCK_FRAMES:
@@ -125,21 +138,26 @@ def _check_wav_data_present(path: Path) -> None:
     raise AudioDecodeError("wav has no data chunk (among its first chunks)")
 
 
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
     """Decode any supported file to mono float32 at `sample_rate`, block by block.
 
     Multi-channel input is down-mixed to the mid signal (mean of the channels), as ffmpeg's
-    `-ac 1` does for stereo. Only the resampled mono signal is held, not the decoded file.
+    `-ac 1` does for stereo. Only the resampled mono signal is held, not the decoded file, and
+    decoding stops with AudioTooLong as soon as it passes `max_seconds`, whatever the header said.
     """
     try:
         with sf.SoundFile(path) as f:
             _check_shape(f.samplerate, f.channels, f.frames)
+            max_frames = None if max_seconds is None else max_seconds * f.samplerate
             resampler = None
             if f.samplerate != sample_rate:
                 resampler = soxr.ResampleStream(f.samplerate, sample_rate, 1, dtype="float32",
                                                 quality="HQ")
-            pieces = []
+            pieces, frames = [], 0
             for block in f.blocks(blocksize=_BLOCK_FRAMES, dtype="float32", always_2d=True):
+                frames += block.shape[0]
+                if max_frames is not None and frames > max_frames:
+                    raise AudioTooLong(max_seconds)
                 mono = block.mean(axis=1, dtype=np.float32)
                 pieces.append(resampler.resample_chunk(mono) if resampler else mono)
             if resampler is not None:

@@ -64,6 +64,27 @@ def test_wav_declaring_absurd_rate_is_refused(tmp_path):
         audio_io.sniff_and_probe(path)
 
 
+def _silent_flac(path, seconds: float, rate: int = 8000):
+    with sf.SoundFile(path, "w", rate, 1, format="FLAC", subtype="PCM_16") as f:
+        for _ in range(int(seconds // 60)):
+            f.write(np.zeros(60 * rate, np.int16))
+    return path
+
+
+def test_audio_longer_than_allowed_is_refused_before_and_while_decoding(tmp_path):
+    # Two hours of silence in ~0.2 MB: the byte limit alone would let days of it in.
+    path = _silent_flac(tmp_path / "long.flac", 7200)
+    assert path.stat().st_size < 1_000_000
+    assert audio_io.sniff_and_probe(path, max_seconds=7200) == "flac"
+    with pytest.raises(audio_io.AudioTooLong, match="longer than 3600 s"):
+        audio_io.sniff_and_probe(path, max_seconds=3600)
+    # Decoding counts what it decodes, not what the header said, and stops at the limit.
+    with pytest.raises(audio_io.AudioTooLong) as caught:
+        audio_io.load_audio(path, max_seconds=120)
+    assert caught.value.max_seconds == 120
+    assert audio_io.load_audio(_silent_flac(tmp_path / "short.flac", 120), max_seconds=120).shape == (120 * 16000,)
+
+
 def test_load_audio_downmixes_stereo_to_mid_and_resamples(tmp_path):
     left = _tone(rate=48000, freq=300)
     right = np.zeros_like(left)

@@ -212,6 +212,24 @@ def test_402_decided_by_content(svc, tmp_path):
     assert _post(svc, {"modelId": "voice-a"}, good, filename="notes.txt", content_type="text/plain").status_code == 200
 
 
+def test_audio_longer_than_allowed_is_422_and_leaves_nothing(svc, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    path = tmp_path / "long.flac"  # 2 h of silence in ~0.2 MB: far under the byte limit
+    with sf.SoundFile(path, "w", 8000, 1, format="FLAC", subtype="PCM_16") as f:
+        for _ in range(120):
+            f.write(np.zeros(60 * 8000, np.int16))
+    uploads = sorted((svc.data / "uploads").iterdir())
+    response = _post(svc, {"modelId": "nope"}, path.read_bytes(), filename="long.flac")  # before the 404
+    limit = svc.settings.max_audio_seconds
+    assert response.status_code == 422 and _rate_headers(response)
+    assert response.json() == {"detail": [{
+        "loc": ["body", "audioInfer"], "msg": f"ensure this audio is at most {limit:g} seconds long",
+        "type": "value_error.audio.too_long", "ctx": {"limit_value": limit}}]}
+    assert sorted((svc.data / "uploads").iterdir()) == uploads
+
+
 def test_404_unknown_model(svc):
     for model_id in ("nope", "../voices/voice-a", "voice-a/../voice-b", ""):
         response = _post(svc, {"modelId": model_id}, wav_bytes())

@@ -396,7 +396,7 @@ def test_serve_config_typos_are_refused(mutate):
 
 
 def test_openapi_matches_the_validation_tables():
-    doc = openapi_document(("crepe", "rmvpe"))
+    doc = openapi_document(("crepe", "rmvpe"), 1800)
     post = doc["paths"]["/v1/inferences-vc"]["post"]
     by_name = {p["name"]: p for p in post["parameters"]}
     assert list(by_name) == [p.name for p in params.CREATE_PARAMS] + [params.IDEMPOTENCY_HEADER]
@@ -407,4 +407,9 @@ def test_openapi_matches_the_validation_tables():
     assert by_name["indexRate"]["schema"] == {"type": "number", "minimum": 0, "maximum": 1, "default": 0.76}
     assert by_name["f0Method"]["schema"]["enum"] == ["crepe", "rmvpe"]
     assert set(post["responses"]) == {"200", "402", "403", "404", "413", "422", "429"}
+    audio = post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["audioInfer"]
+    assert "1800 s of audio" in audio["description"]
+    get = doc["paths"]["/v1/inferences-vc/{inferenceId}"]["get"]
+    assert [p["name"] for p in get["parameters"]] == ["inferenceId", params.PREFER_HEADER]
+    assert "Preference-Applied" in get["responses"]["200"]["headers"]
     json.dumps(doc)
