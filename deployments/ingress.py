@@ -9,6 +9,7 @@ DELETE on a job cancels it if it is still RUNNING.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import secrets
@@ -38,12 +39,16 @@ from .results import RESULT_ROUTE, URL_LIFETIME_S, LocalResultStore, check_key, 
 from .settings import AppSettings, load_api_keys, url_secret
 from .stages import RESULT_FORMATS
 from .store import FAILED, SUCCESS, Job, format_timestamp
-from .uploads import MAX_FILE_BYTES, PayloadTooLarge, declared_too_large, receive_upload
+from .uploads import MAX_FILE_BYTES, PayloadTooLarge, declared_too_large, disk_short, receive_upload
 
 FORBIDDEN = {"message": "Forbidden"}
 NOT_FOUND = {"message": "Not found"}
 INVALID_FILE = {"message": "Invalid file type, use: ['audio/x-wav', 'audio/mpeg', 'audio/flac']"}
 PAYLOAD_TOO_LARGE = {"message": "Payload Too Large"}
+UNAVAILABLE = {"message": "Service Unavailable"}
+# When a create refused for want of disk space may be sent again: retention frees space
+# as jobs age out and running jobs end.
+DISK_FULL_RETRY_AFTER_S = 60
 # The tenant of jobs created through `convert_audio`: no API key hashes to it (keys hash to hex).
 HANDLE_TENANT = "serve-handle"
 MEDIA_TYPES = {".mp3": "audio/mpeg", ".flac": "audio/flac", ".wav": "audio/x-wav"}
@@ -127,6 +132,11 @@ class Ingress:
         tenant, headers = gate
         if declared_too_large(request.headers.get("content-length")):
             return JSONResponse(PAYLOAD_TOO_LARGE, 413, headers=headers)
+        disk_full = JSONResponse(UNAVAILABLE, 503, headers={**headers, "Retry-After": str(DISK_FULL_RETRY_AFTER_S)})
+        if await asyncio.to_thread(disk_short, self.settings.uploads_dir, request.headers.get("content-length"),
+                                   self.settings.min_free_disk_mb << 20):
+            self.log.warning("create refused: data disk nearly full", extra={"path": str(self.settings.uploads_dir)})
+            return disk_full  # before the body is read: nothing of it is written
         try:
             upload = await receive_upload(request.headers.get("content-type"), request.stream(),
                                           self.settings.uploads_dir)
@@ -134,6 +144,10 @@ class Ingress:
             return JSONResponse(PAYLOAD_TOO_LARGE, 413, headers=headers)
         except ClientDisconnect:
             return Response(status_code=400)
+        except OSError as exc:  # the disk filled up under this upload (its partial file is gone)
+            if exc.errno != errno.ENOSPC:
+                raise
+            return disk_full
         try:
             return await self._accept(request, tenant, headers, upload.path)
         finally:
@@ -184,7 +198,7 @@ class Ingress:
         except Exception as exc:  # noqa: BLE001 - no job id was given out: drop the upload
             stored_upload.unlink(missing_ok=True)
             if isinstance(exc, RETRYABLE):
-                return 503, {"message": "Service Unavailable"}
+                return 503, UNAVAILABLE
             raise
         if job.inference_id != inference_id:  # a retry: the key's job exists, with its own upload
             stored_upload.unlink(missing_ok=True)

@@ -145,6 +145,10 @@ class AppSettings(BaseModel):
     # decode when it lied. A few MB of FLAC can hold days of silence, and a 1 h job already
     # takes ~3 GB in its conversion replica.
     max_audio_seconds: float = Field(3600.0, gt=0)
+    # Creates are refused (503, Retry-After) while the data directory's file system would have
+    # less than this free after the upload: room kept for running jobs' results and the job
+    # records, which a full disk would fail.
+    min_free_disk_mb: int = Field(1024, ge=0)
     # Finished jobs and their results are deleted this long after they ended, and uploads no
     # RUNNING job holds this long after they were written. Default: the result URL's lifetime
     # plus a margin, so a URL fetched when the job ended works for its whole lifetime.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,14 @@ def declared_too_large(content_length: str | None) -> bool:
     Only ASCII digits count (str.isdigit also takes "²", which int() refuses)."""
     value = (content_length or "").strip()
     return value.isascii() and value.isdigit() and (len(value) > 18 or int(value) > MAX_BODY_BYTES)
+
+
+def disk_short(directory: Path, content_length: str | None, reserve_bytes: int) -> bool:
+    """Whether an upload (its declared length, else the largest allowed) would leave less than
+    `reserve_bytes` free on `directory`'s file system."""
+    value = (content_length or "").strip()
+    declared = int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else MAX_BODY_BYTES
+    return shutil.disk_usage(directory).free < reserve_bytes + min(declared, MAX_BODY_BYTES)
 
 
 @dataclass

@@ -321,6 +321,21 @@ def test_job_timeout(impatient):
     assert _calls(impatient).count(job["inferenceId"]) == 1  # a timeout is final, not retried
 
 
+@pytest.fixture(scope="module")
+def cramped(tmp_path_factory, serve_url):
+    yield from _app(tmp_path_factory, serve_url, "cramped", min_free_disk_mb=1 << 40)  # never that much free
+
+
+def test_create_on_a_nearly_full_disk_is_503_before_the_body_is_read(cramped):
+    response = _post(cramped, {"modelId": "voice-a"}, wav_bytes())
+    assert response.status_code == 503 and response.json() == {"message": "Service Unavailable"}
+    assert response.headers["retry-after"] == "60" and _rate_headers(response)
+    assert list((cramped.data / "uploads").iterdir()) == [] and _calls(cramped) == []
+    # Key and size checks still come first; polls and the other routes are not affected.
+    assert _post(cramped, {"modelId": "voice-a"}, wav_bytes(), key="wrong").status_code == 403
+    assert _job(cramped, "0" * 32).status_code == 404
+
+
 def test_job_actor_restart_reruns_running_job(svc):
     import ray
 

@@ -344,6 +344,16 @@ def test_declared_length_over_the_limit():
     assert not uploads.declared_too_large("²") and not uploads.declared_too_large("-1")  # "²".isdigit() is True
 
 
+def test_disk_short_counts_the_upload_and_the_reserve(tmp_path):
+    free = __import__("shutil").disk_usage(tmp_path).free
+    assert not uploads.disk_short(tmp_path, "1000", 0)
+    assert uploads.disk_short(tmp_path, "1000", free)  # the reserve plus the upload do not fit
+    room = free - 2 * uploads.MAX_BODY_BYTES  # fits a declared 1 kB upload, not an undeclared one
+    assert not uploads.disk_short(tmp_path, "1000", room)
+    for unknown in (None, "", "chunked", "²", "9" * 40):  # assume the largest upload allowed
+        assert uploads.disk_short(tmp_path, unknown, free - uploads.MAX_BODY_BYTES // 2)
+
+
 def test_upload_reader_memory_is_bounded(tmp_path):
     """50 MiB + 1 streamed through the reader: 413, and never more than a few chunks held."""
     import tracemalloc
