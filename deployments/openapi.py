@@ -145,6 +145,12 @@ def openapi_document(f0_methods: tuple[str, ...], max_audio_seconds: float) -> d
                     "404": _message("Model not found"),
                     "413": _message("Payload Too Large"),
                     "422": _VALIDATION,
+                    "503": {**_message("Service Unavailable"),
+                            "description": "Not accepted now (the data disk is nearly full, or the job actor is "
+                                           "restarting); nothing was stored. Send it again after Retry-After "
+                                           "(when given).",
+                            "headers": {"Retry-After": {"description": "Seconds to wait.",
+                                                        "schema": {"type": "integer"}}}},
                 },
             }},
             "/v1/inferences-vc/{inferenceId}": {

@@ -416,7 +416,7 @@ def test_openapi_matches_the_validation_tables():
     assert by_name["modelId"]["required"] and not by_name["indexRate"]["required"]
     assert by_name["indexRate"]["schema"] == {"type": "number", "minimum": 0, "maximum": 1, "default": 0.76}
     assert by_name["f0Method"]["schema"]["enum"] == ["crepe", "rmvpe"]
-    assert set(post["responses"]) == {"200", "402", "403", "404", "413", "422", "429"}
+    assert set(post["responses"]) == {"200", "402", "403", "404", "413", "422", "429", "503"}
     audio = post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["audioInfer"]
     assert "1800 s of audio" in audio["description"]
     get = doc["paths"]["/v1/inferences-vc/{inferenceId}"]["get"]
