@@ -17,6 +17,10 @@ SAMPLE_RATE = 16000  # what HuBERT and the pitch estimators take
 FORMATS = ("wav", "mp3", "flac")
 # libsndfile's MPEG encoder takes only these rates; others are resampled to the next one up.
 MP3_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+# LAME's best VBR quality (V0): full band and ~0.4 dB log-spectral distance from the lossless
+# output, ~150 kbit/s for speech. libsndfile's default (~73 kbit/s) cuts everything above
+# ~17 kHz, which 40/48 kHz voices have, for 30 % less encode time (0.11 vs 0.15 s per 10 s).
+MP3_OPTIONS = {"compression_level": 0.0, "bitrate_mode": "VARIABLE"}
 # Inputs we agree to decode: real recordings, not headers that declare absurd sizes.
 MIN_INPUT_RATE, MAX_INPUT_RATE, MAX_CHANNELS = 4000, 384000, 16
 _BLOCK_FRAMES = 1 << 16
@@ -213,5 +217,5 @@ def write_audio(path: str | Path, audio: np.ndarray, sample_rate: int, fmt: str 
         audio, sample_rate = resample(floats, sample_rate, target), target
     subtype = {"wav": "PCM_16", "flac": "PCM_16", "mp3": "MPEG_LAYER_III"}[fmt]
     container = {"wav": "WAV", "flac": "FLAC", "mp3": "MP3"}[fmt]
-    sf.write(path, audio, sample_rate, subtype=subtype, format=container)
+    sf.write(path, audio, sample_rate, subtype=subtype, format=container, **(MP3_OPTIONS if fmt == "mp3" else {}))
     return sample_rate

@@ -134,3 +134,22 @@ def test_write_audio_formats(tmp_path, fmt, rate, expect_rate):
     assert sr == expect_rate
     assert abs(len(data) / sr - 0.5) < 0.06
     assert np.abs(data).max() > 0.3
+
+
+def test_mp3_keeps_the_band_a_40_khz_voice_has(tmp_path):
+    """LAME at its best VBR quality keeps what is above 15 kHz (libsndfile's default kept 9 % of
+    it above 17 kHz, none above 18 kHz)."""
+    from pipeline.demo import synthetic_speech
+
+    source = audio_io.to_int16(synthetic_speech(3.0, sample_rate=40000, seed=0))
+    assert audio_io.write_audio(tmp_path / "out.mp3", source, 40000) == 44100
+    decoded, _ = sf.read(tmp_path / "out.mp3", dtype="float32")
+    lossless = audio_io.resample(source.astype(np.float32) / 32768, 40000, 44100)  # what the MP3 encodes
+
+    def share_above(x: np.ndarray, hz: float) -> float:
+        power = np.abs(np.fft.rfft(x)) ** 2
+        return power[np.fft.rfftfreq(len(x), 1 / 44100) >= hz].sum() / power.sum()
+
+    for hz in (15000, 17000, 18000):
+        assert share_above(lossless, hz) > 0.003
+        assert share_above(decoded, hz) > 0.9 * share_above(lossless, hz), hz
