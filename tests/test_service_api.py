@@ -480,6 +480,15 @@ def test_held_poll_answers_at_the_jobs_end(svc):
     assert 'route="/v1/inferences-vc/{inferenceId} (held)"' in metrics  # held time kept apart
 
 
+def test_a_held_poll_given_up_by_its_client_leaves_the_job_running(svc):
+    job_id = _post(svc, {"modelId": "voice-slow"}, wav_bytes()).json()["inferenceId"]  # converts for 3 s
+    with pytest.raises(httpx.ReadTimeout):  # the client hangs up while its poll is held
+        svc.client.get(f"/v1/inferences-vc/{job_id}", headers={"x-api-key": KEY_A, "Prefer": "wait=10"},
+                       timeout=0.5)
+    done = _wait_status(svc, job_id)
+    assert done["status"] == "SUCCESS" and _calls(svc).count(job_id) == 1
+
+
 def test_held_polls_are_capped_and_give_up_after_their_wait(svc):
     job_id = _post(svc, {"modelId": "voice-hang"}, wav_bytes()).json()["inferenceId"]
     slots = svc.settings.stages.ingress.max_ongoing_requests // 2
