@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
+from pipeline.audio import duration_s
+
 from .logs import get_logger
 from .results import LocalResultStore
 from .retention import prune_once
@@ -207,15 +209,17 @@ class JobTracker:
         self.log.info("job attempt started", extra={**extra, "attempt": attempt, "model_id": job.model_id})
         request = {"inference_id": job.inference_id, "model_id": job.model_id, "upload_path": job.upload_path,
                    "params": job.params}
+        timeout_s = self.settings.job_timeout_s + self.settings.job_timeout_per_audio_s * await asyncio.to_thread(
+            duration_s, job.upload_path)
         response = self.conversion.convert.remote(request)
         try:
-            result = await asyncio.wait_for(_resolve(response), self.settings.job_timeout_s)
+            result = await asyncio.wait_for(_resolve(response), timeout_s)
         except asyncio.CancelledError:  # the job was cancelled: stop its conversion too
             response.cancel()
             raise
         except asyncio.TimeoutError:
             response.cancel()
-            await self._finish(inference_id, FAILED, error=f"timed out after {self.settings.job_timeout_s:g} s")
+            await self._finish(inference_id, FAILED, error=f"timed out after {timeout_s:g} s")
             return False
         except Exception as exc:  # noqa: BLE001 - every failure becomes the job's one-line error
             if _retryable(exc) and attempt < self.settings.job_attempts:

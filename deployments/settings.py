@@ -137,7 +137,11 @@ class AppSettings(BaseModel):
     # Content encoder and optional rmvpe weights; default: <data_dir>/hubert_base.pt, rmvpe.pt.
     hubert_path: Path | None = None
     rmvpe_path: Path | None = None
+    # A conversion is failed as hung after job_timeout_s plus job_timeout_per_audio_s per second
+    # of its input: a CPU runs crepe at ~3x real time alone, ~10x beside 3 other jobs on 2 cores,
+    # so one fixed limit would either fail long inputs or wait long for a hung short one.
     job_timeout_s: float = Field(900.0, gt=0)
+    job_timeout_per_audio_s: float = Field(20.0, ge=0)
     # A job interrupted this many times (job actor or replica crashes) is failed, not re-run.
     job_attempts: int = Field(3, ge=1)
     max_concurrent_jobs: int = Field(4, ge=1)

@@ -99,6 +99,14 @@ def sniff_and_probe(path: str | Path, max_seconds: float | None = None) -> str:
     return fmt
 
 
+def duration_s(path: str | Path) -> float:
+    """The seconds of audio a file's header declares; 0 when it cannot be read."""
+    try:
+        return sf.info(str(path)).duration
+    except (sf.LibsndfileError, RuntimeError, OSError):
+        return 0.0
+
+
 def _check_shape(sample_rate: int, channels: int, frames: int) -> None:
     if not MIN_INPUT_RATE <= sample_rate <= MAX_INPUT_RATE:
         raise AudioDecodeError(f"unsupported sample rate {sample_rate} Hz")

@@ -311,14 +311,16 @@ def test_failed_job_has_a_one_line_error(svc):
 
 @pytest.fixture(scope="module")
 def impatient(tmp_path_factory, serve_url):
-    yield from _app(tmp_path_factory, serve_url, "impatient", job_timeout_s=2)
+    yield from _app(tmp_path_factory, serve_url, "impatient", job_timeout_s=1, job_timeout_per_audio_s=2)
 
 
-def test_job_timeout(impatient):
-    job = _post(impatient, {"modelId": "voice-hang"}, wav_bytes()).json()
-    done = _wait_status(impatient, job["inferenceId"], timeout_s=30)
-    assert done["status"] == "FAILED" and done["error"] == "timed out after 2 s"
-    assert _calls(impatient).count(job["inferenceId"]) == 1  # a timeout is final, not retried
+def test_job_timeout_grows_with_the_input(impatient):
+    jobs = {seconds: _post(impatient, {"modelId": "voice-hang"}, wav_bytes(seconds)).json()["inferenceId"]
+            for seconds in (0.5, 1.5)}
+    for seconds, job_id in jobs.items():
+        done = _wait_status(impatient, job_id, timeout_s=30)
+        assert done["status"] == "FAILED" and done["error"] == f"timed out after {1 + 2 * seconds:g} s"
+        assert _calls(impatient).count(job_id) == 1  # a timeout is final, not retried
 
 
 @pytest.fixture(scope="module")

@@ -110,7 +110,8 @@ def test_a_result_deleted_as_its_url_answers_is_still_served_whole(tmp_path):
 
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory, serve_url):
-    yield from _app(tmp_path_factory, serve_url, "faults", rate_limit_per_minute=10000, job_timeout_s=JOB_TIMEOUT_S)
+    yield from _app(tmp_path_factory, serve_url, "faults", rate_limit_per_minute=10000, job_timeout_s=JOB_TIMEOUT_S,
+                    job_timeout_per_audio_s=0)
 
 
 def test_job_actor_killed_with_20_jobs_in_flight(faults):
