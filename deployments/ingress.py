@@ -1,10 +1,12 @@
 """The HTTP ingress: the job API of the contract, on Ray Serve. It owns HTTP only.
 
 Create runs the contract's checks in its order — key (403), rate limit (429), size (413),
-parameters (422), file type by content (402), model (404) — then stores the upload durably,
-hands the job to the job actor and answers RUNNING. It never runs a model. A create with an
-`Idempotency-Key` the tenant used before answers the job made then (the new upload is dropped);
-DELETE on a job cancels it if it is still RUNNING.
+parameters (422), file type by content (402), model (404) — with two of its own: a data disk
+too full for the upload (503, before the body is read) and more audio than max_audio_seconds
+(422, once the type is known); then it stores the upload durably, hands the job to the job
+actor and answers RUNNING. It never runs a model. A create with an `Idempotency-Key` the tenant
+used before answers the job made then (the new upload is dropped); DELETE on a job cancels it
+if it is still RUNNING; a poll with `Prefer: wait=N` is held until the job ends (N s at most).
 """
 from __future__ import annotations
 
