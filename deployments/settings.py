@@ -146,9 +146,10 @@ class AppSettings(BaseModel):
     job_attempts: int = Field(3, ge=1)
     max_concurrent_jobs: int = Field(4, ge=1)
     # Longest audio a job converts: refused at create (422) when the header says more, failed at
-    # decode when it lied. A few MB of FLAC can hold days of silence, and a 1 h job already
-    # takes ~3 GB in its conversion replica.
-    max_audio_seconds: float = Field(3600.0, gt=0)
+    # decode when it lied. A few MB of FLAC can hold days of silence, and memory grows with the
+    # input: per hour ~3 GB in the conversion replica, ~5 GB in an rmvpe pitch pass (whole, as
+    # the reference runs it; docs/performance.md). 30 min by default; gpu-prod allows an hour.
+    max_audio_seconds: float = Field(1800.0, gt=0)
     # Creates are refused (503, Retry-After) while the data directory's file system would have
     # less than this free after the upload: room kept for running jobs' results and the job
     # records, which a full disk would fail.
