@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import time
+from collections import deque
 from pathlib import Path
 
 import ray
@@ -109,6 +111,51 @@ class _Metrics:
             self.finished.labels(status)
 
 
+class FairSlots:
+    """`capacity` conversion slots shared between tenants: a freed slot goes to the waiting job
+    of the tenant holding the fewest slots (the longest waiting among equals), so one tenant's
+    backlog of thousands of jobs does not hold every other tenant's jobs behind it, and a lone
+    tenant still gets every slot."""
+
+    def __init__(self, capacity: int) -> None:
+        self.free = capacity
+        self.running: dict[str, int] = {}  # slots held, by tenant
+        self.waiting: dict[str, deque[tuple[int, asyncio.Future]]] = {}
+        self._arrivals = itertools.count()
+
+    async def acquire(self, tenant: str) -> None:
+        if self.free > 0 and not self.waiting:
+            self._take(tenant)
+            return
+        granted = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(tenant, deque()).append((next(self._arrivals), granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self.release(tenant)  # granted just as it was cancelled: pass the slot on
+            raise
+
+    def release(self, tenant: str) -> None:
+        self.running[tenant] -= 1
+        if not self.running[tenant]:
+            del self.running[tenant]  # a tenant's entry lives while it holds a slot
+        self.free += 1
+        while self.free > 0 and self.waiting:
+            tenant = min(self.waiting, key=lambda t: (self.running.get(t, 0), self.waiting[t][0][0]))
+            queue = self.waiting[tenant]
+            _, granted = queue.popleft()
+            if not queue:
+                del self.waiting[tenant]
+            if not granted.cancelled():
+                self._take(tenant)
+                granted.set_result(None)
+
+    def _take(self, tenant: str) -> None:
+        self.free -= 1
+        self.running[tenant] = self.running.get(tenant, 0) + 1
+
+
 class JobTracker:
     """Run with `get_or_create(JobTracker, tracker_name(app), settings, conversion_handle)`."""
 
@@ -119,11 +166,11 @@ class JobTracker:
         self.results = LocalResultStore(settings.results_dir)
         self.log = get_logger()
         self.metrics = _Metrics()
-        self.slots = asyncio.Semaphore(settings.max_concurrent_jobs)
+        self.slots = FairSlots(settings.max_concurrent_jobs)
         self.tasks: dict[str, asyncio.Task] = {}
         resumed = self.store.running()
         for job in resumed:
-            self._schedule(job.inference_id)
+            self._schedule(job.inference_id, job.tenant)
         self.retention = asyncio.get_running_loop().create_task(self._prune_periodically())
         self.log.info("job tracker started", extra={"resumed_jobs": len(resumed)})
 
@@ -138,7 +185,7 @@ class JobTracker:
         same id if this call is a retry)."""
         stored = await asyncio.to_thread(self.store.create, job)
         if stored.status == RUNNING:
-            self._schedule(stored.inference_id)
+            self._schedule(stored.inference_id, stored.tenant)
         return stored
 
     async def get(self, inference_id: str, tenant: str) -> Job | None:
@@ -174,16 +221,16 @@ class JobTracker:
     async def metrics_text(self) -> bytes:
         return generate_latest(self.metrics.registry)
 
-    def _schedule(self, inference_id: str) -> None:
+    def _schedule(self, inference_id: str, tenant: str) -> None:
         if inference_id in self.tasks:
             return
-        task = asyncio.get_running_loop().create_task(self._run(inference_id))
+        task = asyncio.get_running_loop().create_task(self._run(inference_id, tenant))
         self.tasks[inference_id] = task
         task.add_done_callback(lambda _: self.tasks.pop(inference_id, None))
 
-    async def _run(self, inference_id: str) -> None:
+    async def _run(self, inference_id: str, tenant: str) -> None:
         with self.metrics.waiting.track_inprogress():
-            await self.slots.acquire()
+            await self.slots.acquire(tenant)
         try:
             with self.metrics.running.track_inprogress():
                 while await self._attempt(inference_id):
@@ -193,7 +240,7 @@ class JobTracker:
             self.log.exception("job runner failed", extra={"inference_id": inference_id})
             await self._finish(inference_id, FAILED, error="internal error")
         finally:
-            self.slots.release()
+            self.slots.release(tenant)
 
     async def _attempt(self, inference_id: str) -> bool:
         """Run one attempt; True when it should be tried again."""

@@ -146,6 +146,61 @@ def test_prefer_wait_is_read_as_rfc_7240_says(prefer, seconds):
     assert params.requested_wait_s(prefer) == seconds
 
 
+# --- job slots ------------------------------------------------------------------------------
+
+def test_job_slots_go_round_robin_between_tenants():
+    """Two slots; tenant a queues four jobs, then b two: each freed slot goes to the tenant
+    holding fewer, so b's jobs do not wait behind all of a's."""
+    from deployments.jobs import FairSlots
+
+    async def scenario() -> list[str]:
+        slots, started = FairSlots(2), []
+
+        async def job(tenant: str, name: str) -> None:
+            await slots.acquire(tenant)
+            started.append(name)
+
+        tasks = [asyncio.create_task(job("a", f"a{i}")) for i in range(1, 5)]
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(job("b", f"b{i}")) for i in range(1, 3)]
+        await asyncio.sleep(0)
+        assert started == ["a1", "a2"]
+        for tenant in ("a", "a", "b", "a", "b", "a"):  # each job ends in the order they started
+            slots.release(tenant)
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        assert slots.free == 2 and slots.running == {} and all(not q for q in slots.waiting.values())
+        return started
+
+    assert asyncio.run(scenario()) == ["a1", "a2", "b1", "a3", "b2", "a4"]
+
+
+def test_a_cancelled_wait_for_a_job_slot_gives_its_turn_away():
+    from deployments.jobs import FairSlots
+
+    async def scenario() -> None:
+        slots = FairSlots(1)
+        await slots.acquire("a")
+        cancelled = asyncio.create_task(slots.acquire("b"))
+        waiting = asyncio.create_task(slots.acquire("c"))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await asyncio.sleep(0)
+        slots.release("a")
+        await asyncio.wait_for(waiting, 1)
+        assert slots.running == {"c": 1} and slots.free == 0
+        # Granted, then cancelled before it ran: the slot goes on to the next waiter.
+        late = asyncio.create_task(slots.acquire("d"))
+        after = asyncio.create_task(slots.acquire("e"))
+        await asyncio.sleep(0)
+        slots.release("c")
+        late.cancel()
+        await asyncio.wait_for(after, 1)
+        assert slots.running == {"e": 1} and slots.free == 0
+
+    asyncio.run(scenario())
+
+
 # --- rate window ------------------------------------------------------------------------------
 
 def test_sliding_window_is_exact():
