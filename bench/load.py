@@ -251,7 +251,7 @@ async def run_clients(base_url: str, body: bytes, content_type: str, voices: lis
             if mode == "posts":
                 continue
             job_url = f"/v1/inferences-vc/{response.json()['inferenceId']}"
-            pause_s, next_pause_s = (0.0 if hold_s else poll_s[0]), poll_s[0]
+            pause_s = 0.0 if hold_s else poll_s[0]
             while True:
                 await asyncio.sleep(pause_s)
                 if time.monotonic() > deadline:
@@ -262,8 +262,8 @@ async def run_clients(base_url: str, body: bytes, content_type: str, voices: lis
                 job = answer.json()
                 if "preference-applied" in answer.headers:
                     pause_s = 0.0
-                else:
-                    pause_s, next_pause_s = next_pause_s, min(poll_s[1], 1.5 * next_pause_s)
+                else:  # answered at once: the schedule, from its start after a held poll
+                    pause_s = min(poll_s[1], 1.5 * pause_s) if pause_s else poll_s[0]
                 if job["status"] == "SUCCESS":
                     result.job_s.append(job_seconds(job))
                     result.seen_s.append(time.perf_counter() - started)

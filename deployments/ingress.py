@@ -134,11 +134,10 @@ class Ingress:
         tenant, headers = gate
         if declared_too_large(request.headers.get("content-length")):
             return JSONResponse(PAYLOAD_TOO_LARGE, 413, headers=headers)
-        disk_full = JSONResponse(UNAVAILABLE, 503, headers={**headers, "Retry-After": str(DISK_FULL_RETRY_AFTER_S)})
         if await asyncio.to_thread(disk_short, self.settings.uploads_dir, request.headers.get("content-length"),
                                    self.settings.min_free_disk_mb << 20):
             self.log.warning("create refused: data disk nearly full", extra={"path": str(self.settings.uploads_dir)})
-            return disk_full  # before the body is read: nothing of it is written
+            return _disk_full(headers)  # before the body is read: nothing of it is written
         try:
             upload = await receive_upload(request.headers.get("content-type"), request.stream(),
                                           self.settings.uploads_dir)
@@ -149,7 +148,7 @@ class Ingress:
         except OSError as exc:  # the disk filled up under this upload (its partial file is gone)
             if exc.errno != errno.ENOSPC:
                 raise
-            return disk_full
+            return _disk_full(headers)
         try:
             return await self._accept(request, tenant, headers, upload.path)
         finally:
@@ -384,6 +383,10 @@ def result_response(path: Path, inference_id: str) -> Response | None:
         return None
     return _OpenedFileResponse(fd, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
                                filename=f"{inference_id}{path.suffix}")
+
+
+def _disk_full(headers: dict[str, str]) -> Response:
+    return JSONResponse(UNAVAILABLE, 503, headers={**headers, "Retry-After": str(DISK_FULL_RETRY_AFTER_S)})
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

@@ -358,6 +358,7 @@ class Conversion:
             return await self.pitch.estimate.remote(prepared, params)
         request = input_pitch_request(prepared, params)
         pieces = crepe_pieces(request.audio_pad, request.dither, piece_frames)
+
         async def piece_f0(piece):
             async with slots:
                 return await self.pitch.estimate_piece.remote(piece, params.f0_method)

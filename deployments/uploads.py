@@ -28,19 +28,28 @@ class PayloadTooLarge(Exception):
     pass
 
 
-def declared_too_large(content_length: str | None) -> bool:
-    """Whether a Content-Length header declares a body over the limit (so it is refused unread).
-    Only ASCII digits count (str.isdigit also takes "²", which int() refuses)."""
+def declared_length(content_length: str | None) -> int | None:
+    """The bytes a Content-Length header declares; None when absent or malformed. Only ASCII
+    digits count (str.isdigit also takes "²", which int() refuses); past 18 digits (which int()
+    may refuse too) it is 10**18, far over any limit."""
     value = (content_length or "").strip()
-    return value.isascii() and value.isdigit() and (len(value) > 18 or int(value) > MAX_BODY_BYTES)
+    if not (value.isascii() and value.isdigit()):
+        return None
+    return int(value) if len(value) <= 18 else 10**18
+
+
+def declared_too_large(content_length: str | None) -> bool:
+    """Whether a Content-Length header declares a body over the limit (so it is refused unread)."""
+    declared = declared_length(content_length)
+    return declared is not None and declared > MAX_BODY_BYTES
 
 
 def disk_short(directory: Path, content_length: str | None, reserve_bytes: int) -> bool:
     """Whether an upload (its declared length, else the largest allowed) would leave less than
     `reserve_bytes` free on `directory`'s file system."""
-    value = (content_length or "").strip()
-    declared = int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else MAX_BODY_BYTES
-    return shutil.disk_usage(directory).free < reserve_bytes + min(declared, MAX_BODY_BYTES)
+    declared = declared_length(content_length)
+    upload = MAX_BODY_BYTES if declared is None else min(declared, MAX_BODY_BYTES)
+    return shutil.disk_usage(directory).free < reserve_bytes + upload
 
 
 @dataclass
