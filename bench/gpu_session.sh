@@ -41,9 +41,14 @@ esac
 # hold their polls (`Prefer: wait=10`): they learn of a job's end when it ends, with one poll per
 # job instead of one every 0.1-0.25 s (~0.9 of the 16 cores at 16 clients).
 case ",$parts," in *,service,*)
-  run service "$python" bench/load.py --overlay gpu-prod --replicas conversion=4,ingress=2 --f0-method rmvpe \
-    --hold-s 10 --audio-seconds 10 --voices 1 --concurrency 1,16 --jobs 32 --warm \
-    --time-limit-s 150 --cell-time-limit-s 100 --out "$out/service.json" ;;
+  load=(bench/load.py --overlay gpu-prod --replicas conversion=4,ingress=2 --f0-method rmvpe --hold-s 10
+        --voices 1 --warm --cell-time-limit-s 60)
+  # 8 jobs per client at 16 and 32: Little's law caps a cell of 2 jobs per client by its ramp
+  run service "$python" "${load[@]}" --audio-seconds 10 --concurrency 1,16,32 --jobs 128 \
+    --time-limit-s 150 --out "$out/service.json"
+  # minute-long uploads: fewer, larger jobs (batch teams' files)
+  run service60 "$python" "${load[@]}" --audio-seconds 60 --concurrency 16 --jobs 64 \
+    --time-limit-s 90 --out "$out/service60.json" ;;
 esac
 case ",$parts," in *,pitch,*) run pitch "$python" bench/pitch_gpu.py --out "$out/pitch.json" ;; esac
 case ",$parts," in *,synth,*) run synth "$python" bench/synth_gpu.py --work /tmp/rvc-gpu --out "$out/synth.json" ;; esac

@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-import soundfile as sf
 from ray import serve
 
 from deployments.results import LocalResultStore
 from deployments.settings import AppSettings
+from pipeline.audio import write_audio
 
 TONE_SECONDS = 0.5
 
@@ -49,10 +49,10 @@ class FakeConversion:
         rate = 44100
         tone = (0.2 * np.sin(2 * np.pi * 330 * np.arange(int(TONE_SECONDS * rate)) / rate)).astype(np.float32)
         keys = {}
-        for fmt, container, subtype in (("mp3", "MP3", "MPEG_LAYER_III"), ("flac", "FLAC", "PCM_16")):
+        for fmt in ("mp3", "flac"):
             key = f"{inference_id}/output.{fmt}"
             with self.results.writer(key) as path:
-                sf.write(path, tone, rate, format=container, subtype=subtype)
+                write_audio(path, tone, rate, fmt)
             keys[fmt] = key
         return {"results": keys,
                 "stats": {"latency": {"load": [0.01], "synthesis": [0.02]},

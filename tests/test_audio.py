@@ -153,3 +153,18 @@ def test_mp3_keeps_the_band_a_40_khz_voice_has(tmp_path):
     for hz in (15000, 17000, 18000):
         assert share_above(lossless, hz) > 0.003
         assert share_above(decoded, hz) > 0.9 * share_above(lossless, hz), hz
+
+
+def test_mp3_gives_back_exactly_the_samples_encoded(tmp_path):
+    """The encoder's delay and padding are in the MP3's header, so a decoder returns the same
+    number of samples, not shifted (a cover's vocal stays on its backing track)."""
+    from pipeline.demo import synthetic_speech
+
+    source = synthetic_speech(2.0, sample_rate=44100, seed=1).astype(np.float32)
+    audio_io.write_audio(tmp_path / "out.mp3", audio_io.to_int16(source), 44100)
+    decoded, rate = sf.read(tmp_path / "out.mp3", dtype="float32")
+    assert rate == 44100 and len(decoded) == len(source)
+    lags = range(-1200, 1201)
+    best = max(lags, key=lambda lag: float(np.dot(np.roll(decoded, -lag), source)))
+    assert best == 0
+    assert np.abs(decoded - source).max() < 0.05
