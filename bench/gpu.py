@@ -35,8 +35,9 @@ import torch  # noqa: E402
 
 from bench.pipeline import make_inputs  # noqa: E402
 from pipeline import audio as audio_io  # noqa: E402
-from pipeline.convert import (ConversionParams, ConversionRequest, Converter, estimate_input_pitch,  # noqa: E402
-                              network_precision, prepare_input)
+from pipeline.convert import (ConversionParams, ConversionRequest, Converter, chunk_features,  # noqa: E402
+                              chunk_noise, estimate_input_pitch, finish_output, network_precision,
+                              prepare_input, retrieve, synthesize_chunk)
 from pipeline.crepe import Crepe  # noqa: E402
 from pipeline.index import load_index  # noqa: E402
 from pipeline.synthesizer import load_voice  # noqa: E402
@@ -107,6 +108,45 @@ def fidelity(fx: dict, audio: np.ndarray, voice_name: str, f0_method: str) -> di
               f"  cents p50 {out[name]['f0_cents_err_p50']:.2e} max {out[name]['f0_cents_err_max']:.2e}"
               f"  vs GPU fp32: rel err {out[name]['rel_err_vs_gpu_fp32']:.2e}"
               f" cents max {out[name]['f0_cents_max_vs_gpu_fp32']:.2e}", flush=True)
+    return out
+
+
+STAGES = ("pitch", "features", "synthesis")
+
+
+def stage_attribution(fx: dict, audio: np.ndarray, voice_name: str, f0_method: str, precision: str) -> dict:
+    """Which network a precision's error comes from: the output with `precision` in one stage
+    at a time (the others fp32), against the all-fp32 output, on this GPU. Convert's chunk loop,
+    with a precision per stage."""
+    v = fx["voices"][voice_name]
+    index, voice = load_index(v["index"]), load_voice(v["pth"], device=DEVICE)
+    params = ConversionParams(f0_method=f0_method, seed=7)
+    conv = Converter.from_paths(fx["hubert"], rmvpe_path=fx["rmvpe"], device=DEVICE)
+    prepared = prepare_input(audio, conv.chunking)
+
+    def run(low: str | None) -> np.ndarray:
+        def stage(name: str):
+            return network_precision(conv.device, precision if name == low else "fp32")
+        with stage("pitch"):
+            coarse, pitchf = estimate_input_pitch(prepared, params, conv.pitch_models)
+        noise, pieces = chunk_noise(params.seed, [], voice), []
+        for chunk in prepared.chunks:
+            samples = prepared.audio_pad[chunk.start:chunk.end]
+            with stage("features"):
+                feats0 = chunk_features(conv.hubert, samples, voice.version)
+            feats, f0_slice = retrieve(feats0, index, params), slice(chunk.f0_start, chunk.f0_end)
+            with stage("synthesis"):
+                pieces.append(synthesize_chunk(voice, feats, feats0, coarse[f0_slice], pitchf[f0_slice],
+                                               samples.shape[0], params, noise,
+                                               voice.sample_rate * conv.chunking.x_pad))
+        return finish_output(pieces, prepared, params, voice.sample_rate)
+
+    fp32 = run(None)
+    out = {name: rel_err(run(name), fp32) for name in STAGES}
+    # the loop above is convert's: in fp32 they agree
+    out["loop_vs_convert"] = rel_err(fp32, conv.convert(audio, voice, index, params))
+    print(f"fidelity {voice_name} {f0_method:6s} {precision} by stage (rel err vs GPU fp32, that stage alone in "
+          f"{precision}): " + "  ".join(f"{k} {e:.2e}" for k, e in out.items()), flush=True)
     return out
 
 
@@ -257,6 +297,8 @@ def main() -> None:
     parts = set(args.parts.split(","))
     if "fidelity" in parts:
         result["fidelity"] = {f"v2-40k-{m}": fidelity(fx, audio10, "v2-40k-f0", m) for m in ("crepe", "rmvpe")}
+        result["fidelity_by_stage"] = {f"v2-40k-{m}-fp16": stage_attribution(fx, audio10, "v2-40k-f0", m, "fp16")
+                                       for m in ("crepe", "rmvpe")}
     save()
     result["single"] = {}
     for method in ("crepe", "rmvpe"):
