@@ -486,6 +486,12 @@ def _residual_add(total: Tensor, y: Tensor, x: Tensor) -> Tensor:
     return y.add_(x) if y.dtype == x.dtype else x + y
 
 
+def _mkldnn_layout(x: Tensor) -> bool:
+    """Whether x's [B, C, L, 1] layout runs on mkldnn's kernels (CPUs) rather than torch's
+    2-D convolutions (CUDA: cuDNN's NHWC kernels, see `Generator.cuda_channels_last`)."""
+    return x.device.type == "cpu"
+
+
 def _conv(conv: nn.Conv1d, x: Tensor, slope: float | None = None, dtype: torch.dtype | None = None,
           out_slope: float | None = None) -> Tensor:
     """`conv` of x [B, C, L] (after a leaky ReLU of `slope` if given, and followed by one of
@@ -493,9 +499,10 @@ def _conv(conv: nn.Conv1d, x: Tensor, slope: float | None = None, dtype: torch.d
     layout on CPUs, see `Generator.forward`), with input and weight in `dtype` if given (the
     output is then `dtype` too).
 
-    There it is mkldnn's 2-D convolution, 1.2-2x faster than the 1-D convolution of [B, C, L] on
-    the decoder's shapes, with the output's leaky ReLU fused into it (one pass less over the
-    activations: 12 % of a bf16 synthesis on one thread). A dilated convolution gets its input
+    Off the CPU that layout runs torch's 2-D convolution. On the CPU it is mkldnn's 2-D
+    convolution, 1.2-2x faster than the 1-D convolution of [B, C, L] on the decoder's shapes, with
+    the output's leaky ReLU fused into it (one pass less over the activations: 12 % of a bf16
+    synthesis on one thread). A dilated convolution gets its input
     padded beforehand: mkldnn pads dilated ones 4-10x slower (an undilated one pads at full
     speed, so an input that needs no activation is read as it is); the activation is written
     straight into the padded input, whose margins alone are zeroed (F.pad would fill it whole and
@@ -512,6 +519,15 @@ def _conv(conv: nn.Conv1d, x: Tensor, slope: float | None = None, dtype: torch.d
         right = d * (k - 1) - left
     else:
         (left,) = (right,) = conv.padding
+    if not _mkldnn_layout(x):
+        x = x if slope is None else F.leaky_relu(x, slope)
+        x = x if dtype is None else x.to(dtype)
+        if left != right:
+            x, left = F.pad(x, (0, 0, left, right)).contiguous(memory_format=torch.channels_last), 0
+        weight_4d = _derived_weight(conv, ("channels_last", weight.dtype), lambda w: w.to(weight.dtype)[..., None]
+                                    .contiguous(memory_format=torch.channels_last))
+        out = F.conv2d(x, weight_4d, bias, (stride, 1), (left, 0), (d, 1))
+        return out if out_slope is None else F.leaky_relu_(out, out_slope)
     if slope is None and d == 1 and left == right and x.dtype == weight.dtype:
         padded, padding = x, left
     else:
@@ -548,11 +564,17 @@ def _upsample(up: nn.ConvTranspose1d, x: Tensor, noise_conv: nn.Conv1d | None = 
     each tap block of s input-to-output taps (s = stride) is one product of the input's
     [L, C_in] rows with that block's [C_in, s·C_out] weights, added into the output rows it
     reaches (overlap-add with the block's shift), and the source convolution is one product of
-    its strided windows with [k, C_out], added into the output in place."""
+    its strided windows with [k, C_out], added into the output in place. Off the CPU that layout
+    runs torch's transposed 2-D convolution."""
     if x.dim() == 3:
         out = up(x)
         return out if noise_conv is None else out.add_(_conv(noise_conv, source))
     (k,), (stride,), (pad,), (extra,) = up.kernel_size, up.stride, up.padding, up.output_padding
+    if not _mkldnn_layout(x):
+        weight = _derived_weight(up, "channels_last",
+                                 lambda w: w[..., None].contiguous(memory_format=torch.channels_last))
+        out = F.conv_transpose2d(x, weight, up.bias, (stride, 1), (pad, 0), (extra, 0))
+        return out if noise_conv is None else out.add_(_conv(noise_conv, source[..., None]))
     b, c_in, n, _ = x.shape
     c_out = up.out_channels
     n_out = (n - 1) * stride - 2 * pad + k + extra
@@ -669,6 +691,12 @@ class Generator(nn.Module):
         self.stage_margins = config.decoder_stage_margins
         self.stage_strides = tuple(math.prod(rates[i + 1:]) for i in range(len(rates)))  # output samples per sample
         self.cpu_segment_frames = CPU_DECODE_SEGMENT_FRAMES
+        # On CUDA, the upsampling stages in the CPU's [B, C, L, 1] channels-last layout too:
+        # cuDNN's 1-D convolutions of [B, C, L] turn their input into NHWC and the output back
+        # (29 % of a 16 x 10 s fp16 synthesis's kernel time on an H100), and the residual blocks'
+        # convolutions took 72 ms per pass channels-last against 119 ms (bench/synth_gpu.py,
+        # session 13). Off until `bench/gpu.py --decoder-layouts` has timed the whole decoder so.
+        self.cuda_channels_last = False
         if nsf:
             self.m_source = SineSource(config.sample_rate)
             self.noise_convs = nn.ModuleList()
@@ -723,7 +751,8 @@ class Generator(nn.Module):
         synthesis in 400-frame segments, bf16 on one thread: 2-3 % faster)."""
         a, b = keep
         x = self.conv_pre(z) + self.cond(g)
-        if x.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        if (x.device.type == "cpu" and torch.backends.mkldnn.is_available()
+                or x.device.type == "cuda" and self.cuda_channels_last):
             # the upsampling stages in channels-last [B, C, L, 1] (see `_conv`)
             x = x[..., None].contiguous(memory_format=torch.channels_last)
         per_stage = len(self.resblocks) // len(self.ups)

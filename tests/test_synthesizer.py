@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from pipeline import synthesizer
 from pipeline.assets import AssetError
 from pipeline.synthesizer import (
     SynthesizerConfig, SynthNoise, load_voice, random_voice_checkpoint, resblock_precision, save_voice,
@@ -377,6 +378,34 @@ def test_decoding_in_segments_equals_decoding_whole(trim):
     torch.testing.assert_close(segmented, whole, atol=2e-5, rtol=0)
 
 
+@pytest.fixture(params=["mkldnn", "torch"])
+def layout_kernels(request, monkeypatch):
+    """The channels-last layout's kernels: mkldnn's (CPUs) or torch's 2-D convolutions (what CUDA
+    runs when `Generator.cuda_channels_last` is on), the latter here on the CPU."""
+    if request.param == "torch":
+        monkeypatch.setattr(synthesizer, "_mkldnn_layout", lambda x: False)
+        monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", None)  # never called then
+    return request.param
+
+
+def test_the_cuda_channels_last_decoder_gives_the_plain_layouts_output(v2_voice, monkeypatch):
+    """The whole decoder in [B, C, L, 1] on torch's 2-D convolutions (CUDA's kernels, run here
+    on the CPU) against the plain [B, C, L] layout, batched and trimmed."""
+    x = [torch.cat(parts) for parts in zip(inputs(768, frames=60, seed=6), inputs(768, frames=60, seed=7))]
+
+    def run():
+        noise = SynthNoise.from_generator(torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            return v2_voice.model.infer(*x, noise=noise, trim_frames=7)
+
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    plain = run()
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(synthesizer, "_mkldnn_layout", lambda x: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+    torch.testing.assert_close(run(), plain, atol=2e-5, rtol=0)
+
+
 def test_cpus_without_mkldnn_decode_in_the_plain_layout_to_the_same_output(v2_voice, monkeypatch):
     x = inputs(768, frames=60, seed=6)
 
@@ -491,9 +520,10 @@ def test_batch_arguments_are_checked(v2_voice):
     lambda: torch.nn.Conv1d(1, 8, 20, 10, padding=5),  # a noise conv: strided, int padding
     lambda: torch.nn.Conv1d(8, 8, 1),
 ], ids=["dilated", "even-kernel", "k3", "strided", "1x1"])
-def test_channels_last_convolution_equals_the_module(make):
+def test_channels_last_convolution_equals_the_module(make, layout_kernels):
     """The decoder's CPU layout ([B, C, L, 1] channels-last; padded beforehand or by mkldnn; an
-    output activation fused into the convolution) computes what the 1-D module computes."""
+    output activation fused into the convolution) computes what the 1-D module computes, with
+    mkldnn's kernels and with torch's 2-D convolution (CUDA's)."""
     from pipeline.synthesizer import _conv
 
     torch.manual_seed(0)
@@ -524,9 +554,10 @@ def test_channels_last_convolution_equals_the_module(make):
     (7, 3, 4, 2),  # padding past a block, output padding
 ])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_channels_last_upsampling_equals_the_modules(kernel, stride, padding, output_padding, batch):
+def test_channels_last_upsampling_equals_the_modules(kernel, stride, padding, output_padding, batch, layout_kernels):
     """The CPU layout's upsampling (matrix products per tap block, the source convolution added in
-    place) computes the transposed convolution plus the source convolution of the 1-D modules."""
+    place; or torch's transposed 2-D convolution, CUDA's) computes the transposed convolution plus
+    the source convolution of the 1-D modules."""
     from pipeline.synthesizer import _upsample
 
     torch.manual_seed(0)
