@@ -695,7 +695,7 @@ class Generator(nn.Module):
         # cuDNN's 1-D convolutions of [B, C, L] turn their input into NHWC and the output back
         # (29 % of a 16 x 10 s fp16 synthesis's kernel time on an H100), and the residual blocks'
         # convolutions took 72 ms per pass channels-last against 119 ms (bench/synth_gpu.py,
-        # session 13). Off until `bench/gpu.py --decoder-layouts` has timed the whole decoder so.
+        # session 13). Off until `bench/gpu.py --channels-last` has timed the whole decoder so.
         self.cuda_channels_last = False
         if nsf:
             self.m_source = SineSource(config.sample_rate)
