@@ -286,3 +286,23 @@ def test_several_inputs_decode_as_each_alone():
         alone_f0, alone_pd = crepe_f0(model, torch.from_numpy(a), dither=d)
         torch.testing.assert_close(f0, alone_f0, rtol=0, atol=0)
         torch.testing.assert_close(pd, alone_pd, rtol=0, atol=0)
+
+
+def test_the_fixed_shape_viterbi_pass_equals_the_direct_one():
+    """What a GPU replays as one CUDA graph: pieces copied into fixed [rows, frames] buffers
+    (rows past them one frame long, earlier passes' values left past each length) decode to the
+    direct pass's paths. (The capture itself needs CUDA: bench/pitch_gpu.py checks it.)"""
+    from pipeline.crepe import _StaticViterbi
+
+    mats = probability_matrices(np.random.default_rng(2))
+    static = _StaticViterbi(rows=6, frames=64, device=torch.device("cpu"))
+    for lengths in ([60, 17, 1, 42], [64, 3], [5, 64, 64, 30, 2, 9]):
+        probs = [mats["smooth" if i % 2 else "coarse"][:, :n] for i, n in enumerate(lengths)]
+        log_prob = torch.zeros(len(lengths), max(lengths), PITCH_BINS)
+        for row, prob in enumerate(probs):
+            log_prob[row, : prob.shape[1]] = torch.from_numpy(np.log(prob + np.finfo(np.float32).tiny)).T
+        direct = viterbi(log_prob, torch.tensor(lengths))
+        fixed = static(log_prob, torch.tensor(lengths))
+        assert fixed.shape == direct.shape
+        for row, n in enumerate(lengths):
+            assert torch.equal(fixed[row, :n], direct[row, :n]), (lengths, row)
