@@ -37,10 +37,9 @@ from .params import (CREATE_PARAMS, IDEMPOTENCY_HEADER, PAGE_PARAMS, PREFER_HEAD
                      check_idempotency_key, missing, parse_query, requested_wait_s)
 from .ratelimit import RateLimiter
 from .registry import get_voice, list_voices, models_page
-from .results import RESULT_ROUTE, URL_LIFETIME_S, LocalResultStore, check_key, signed_url, verify
+from .results import RESULT_FORMATS, RESULT_ROUTE, URL_LIFETIME_S, LocalResultStore, check_key, signed_url, verify
 from .settings import AppSettings, load_api_keys, url_secret
-from .stages import RESULT_FORMATS
-from .store import FAILED, SUCCESS, Job, format_timestamp
+from .store import FAILED, HANDLE_TENANT, SUCCESS, Job, format_timestamp
 from .uploads import MAX_FILE_BYTES, PayloadTooLarge, declared_too_large, disk_short, receive_upload
 
 FORBIDDEN = {"message": "Forbidden"}
@@ -52,7 +51,6 @@ UNAVAILABLE = {"message": "Service Unavailable"}
 # as jobs age out and running jobs end.
 DISK_FULL_RETRY_AFTER_S = 60
 # The tenant of jobs created through `convert_audio`: no API key hashes to it (keys hash to hex).
-HANDLE_TENANT = "serve-handle"
 MEDIA_TYPES = {".mp3": "audio/mpeg", ".flac": "audio/flac", ".wav": "audio/x-wav"}
 
 

@@ -23,7 +23,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from pipeline.audio import duration_s
 
 from .logs import get_logger
-from .results import LocalResultStore
+from .results import LocalResultStore, result_formats
 from .retention import prune_once
 from .settings import AppSettings
 from .store import FAILED, RUNNING, SUCCESS, Job, open_job_store
@@ -255,7 +255,7 @@ class JobTracker:
             return False
         self.log.info("job attempt started", extra={**extra, "attempt": attempt, "model_id": job.model_id})
         request = {"inference_id": job.inference_id, "model_id": job.model_id, "upload_path": job.upload_path,
-                   "params": job.params}
+                   "params": job.params, "formats": result_formats(job.tenant, self.settings.lossless_results)}
         timeout_s = self.settings.job_timeout_s + self.settings.job_timeout_per_audio_s * await asyncio.to_thread(
             duration_s, job.upload_path)
         response = self.conversion.convert.remote(request)

@@ -19,7 +19,11 @@ from urllib.parse import urlencode
 
 from rvc_client.files import atomic_path
 
+from .store import HANDLE_TENANT
+
 URL_LIFETIME_S = 5 * 3600
+# The MP3 is what the API hands out (inferenceUrl); the FLAC is the lossless copy.
+RESULT_FORMATS = ("mp3", "flac")
 RESULT_ROUTE = "/results"
 # A write that failed with less than this free beside it failed for want of space.
 FULL_BELOW_BYTES = 1 << 20
@@ -27,6 +31,13 @@ FULL_BELOW_BYTES = 1 << 20
 _ID = r"[A-Za-z0-9_-]{1,64}"
 _ID_RE = re.compile(_ID)
 _KEY_RE = re.compile(_ID + r"/[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+
+
+def result_formats(tenant: str, lossless_results: bool) -> tuple[str, ...]:
+    """The files a job's conversion writes: the MP3, and the FLAC too for jobs of the Serve
+    handle (`rvc-serve batch --ray-address`, which may ask for either) or where the settings keep
+    lossless results (`AppSettings.lossless_results`)."""
+    return RESULT_FORMATS if lossless_results or tenant == HANDLE_TENANT else ("mp3",)
 
 
 def check_key(key: str) -> str:

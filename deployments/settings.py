@@ -159,6 +159,11 @@ class AppSettings(BaseModel):
     # plus a margin, so a URL fetched when the job ended works for its whole lifetime.
     retention_s: float = Field(URL_LIFETIME_S + 3600.0, gt=0)
     retention_interval_s: float = Field(600.0, gt=0)  # how often the job actor prunes
+    # Keep every result as 16-bit FLAC beside the MP3 the API hands out (for operators who audit
+    # or re-encode outputs). Off: the FLAC is 3-5x the MP3's bytes — at one H100's 231x real time,
+    # 6 h of retention is 225-400 GB of FLAC beside ~85 GB of MP3. Jobs of the Serve handle
+    # (`rvc-serve batch --ray-address`, which can ask for FLAC or WAV) keep it regardless.
+    lossless_results: bool = False
     voices_per_replica: int = Field(4, ge=1)
     # crepe f0 of inputs longer than this many frames (10 ms) is cut into pieces of it that run
     # on any pitch replicas (a multiple of crepe's 512-frame viterbi period: the joined track is
@@ -170,10 +175,11 @@ class AppSettings(BaseModel):
     # model stage's max_queued_requests, which Ray would refuse (BackPressureError).
     chunks_in_flight: int = Field(8, ge=1)
     # The networks' precision (pipeline.convert.network_precision; errors measured in
-    # docs/performance.md, all within 1e-2 relative of fp32): fp16 is for GPUs (CPUs run it as
-    # fp32), bf16 for CPUs with AMX/AVX512-BF16 (the synthesizer's residual blocks in bfloat16:
-    # 2x faster synthesis); fp32 is exact (what `rvc-serve convert` runs by default). auto: the
-    # fastest of them on each replica's hardware (pipeline.convert.fastest_precision).
+    # docs/performance.md: within 1e-2 relative of fp32, except fp16 on one H100 in session 13):
+    # fp16 is for GPUs (CPUs run it as fp32), bf16 for CPUs with AMX/AVX512-BF16 (the
+    # synthesizer's residual blocks in bfloat16: 2x faster synthesis); fp32 is exact (what
+    # `rvc-serve convert` runs by default). auto: the fastest of them on each replica's hardware
+    # (pipeline.convert.fastest_precision).
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     seed: int = 0
     # Overrides of pipeline.convert.ChunkingConfig (x_pad, x_query, x_center, x_max; seconds).

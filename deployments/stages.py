@@ -33,7 +33,6 @@ from .registry import get_voice
 from .results import LocalResultStore
 from .settings import MODEL_STAGES, AppSettings
 
-RESULT_FORMATS = ("mp3", "flac")  # lossy (the inferenceUrl) and the lossless copy
 
 
 def _batching(method, stage) -> None:
@@ -333,7 +332,7 @@ class Conversion:
 
         def write() -> dict[str, str]:
             keys = {}
-            for fmt in RESULT_FORMATS:
+            for fmt in request["formats"]:
                 key = f"{inference_id}/output.{fmt}"
                 with self.results.writer(key) as path:
                     write_audio(path, out, info.sample_rate, fmt)

@@ -31,6 +31,11 @@ def format_timestamp(us: int) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S.%f +00:00")
 
 
+# The tenant of jobs created through the application's Serve handle (`Ingress.convert_audio`):
+# not a key's SHA-256, so no API key sees them.
+HANDLE_TENANT = "serve-handle"
+
+
 @dataclass
 class Job:
     inference_id: str

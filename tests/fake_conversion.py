@@ -49,7 +49,7 @@ class FakeConversion:
         rate = 44100
         tone = (0.2 * np.sin(2 * np.pi * 330 * np.arange(int(TONE_SECONDS * rate)) / rate)).astype(np.float32)
         keys = {}
-        for fmt in ("mp3", "flac"):
+        for fmt in request["formats"]:
             key = f"{inference_id}/output.{fmt}"
             with self.results.writer(key) as path:
                 write_audio(path, tone, rate, fmt)

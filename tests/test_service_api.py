@@ -268,6 +268,8 @@ def test_accept_poll_download_and_tenancy(svc):
     download = httpx.get(url, timeout=30)  # no API key needed
     assert download.status_code == 200 and download.headers["content-type"] == "audio/mpeg"
     assert download.content == (svc.data / "results" / job["inferenceId"] / "output.mp3").read_bytes()
+    # the API hands out the MP3 alone, and only it is kept (lossless_results is off)
+    assert [p.name for p in (svc.data / "results" / job["inferenceId"]).iterdir()] == ["output.mp3"]
     assert not (svc.data / "uploads" / f"{job['inferenceId']}.wav").exists()  # cleaned up after the job
 
     # Tenancy: another key, or no such job, is the same 404.
@@ -295,10 +297,11 @@ def test_signed_url_forged_altered_or_expired_is_403(svc):
         assert response.status_code == 403 and response.json() == FORBIDDEN, bad
     other_file = svc.client.get(f"/results/{key}", params={"expires": expires, "signature": sig})
     assert other_file.status_code == 403
-    # A signature made with the service's secret for the lossless copy does open it.
+    # A signature made with the service's secret for the lossless copy is valid, but the job
+    # kept none (lossless_results is off): 404, as for any result that is not there.
     future = int(time.time()) + 60
     flac = svc.client.get(f"/results/{key}", params={"expires": future, "signature": signature(secret, key, future)})
-    assert flac.status_code == 200 and flac.headers["content-type"] == "audio/flac"
+    assert flac.status_code == 404
 
 
 def test_failed_job_has_a_one_line_error(svc):

@@ -47,6 +47,7 @@ def e2e(tmp_path_factory, serve_url):
                      "pitch_piece_frames": 512,  # a 7 s input's crepe track comes in 2 pieces
                      "chunks_in_flight": CHUNKS_IN_FLIGHT,
                      "precision": "fp32",  # exact, as `rvc-serve convert` (the default is the fastest)
+                     "lossless_results": True,  # the FLACs compared below with `Converter.convert`
                      "rate_limit_per_minute": 10000, "stages": STAGES})
     other = data / "other.pth"  # a second voice, registered after the builder wrote the demo
     save_voice(random_voice_checkpoint(7, version="v1", sample_rate=32000, f0=True), other)

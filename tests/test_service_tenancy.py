@@ -112,5 +112,8 @@ def test_serve_handle_uses_public_and_owned_voices(svc):
     for model_id in ("pub-3", "b-1"):
         mp3 = handle.convert_audio.remote(wav_bytes(), {"modelId": model_id}).result(timeout_s=60)
         assert sf.info(io.BytesIO(mp3)).format == "MP3"
+    # its jobs keep the lossless copy (`rvc-serve batch --format flac/wav`), API jobs do not
+    flac = handle.convert_audio.remote(wav_bytes(), {"modelId": "pub-3"}, "flac").result(timeout_s=60)
+    assert sf.info(io.BytesIO(flac)).format == "FLAC"
     with pytest.raises(ValueError, match='404 {"message": "Model not found"}'):
         handle.convert_audio.remote(wav_bytes(), {"modelId": "no-such-voice"}).result(timeout_s=60)
