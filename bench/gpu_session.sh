@@ -35,11 +35,11 @@ case ",$parts," in *,gpu,*)
     --mixed --seconds 10,60 --work /tmp/rvc-gpu --ref .gpu/ref --oracle .gpu/oracle --out "$out/gpu.json" ;;
 esac
 # the service as the gpu-prod overlay deploys it (fp16, batches of 16, one replica of each model
-# stage on the one GPU), 10 s uploads with rmvpe: jobs per minute and audio seconds per wall
-# second. The host stages get the overlay's most replicas: one conversion process (~0.35 CPU s
-# per 10 s job, docs/performance.md) would cap the service near 30x real time by itself. Clients
-# hold their polls (`Prefer: wait=10`): they learn of a job's end when it ends, with one poll per
-# job instead of one every 0.1-0.25 s (~0.9 of the 16 cores at 16 clients).
+# stage on the one GPU), 10 s and 60 s uploads with rmvpe: jobs per minute and audio seconds per
+# wall second. The host stages get the overlay's most replicas: one conversion process (0.14 CPU s
+# per 10 s job on the H100 host, session 13) would cap the service near 70x real time by itself.
+# Clients hold their polls (`Prefer: wait=10`): they learn of a job's end when it ends, with one
+# poll per job instead of one every 0.1-0.25 s (~0.9 of the 16 cores at 16 clients).
 case ",$parts," in *,service,*)
   load=(bench/load.py --overlay gpu-prod --replicas conversion=4,ingress=2 --f0-method rmvpe --hold-s 10
         --voices 1 --warm --cell-time-limit-s 60)
