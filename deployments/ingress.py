@@ -50,7 +50,6 @@ UNAVAILABLE = {"message": "Service Unavailable"}
 # When a create refused for want of disk space may be sent again: retention frees space
 # as jobs age out and running jobs end.
 DISK_FULL_RETRY_AFTER_S = 60
-# The tenant of jobs created through `convert_audio`: no API key hashes to it (keys hash to hex).
 MEDIA_TYPES = {".mp3": "audio/mpeg", ".flac": "audio/flac", ".wav": "audio/x-wav"}
 
 

@@ -34,7 +34,6 @@ from .results import LocalResultStore
 from .settings import MODEL_STAGES, AppSettings
 
 
-
 def _batching(method, stage) -> None:
     """Size a `@serve.batch` method from the stage's settings."""
     method.set_max_batch_size(stage.max_batch_size)

@@ -32,7 +32,7 @@ def format_timestamp(us: int) -> str:
 
 
 # The tenant of jobs created through the application's Serve handle (`Ingress.convert_audio`):
-# not a key's SHA-256, so no API key sees them.
+# no API key hashes to it (keys hash to hex), so no key sees them.
 HANDLE_TENANT = "serve-handle"
 
 
