@@ -48,7 +48,10 @@ case ",$parts," in *,service,*)
     --time-limit-s 150 --out "$out/service.json"
   # minute-long uploads: fewer, larger jobs (batch teams' files)
   run service60 "$python" "${load[@]}" --audio-seconds 60 --concurrency 16 --jobs 64 \
-    --time-limit-s 90 --out "$out/service60.json" ;;
+    --time-limit-s 90 --out "$out/service60.json"
+  # crepe (the API's default f0 method; its viterbi as a CUDA graph)
+  run service_crepe "$python" "${load[@]/rmvpe/crepe}" --audio-seconds 10 --concurrency 16 --jobs 64 \
+    --time-limit-s 90 --out "$out/service_crepe.json" ;;
 esac
 case ",$parts," in *,pitch,*) run pitch "$python" bench/pitch_gpu.py --out "$out/pitch.json" ;; esac
 case ",$parts," in *,synth,*) run synth "$python" bench/synth_gpu.py --work /tmp/rvc-gpu --out "$out/synth.json" ;; esac
