@@ -203,6 +203,7 @@ def throughput(fx: dict, path: Path, seconds: float, n: int, f0_method: str, pre
     t0 = synced()
     conv.convert_batch(requests, max_batch=n, timings=timings)
     batched = synced() - t0
+    audio_s = sum(cuts) / audio_io.SAMPLE_RATE
     layout_err = None
     if channels_last:
         voice.model.dec.cuda_channels_last = True
@@ -214,9 +215,8 @@ def throughput(fx: dict, path: Path, seconds: float, n: int, f0_method: str, pre
         plain_outs = conv.convert_batch(requests, max_batch=n)
         layout_err = max(rel_err(a, b) for a, b in zip(outs, plain_outs))
         print(f"throughput {f0_method:6s} {precision} decoder channels-last {n}×{seconds:g} s: batched "
-              f"{sum(cuts) / audio_io.SAMPLE_RATE / channels_last_s:7.1f}× real time (plain {batched:.3f} s, "
+              f"{audio_s / channels_last_s:7.1f}× real time (plain {batched:.3f} s, "
               f"channels-last {channels_last_s:.3f} s); rel err vs plain {layout_err:.2e}", flush=True)
-    audio_s = sum(cuts) / audio_io.SAMPLE_RATE
     row = {"mixed_lengths": mixed, "requests": n, "audio_s": audio_s, "sequential_wall_s": one_by_one, "batched_wall_s": batched,
            "sequential_x_realtime": audio_s / one_by_one, "batched_x_realtime": audio_s / batched,
            "batched_stages_s": timings, "cudnn_benchmark": cudnn_benchmark}

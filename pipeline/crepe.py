@@ -401,7 +401,6 @@ class _StaticViterbi:
         self.log_prob = torch.zeros(rows, frames, PITCH_BINS, device=device)
         self.lengths = torch.ones(rows, dtype=torch.int64, device=device)
         self.lock = threading.Lock()  # one pass at a time through the buffers
-        self.path = None
 
     def _pass(self) -> Tensor:
         return viterbi(self.log_prob, self.lengths)
