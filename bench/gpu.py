@@ -176,14 +176,11 @@ def single_stream(fx: dict, inputs: dict[float, Path], f0_method: str, precision
 
 
 def throughput(fx: dict, path: Path, seconds: float, n: int, f0_method: str, precision: str,
-               sequential: bool = True, cudnn_benchmark: bool = False, mixed: bool = False,
-               channels_last: bool = False) -> dict:
+               sequential: bool = True, cudnn_benchmark: bool = False, mixed: bool = False) -> dict:
     """n requests of the same length, each its own seed and voice copy count as distinct work;
     `mixed`: of n lengths from 70 % to 100 % of it instead (leading cuts), as a service sees them.
     `cudnn_benchmark`: let cuDNN time its algorithms per shape (fp16 only: the fp32 context
-    turns it off), which pays off only where shapes repeat. `channels_last`: the decoder in the
-    [B, C, L, 1] layout (`Generator.cuda_channels_last`); its outputs are also compared with the
-    plain layout's, same precision."""
+    turns it off), which pays off only where shapes repeat."""
     v = fx["voices"]["v2-40k-f0"]
     voice, index = load_voice(v["pth"], device=DEVICE), load_index(v["index"])
     conv = Converter.from_paths(fx["hubert"], rmvpe_path=fx["rmvpe"], device=DEVICE, precision=precision)
@@ -204,25 +201,9 @@ def throughput(fx: dict, path: Path, seconds: float, n: int, f0_method: str, pre
     conv.convert_batch(requests, max_batch=n, timings=timings)
     batched = synced() - t0
     audio_s = sum(cuts) / audio_io.SAMPLE_RATE
-    layout_err = None
-    if channels_last:
-        voice.model.dec.cuda_channels_last = True
-        conv.convert_batch(requests, max_batch=n)  # warm-up of the layout's kernels
-        t0 = synced()
-        outs = conv.convert_batch(requests, max_batch=n)
-        channels_last_s = synced() - t0
-        voice.model.dec.cuda_channels_last = False
-        plain_outs = conv.convert_batch(requests, max_batch=n)
-        layout_err = max(rel_err(a, b) for a, b in zip(outs, plain_outs))
-        print(f"throughput {f0_method:6s} {precision} decoder channels-last {n}×{seconds:g} s: batched "
-              f"{audio_s / channels_last_s:7.1f}× real time (plain {batched:.3f} s, "
-              f"channels-last {channels_last_s:.3f} s); rel err vs plain {layout_err:.2e}", flush=True)
     row = {"mixed_lengths": mixed, "requests": n, "audio_s": audio_s, "sequential_wall_s": one_by_one, "batched_wall_s": batched,
            "sequential_x_realtime": audio_s / one_by_one, "batched_x_realtime": audio_s / batched,
            "batched_stages_s": timings, "cudnn_benchmark": cudnn_benchmark}
-    if channels_last:
-        row.update(channels_last_wall_s=channels_last_s, channels_last_x_realtime=audio_s / channels_last_s,
-                   channels_last_rel_err_vs_plain=layout_err)
     torch.backends.cudnn.benchmark = False
     print(f"throughput {f0_method:6s} {precision}{' cudnn.benchmark' if cudnn_benchmark else ''}{' mixed lengths' if mixed else ''} "
           f"{n}×{seconds:g} s: "
@@ -290,8 +271,6 @@ def main() -> None:
     ap.add_argument("--throughput-precisions", default="fp32,fp16")
     ap.add_argument("--mixed", action="store_true", help="also time fp16 batches of mixed lengths (70-100 %%)")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="also time batched fp16 with cudnn.benchmark on")
-    ap.add_argument("--channels-last", action="store_true",
-                    help="also time each throughput row's batch with the decoder channels-last (and compare outputs)")
     ap.add_argument("--fixtures", help="a build_fixtures directory (default: built under --work)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu.json"))
     args = ap.parse_args()
@@ -330,7 +309,7 @@ def main() -> None:
     for method in ("crepe", "rmvpe") if "throughput" in parts else ():
         for precision in args.throughput_precisions.split(","):
             result["throughput"][f"{method}-{precision}"] = throughput(fx, ten, min(seconds), args.batch, method,
-                                                                      precision, channels_last=args.channels_last)
+                                                                      precision)
             save()
         if args.mixed:
             result["throughput"][f"{method}-fp16-mixed-lengths"] = throughput(

@@ -31,7 +31,7 @@ run() {  # name, command...: a failing part is reported and the next one still r
 }
 # gpu, pitch and synth share one --work, so one fixture build (a minute or two) under it
 case ",$parts," in *,gpu,*)
-  run gpu "$python" bench/gpu.py --parts fidelity,throughput,transfers,reference --throughput-precisions fp16 --channels-last \
+  run gpu "$python" bench/gpu.py --parts fidelity,throughput,transfers,reference --throughput-precisions fp16 \
     --mixed --seconds 10,60 --work /tmp/rvc-gpu --ref .gpu/ref --oracle .gpu/oracle --out "$out/gpu.json" ;;
 esac
 # the service as the gpu-prod overlay deploys it (fp16, batches of 16, one replica of each model

@@ -347,9 +347,10 @@ def network_precision(device: torch.device | str, precision: str) -> Iterator[No
 
     - fp32: exact. On CUDA true fp32: cuDNN's default TF32 convolutions flip rmvpe's voicing
       decisions (output error 0.45 relative on an H200, 1.1e-3 without TF32; bench/gpu.py).
-    - fp16: CUDA only, every network under fp16 autocast; on CPUs the same as fp32. 4e-3 (crepe)
-      and 9e-3 (rmvpe) on an H100 in session 5, but 1.6e-2 and 2.4e-1 (one voicing flip) on
-      another in session 13: over the bound, cause not yet found (docs/performance.md).
+    - fp16: CUDA only, every network under fp16 autocast but rmvpe's, which runs in float32
+      whatever the caller's precision (`rmvpe.full_float32`: in fp16 it flipped a voicing
+      decision, 2.4e-1); on CPUs the same as fp32. 4.4e-3 (crepe) and 6.0e-3 (rmvpe) on an H100
+      in session 14; 1.6e-2 once with crepe in session 13 (docs/performance.md).
     - bf16: the synthesizer's residual-block convolutions in bfloat16 (`resblock_precision`),
       the rest fp32; for CPUs with AMX or AVX512-BF16, where synthesis is 2x faster (1.3e-3). bfloat16
       autocast of every network fails the 1e-2 bound (0.5-0.9), so it is not offered. Where the

@@ -488,7 +488,7 @@ def _residual_add(total: Tensor, y: Tensor, x: Tensor) -> Tensor:
 
 def _mkldnn_layout(x: Tensor) -> bool:
     """Whether x's [B, C, L, 1] layout runs on mkldnn's kernels (CPUs) rather than torch's
-    2-D convolutions (CUDA: cuDNN's NHWC kernels, see `Generator.cuda_channels_last`)."""
+    2-D convolutions (CUDA: cuDNN's NHWC kernels, see `Generator._decode`)."""
     return x.device.type == "cpu"
 
 
@@ -496,7 +496,7 @@ def _conv(conv: nn.Conv1d, x: Tensor, slope: float | None = None, dtype: torch.d
           out_slope: float | None = None) -> Tensor:
     """`conv` of x [B, C, L] (after a leaky ReLU of `slope` if given, and followed by one of
     `out_slope` if given), or the same of x [B, C, L, 1] in channels-last layout (the decoder's
-    layout on CPUs, see `Generator.forward`), with input and weight in `dtype` if given (the
+    layout on CPUs and CUDA, see `Generator._decode`), with input and weight in `dtype` if given (the
     output is then `dtype` too).
 
     Off the CPU that layout runs torch's 2-D convolution. On the CPU it is mkldnn's 2-D
@@ -556,7 +556,7 @@ def _conv(conv: nn.Conv1d, x: Tensor, slope: float | None = None, dtype: torch.d
 def _upsample(up: nn.ConvTranspose1d, x: Tensor, noise_conv: nn.Conv1d | None = None,
               source: Tensor | None = None) -> Tensor:
     """up(x), plus noise_conv(source) when given (source [B, 1, N] at the output rate): x [B, C, L]
-    or x [B, C, L, 1] channels-last (the decoder's CPU layout, see `_conv`), out in x's layout.
+    or x [B, C, L, 1] channels-last (the decoder's layout, see `_conv`), out in x's layout.
 
     On the CPU layout both are matrix products that write the output directly. mkldnn runs the
     decoder's transposed convolutions at 50-80 GFLOP/s and the 1-channel strided source
@@ -669,8 +669,8 @@ class SineSource(nn.Module):
 
 
 class _PostConv(nn.Conv1d):
-    """The decoder's last convolution (to one channel), which also takes the CPU layout
-    [B, C, L, 1] (out [B, 1, L]): there mkldnn's channels-last convolution is 3x faster than
+    """The decoder's last convolution (to one channel), which also takes the channels-last
+    layout [B, C, L, 1] (out [B, 1, L]): on CPUs mkldnn's channels-last convolution is 3x faster than
     transposing to [B, C, L] for the 1-D one."""
 
     def forward(self, x: Tensor) -> Tensor:
@@ -691,12 +691,6 @@ class Generator(nn.Module):
         self.stage_margins = config.decoder_stage_margins
         self.stage_strides = tuple(math.prod(rates[i + 1:]) for i in range(len(rates)))  # output samples per sample
         self.cpu_segment_frames = CPU_DECODE_SEGMENT_FRAMES
-        # On CUDA, the upsampling stages in the CPU's [B, C, L, 1] channels-last layout too:
-        # cuDNN's 1-D convolutions of [B, C, L] turn their input into NHWC and the output back
-        # (29 % of a 16 x 10 s fp16 synthesis's kernel time on an H100), and the residual blocks'
-        # convolutions took 72 ms per pass channels-last against 119 ms (bench/synth_gpu.py,
-        # session 13). Off until `bench/gpu.py --channels-last` has timed the whole decoder so.
-        self.cuda_channels_last = False
         if nsf:
             self.m_source = SineSource(config.sample_rate)
             self.noise_convs = nn.ModuleList()
@@ -751,9 +745,13 @@ class Generator(nn.Module):
         synthesis in 400-frame segments, bf16 on one thread: 2-3 % faster)."""
         a, b = keep
         x = self.conv_pre(z) + self.cond(g)
-        if (x.device.type == "cpu" and torch.backends.mkldnn.is_available()
-                or x.device.type == "cuda" and self.cuda_channels_last):
-            # the upsampling stages in channels-last [B, C, L, 1] (see `_conv`)
+        # The upsampling stages in channels-last [B, C, L, 1] (see `_conv`) on CPUs and on CUDA:
+        # there cuDNN's 1-D convolutions of [B, C, L] turn their input into NHWC and the output
+        # back (29 % of a 16 x 10 s fp16 synthesis's kernel time on an H100); the residual blocks'
+        # convolutions took 72 ms per pass channels-last against 119 ms (bench/synth_gpu.py) and
+        # a whole 16 x 10 s conversion 0.767 against 0.817 s (crepe), 0.420 against 0.434 s
+        # (rmvpe), fp16 on an H100 (session 14).
+        if x.device.type == "cuda" or x.device.type == "cpu" and torch.backends.mkldnn.is_available():
             x = x[..., None].contiguous(memory_format=torch.channels_last)
         per_stage = len(self.resblocks) // len(self.ups)
         first = 0  # x's first sample, in its stage's samples

@@ -320,6 +320,20 @@ def test_a_long_input_runs_in_segments_with_the_values_of_one_pass(model, monkey
     assert (short_context - whole).abs().max() > 1e-3
 
 
+def test_the_network_runs_in_float32_under_a_callers_reduced_precision(model):
+    """rmvpe's voicing threshold flips frames on small errors: a caller's autocast (fp16 on
+    GPUs, here the CPU's bfloat16, which would move the saliences by ~1e-2) does not reach it."""
+    audio = speechlike(16000, seed=3)
+    mel = log_mel(torch.from_numpy(audio.astype(np.float32)), model.mel_basis, model.window)
+    plain, plain_f0 = model.salience(mel), rmvpe_f0(model, audio)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        np.testing.assert_array_equal(model.salience(mel), plain)
+        np.testing.assert_array_equal(rmvpe_f0(model, audio), plain_f0)
+        with torch.inference_mode():  # the bare network follows the autocast
+            reduced = model.net(torch.nn.functional.pad(mel, (0, 128 - mel.shape[-1]))[None]).float()[0].numpy()
+    assert np.abs(reduced[:mel.shape[-1]] - plain).max() > 1e-3
+
+
 def test_random_model_gives_a_usable_pitch_track(model):
     audio = speechlike(24000, seed=1)
     mel = log_mel(torch.from_numpy(audio.astype(np.float32)), model.mel_basis, model.window)

@@ -381,14 +381,14 @@ def test_decoding_in_segments_equals_decoding_whole(trim):
 @pytest.fixture(params=["mkldnn", "torch"])
 def layout_kernels(request, monkeypatch):
     """The channels-last layout's kernels: mkldnn's (CPUs) or torch's 2-D convolutions (what CUDA
-    runs when `Generator.cuda_channels_last` is on), the latter here on the CPU."""
+    runs), the latter here on the CPU."""
     if request.param == "torch":
         monkeypatch.setattr(synthesizer, "_mkldnn_layout", lambda x: False)
         monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", None)  # never called then
     return request.param
 
 
-def test_the_cuda_channels_last_decoder_gives_the_plain_layouts_output(v2_voice, monkeypatch):
+def test_the_cuda_decoders_channels_last_kernels_give_the_plain_layouts_output(v2_voice, monkeypatch):
     """The whole decoder in [B, C, L, 1] on torch's 2-D convolutions (CUDA's kernels, run here
     on the CPU) against the plain [B, C, L] layout, batched and trimmed."""
     x = [torch.cat(parts) for parts in zip(inputs(768, frames=60, seed=6), inputs(768, frames=60, seed=7))]
