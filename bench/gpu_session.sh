@@ -2,14 +2,15 @@
 # The GPU session's benchmarks on the device machine, from the repo root there, with carry
 # [".gpu"] built here by bench/gpu_carry.py:
 #
-#     bash bench/gpu_session.sh "$OUT"  [PARTS]   # PARTS: any of gpu,service,pitch,synth (default all)
+#     bash bench/gpu_session.sh "$OUT"  [PARTS]   # PARTS: any of gpu,service,pitch,synth,rmvpe (default all)
 #
 # The four together need more than the 10 minutes a device call may run: run
-# `gpu,service` (the issue's targets) in one call and `pitch,synth` (where GPU time goes) in the next.
-# Writes <part>.json and <part>.log for each part into the given folder.
+# `gpu,service` (the issue's targets) in one call and `pitch,synth,rmvpe` (where GPU time goes) in the
+# next. Writes <part>.json for each part and one session.log into the given folder (a device call
+# brings back at most 8 files).
 set -uo pipefail
 out=${1:?usage: bench/gpu_session.sh OUT_DIR [gpu,service,pitch,synth]}
-parts=${2:-gpu,service,pitch,synth}
+parts=${2:-gpu,service,pitch,synth,rmvpe}
 python=${PYTHON:-python3}
 mkdir -p "$out" /tmp/site
 # (Python's tarfile, not tar -J: the image need not have xz; a second call on a warm machine skips it)
@@ -26,8 +27,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 status=0
 run() {  # name, command...: a failing part is reported and the next one still runs
   local name=$1; shift
-  echo "== $name: $*"
-  "$@" 2>&1 | tee "$out/$name.log" || { echo "== $name failed"; status=1; }
+  echo "== $name: $*" | tee -a "$out/session.log"
+  "$@" 2>&1 | tee -a "$out/session.log" || { echo "== $name failed" | tee -a "$out/session.log"; status=1; }
 }
 # gpu, pitch and synth share one --work, so one fixture build (a minute or two) under it
 case ",$parts," in *,gpu,*)
@@ -55,4 +56,5 @@ case ",$parts," in *,service,*)
 esac
 case ",$parts," in *,pitch,*) run pitch "$python" bench/pitch_gpu.py --out "$out/pitch.json" ;; esac
 case ",$parts," in *,synth,*) run synth "$python" bench/synth_gpu.py --work /tmp/rvc-gpu --out "$out/synth.json" ;; esac
+case ",$parts," in *,rmvpe,*) run rmvpe "$python" bench/rmvpe_gpu.py --out "$out/rmvpe.json" ;; esac
 exit $status

@@ -7,6 +7,7 @@
     crepe_conv  GPU: crepe's main convolution several ways                   (bench/crepe_conv.py)
     synth_gpu   GPU: the synthesizer's top kernels and its convolutions      (bench/synth_gpu.py)
     pitch_gpu   GPU: crepe's pitch phases, the viterbi eager vs CUDA graph   (bench/pitch_gpu.py)
+    rmvpe_gpu   GPU: rmvpe's float32 pass several exact ways, and reduced ones (bench/rmvpe_gpu.py)
 
 Each writes its JSON under bench/results/ and stays runnable on its own; `--help` after the
 name shows a benchmark's options.
@@ -20,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-BENCHMARKS = ("pipeline", "gpu", "load", "flops", "crepe_conv", "synth_gpu", "pitch_gpu")
+BENCHMARKS = ("pipeline", "gpu", "load", "flops", "crepe_conv", "synth_gpu", "pitch_gpu", "rmvpe_gpu")
 
 
 def main() -> None:
