@@ -2,17 +2,18 @@
 # The GPU session's benchmarks on the device machine, from the repo root there, with carry
 # [".gpu"] built here by bench/gpu_carry.py:
 #
-#     bash bench/gpu_session.sh "$OUT"  [PARTS]   # PARTS: any of gpu,service,pitch,synth,rmvpe (default all)
+#     bash bench/gpu_session.sh "$OUT"  [PARTS]   # PARTS: any of gpu,service,mps,pitch,synth,rmvpe (default all)
 #
 # The four together need more than the 10 minutes a device call may run: run
 # `gpu,service` (the issue's targets) in one call and `pitch,synth,rmvpe` (where GPU time goes) in the
-# next. Writes <part>.json for each part and one session.log into the given folder (a device call
-# brings back at most 8 files).
+# next. Writes session.log and results.tar (each part's JSON, re-packed after every part) into the
+# given folder: a device call brings back at most 8 files.
 set -uo pipefail
 out=${1:?usage: bench/gpu_session.sh OUT_DIR [gpu,service,pitch,synth]}
-parts=${2:-gpu,service,pitch,synth,rmvpe}
+parts=${2:-gpu,service,mps,pitch,synth,rmvpe}
 python=${PYTHON:-python3}
-mkdir -p "$out" /tmp/site
+results=/tmp/gpu-session-results
+mkdir -p "$out" /tmp/site "$results"
 # (Python's tarfile, not tar -J: the image need not have xz; a second call on a warm machine skips it)
 [ -d /tmp/site/ray ] || "$python" -c "import tarfile; tarfile.open('.gpu/site.tar.xz').extractall('/tmp/site', filter='data')" \
   || exit 1
@@ -29,11 +30,12 @@ run() {  # name, command...: a failing part is reported and the next one still r
   local name=$1; shift
   echo "== $name: $*" | tee -a "$out/session.log"
   "$@" 2>&1 | tee -a "$out/session.log" || { echo "== $name failed" | tee -a "$out/session.log"; status=1; }
+  tar -cf "$out/results.tar" -C "$results" .
 }
 # gpu, pitch and synth share one --work, so one fixture build (a minute or two) under it
 case ",$parts," in *,gpu,*)
   run gpu "$python" bench/gpu.py --parts fidelity,throughput,transfers,reference --throughput-precisions fp16 \
-    --mixed --seconds 10,60 --work /tmp/rvc-gpu --ref .gpu/ref --oracle .gpu/oracle --out "$out/gpu.json" ;;
+    --mixed --seconds 10,60 --work /tmp/rvc-gpu --ref .gpu/ref --oracle .gpu/oracle --out "$results/gpu.json" ;;
 esac
 # the service as the gpu-prod overlay deploys it (fp16, batches of 16, one replica of each model
 # stage on the one GPU), 10 s and 60 s uploads with rmvpe: jobs per minute and audio seconds per
@@ -41,20 +43,35 @@ esac
 # per 10 s job on the H100 host, session 13) would cap the service near 70x real time by itself.
 # Clients hold their polls (`Prefer: wait=10`): they learn of a job's end when it ends, with one
 # poll per job instead of one every 0.1-0.25 s (~0.9 of the 16 cores at 16 clients).
+load=(bench/load.py --overlay gpu-prod --replicas conversion=4,ingress=2 --f0-method rmvpe --hold-s 10
+      --voices 1 --warm --cell-time-limit-s 60)
 case ",$parts," in *,service,*)
-  load=(bench/load.py --overlay gpu-prod --replicas conversion=4,ingress=2 --f0-method rmvpe --hold-s 10
-        --voices 1 --warm --cell-time-limit-s 60)
   # 8 jobs per client at 16 and 32: Little's law caps a cell of 2 jobs per client by its ramp
   run service "$python" "${load[@]}" --audio-seconds 10 --concurrency 1,16,32 --jobs 128 \
-    --time-limit-s 150 --out "$out/service.json"
+    --time-limit-s 150 --out "$results/service.json"
   # minute-long uploads: fewer, larger jobs (batch teams' files)
   run service60 "$python" "${load[@]}" --audio-seconds 60 --concurrency 16 --jobs 64 \
-    --time-limit-s 90 --out "$out/service60.json"
+    --time-limit-s 90 --out "$results/service60.json"
   # crepe (the API's default f0 method; its viterbi as a CUDA graph)
   run service_crepe "$python" "${load[@]/rmvpe/crepe}" --audio-seconds 10 --concurrency 16 --jobs 64 \
-    --time-limit-s 90 --out "$out/service_crepe.json" ;;
+    --time-limit-s 90 --out "$results/service_crepe.json" ;;
 esac
-case ",$parts," in *,pitch,*) run pitch "$python" bench/pitch_gpu.py --out "$out/pitch.json" ;; esac
-case ",$parts," in *,synth,*) run synth "$python" bench/synth_gpu.py --work /tmp/rvc-gpu --out "$out/synth.json" ;; esac
-case ",$parts," in *,rmvpe,*) run rmvpe "$python" bench/rmvpe_gpu.py --out "$out/rmvpe.json" ;; esac
+# The three model-stage processes share the GPU by time-slicing: their kernels never overlap. Under
+# NVIDIA's MPS daemon they are clients of one GPU context and can. The service's 16-client cells
+# (rmvpe, crepe) again with the daemon up (it must start before the replicas create their CUDA
+# contexts), against the same cells without it above.
+case ",$parts," in *,mps,*)
+  if nvidia-cuda-mps-control -d; then
+    run service_mps "$python" "${load[@]}" --audio-seconds 10 --concurrency 16 --jobs 128 \
+      --time-limit-s 90 --out "$results/service_mps.json"
+    run service_crepe_mps "$python" "${load[@]/rmvpe/crepe}" --audio-seconds 10 --concurrency 16 --jobs 64 \
+      --time-limit-s 90 --out "$results/service_crepe_mps.json"
+    echo quit | nvidia-cuda-mps-control
+  else
+    echo "== mps: the MPS daemon did not start" | tee -a "$out/session.log"; status=1
+  fi ;;
+esac
+case ",$parts," in *,pitch,*) run pitch "$python" bench/pitch_gpu.py --out "$results/pitch.json" ;; esac
+case ",$parts," in *,synth,*) run synth "$python" bench/synth_gpu.py --work /tmp/rvc-gpu --out "$results/synth.json" ;; esac
+case ",$parts," in *,rmvpe,*) run rmvpe "$python" bench/rmvpe_gpu.py --out "$results/rmvpe.json" ;; esac
 exit $status
