@@ -7,7 +7,8 @@ and batching gains little, so they batch equal lengths only.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -37,3 +38,23 @@ def batches_by_length(lengths: Sequence[int], max_batch: int, max_padding: float
                 continue
         batches.append([i])
     return batches
+
+
+def halving_on_device_oom(run: Callable[[list[int]], Sequence], indices: list[int]) -> list:
+    """`run(indices)`, or, when the device runs out of memory, the same in halves (each halved
+    again as needed): several processes share a GPU with no fence between their memory, so a
+    batch that fits alone may not fit beside a neighbour's peak. Each item's result does not
+    depend on its batch (padding is masked, random draws are per item), so the halves give the
+    whole's results. An item that fails alone raises the device's error."""
+    try:
+        return list(run(indices))
+    except torch.OutOfMemoryError as exc:
+        if len(indices) == 1:
+            raise
+        warnings.warn(f"a batch of {len(indices)} ran out of device memory; retrying it in halves ({exc})",
+                      RuntimeWarning)
+    # past the except block, so the failed attempt's tensors (its traceback's frames) are freed
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = len(indices) // 2
+    return halving_on_device_oom(run, indices[:half]) + halving_on_device_oom(run, indices[half:])

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import audio as audio_io
-from .batching import batches_by_length, max_padding
+from .batching import batches_by_length, halving_on_device_oom, max_padding
 from .hubert import Hubert, HubertConfig, content_features, load_hubert
 from .index import RetrievalIndex, blend, blend_on_device
 from .memory import model_pass
@@ -179,11 +179,12 @@ def input_pitch_request(prepared: PreparedInput, params: ConversionParams) -> Pi
 
 def per_group(keys: Sequence, run: Callable[[object, list[int]], Sequence]) -> list:
     """Results of a batch of calls in call order, computed group by group: `run(key, indices)`
-    returns the results of the calls at `indices`, which share `key` (a method, a length, a voice)."""
+    returns the results of the calls at `indices`, which share `key` (a method, a length, a voice).
+    A group that runs out of device memory runs again in halves (`halving_on_device_oom`)."""
     out = [None] * len(keys)
     for key in dict.fromkeys(keys):
         mine = [i for i, k in enumerate(keys) if k == key]
-        for i, result in zip(mine, run(key, mine)):
+        for i, result in zip(mine, halving_on_device_oom(lambda indices: run(key, indices), mine)):
             out[i] = result
     return out
 
@@ -286,9 +287,14 @@ def synthesize_chunks(voice: Voice, items: Sequence[ChunkSynthesis], trim: int) 
     noise = items[0].noise if len(items) == 1 else SynthNoise.stacked([item.noise for item in items], lengths)
     upp = voice.upsample_factor
     trim_frames, trim_rest = divmod(trim, upp)
-    out = voice.model.infer(batch(0), batch(1), batch(2), sid=[item.params.sid for item in items],
-                            noise=noise, lengths=lengths if len(items) > 1 else None,
-                            trim_frames=trim_frames)  # [B, 1, (t − 2·trim_frames)·upp]
+    rewind = noise.rewind_point()
+    try:
+        out = voice.model.infer(batch(0), batch(1), batch(2), sid=[item.params.sid for item in items],
+                                noise=noise, lengths=lengths if len(items) > 1 else None,
+                                trim_frames=trim_frames)  # [B, 1, (t − 2·trim_frames)·upp]
+    except BaseException:
+        rewind()  # the chunks tried again (halving_on_device_oom) draw what they would have
+        raise
     out = out[:, 0].float().cpu().numpy()
     return [out[i, trim_rest:(n - 2 * trim_frames) * upp - trim_rest] for i, n in enumerate(lengths)]
 

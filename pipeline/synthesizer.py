@@ -789,6 +789,11 @@ class SynthNoise(ABC):
     def source(self, like: Tensor) -> Tensor:
         """ε ~ N(0, 1) shaped like the sine [B, T·upp, 1]."""
 
+    def rewind_point(self) -> Callable[[], None]:
+        """A function that puts the draws back where they are now, so a pass tried again (after
+        the device ran out of memory) draws the same values."""
+        return lambda: None
+
     @staticmethod
     def from_generator(generator: torch.Generator) -> SynthNoise:
         """Draw lazily from `generator`, on its device, in the reference's order. A CPU generator
@@ -821,6 +826,10 @@ class GeneratorNoise(SynthNoise):
         # float32 draws whatever the model's precision: the stream must not depend on it
         eps = torch.randn(like.shape, generator=self.generator, device=self.generator.device)
         return eps.to(like)
+
+    def rewind_point(self) -> Callable[[], None]:
+        state = self.generator.get_state()
+        return lambda: self.generator.set_state(state)
 
     def prior(self, like: Tensor) -> Tensor:
         return self._randn(like)
@@ -855,6 +864,14 @@ class StackedNoise(SynthNoise):
         if len(items) != len(lengths):
             raise ValueError(f"{len(items)} noise sources for {len(lengths)} batch items")
         self.items, self.lengths = list(items), list(lengths)
+
+    def rewind_point(self) -> Callable[[], None]:
+        points = [item.rewind_point() for item in self.items]
+
+        def rewind() -> None:
+            for point in points:
+                point()
+        return rewind
 
     def _stack(self, like: Tensor, draw, time_dim: int, per_frame: int) -> Tensor:
         out = torch.zeros_like(like)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pipeline.batching import GPU_MAX_PADDING, batches_by_length, max_padding
+from pipeline.batching import GPU_MAX_PADDING, batches_by_length, halving_on_device_oom, max_padding
 
 
 @pytest.mark.parametrize(("lengths", "max_batch", "padding", "expected"), [
@@ -22,3 +22,46 @@ def test_batches_by_length(lengths, max_batch, padding, expected):
 def test_only_gpus_batch_with_padding():
     assert max_padding(torch.device("cpu")) == 0.0
     assert max_padding(torch.device("cuda")) == GPU_MAX_PADDING > 0
+
+
+def fits(limit: int, calls: list):
+    """A batch function that runs out of device memory above `limit` items, recording each call."""
+    def run(indices: list[int]) -> list[int]:
+        calls.append(list(indices))
+        if len(indices) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [10 * i for i in indices]
+    return run
+
+
+def test_a_batch_that_runs_out_of_device_memory_runs_again_in_halves():
+    calls: list = []
+    with pytest.warns(RuntimeWarning) as warned:
+        out = halving_on_device_oom(fits(2, calls), [3, 1, 4, 0, 2])
+    assert out == [30, 10, 40, 0, 20]
+    assert [str(w.message).split(";")[0] for w in warned] == [
+        "a batch of 5 ran out of device memory", "a batch of 3 ran out of device memory"]
+    assert calls == [[3, 1, 4, 0, 2], [3, 1], [4, 0, 2], [4], [0, 2]]
+
+
+def test_a_batch_that_fits_runs_once():
+    calls: list = []
+    assert halving_on_device_oom(fits(8, calls), [0, 1, 2]) == [0, 10, 20]
+    assert calls == [[0, 1, 2]]
+
+
+def test_an_item_that_does_not_fit_alone_raises_the_devices_error():
+    with pytest.warns(RuntimeWarning), pytest.raises(torch.OutOfMemoryError):
+        halving_on_device_oom(fits(0, []), [0, 1])
+
+
+def test_other_errors_are_not_retried():
+    calls = []
+
+    def run(indices):
+        calls.append(indices)
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError):
+        halving_on_device_oom(run, [0, 1, 2])
+    assert len(calls) == 1

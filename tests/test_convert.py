@@ -11,9 +11,10 @@ import torch
 from deployments.cli import main as cli_main
 from pipeline import audio as audio_io
 from pipeline.demo import synthetic_speech
-from pipeline.convert import (ChunkingConfig, ConversionParams, ConversionRequest, Converter, chunk_features,
-                              chunk_features_batch, fastest_precision, has_bf16_arithmetic, network_precision,
-                              prepare_input, split_points)
+from pipeline.convert import (ChunkingConfig, ChunkSynthesis, ConversionParams, ConversionRequest, Converter,
+                              chunk_features, chunk_features_batch, chunk_noise, estimate_input_pitch,
+                              fastest_precision, has_bf16_arithmetic, network_precision, per_group, prepare_input,
+                              split_points, synthesize_chunks)
 from pipeline import synthesizer
 from pipeline.index import load_index
 from pipeline.synthesizer import load_voice
@@ -311,3 +312,34 @@ def test_the_decoder_glue_is_compiled_only_where_it_runs(monkeypatch):
     assert convert.compile_decoder_glue("cpu", "bf16") and compiled == [True]
     monkeypatch.setattr(convert, "has_bf16_arithmetic", lambda device: False)
     assert not convert.compile_decoder_glue("cpu", "bf16") and compiled == [True]
+
+
+def test_a_synthesis_batch_out_of_device_memory_runs_again_in_halves_with_the_same_draws(
+        converter, voice, speech, monkeypatch):
+    """The decoder runs out of memory on a batch of two after both chunks drew their noise;
+    per_group runs each alone, and each draws what it would have drawn in the batch."""
+    prepared = prepare_input(speech, ChunkingConfig())
+    samples = prepared.audio_pad[prepared.chunks[0].start:prepared.chunks[0].end]
+    feats0 = chunk_features(converter.hubert, samples, voice.version)
+
+    def item(seed: int) -> ChunkSynthesis:
+        params = ConversionParams(**FAST, seed=seed)
+        coarse, pitchf = estimate_input_pitch(prepared, params, converter.pitch_models)
+        return ChunkSynthesis(feats0, feats0, coarse, pitchf, samples.shape[0], params, chunk_noise(seed, [], voice))
+
+    trim = voice.sample_rate  # x_pad 1 s
+    alone = [synthesize_chunks(voice, [item(seed)], trim)[0] for seed in (1, 2)]
+    decoder = synthesizer.Generator.forward
+
+    def out_of_memory_on_batches(self, z, g, f0=None, noise=None, keep=None):
+        if z.shape[0] > 1:
+            self.m_source(f0, self.upp, noise)  # the source's draws, as the decoder makes them first
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return decoder(self, z, g, f0, noise, keep)
+
+    monkeypatch.setattr(synthesizer.Generator, "forward", out_of_memory_on_batches)
+    items = [item(1), item(2)]
+    with pytest.warns(RuntimeWarning, match="batch of 2 ran out of device memory"):
+        retried = per_group([0, 0], lambda _key, mine: synthesize_chunks(voice, [items[i] for i in mine], trim))
+    for got, expected in zip(retried, alone):
+        np.testing.assert_array_equal(got, expected)
