@@ -147,10 +147,9 @@ class _CachedVoice:
             return
         self.voice = self.index = None
         self._on_evict()
-        import torch
+        from pipeline.memory import release_device_cache
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_device_cache()
 
 
 # The synthesis replica's log lines when its background compile ends (bench/load.py waits for them).

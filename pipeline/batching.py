@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .memory import release_device_cache
+
 # Share of a GPU batch's frames that may be padding.
 GPU_MAX_PADDING = 0.3
 
@@ -54,7 +56,6 @@ def halving_on_device_oom(run: Callable[[list[int]], Sequence], indices: list[in
         warnings.warn(f"a batch of {len(indices)} ran out of device memory; retrying it in halves ({exc})",
                       RuntimeWarning)
     # past the except block, so the failed attempt's tensors (its traceback's frames) are freed
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_device_cache()
     half = len(indices) // 2
     return halving_on_device_oom(run, indices[:half]) + halving_on_device_oom(run, indices[half:])

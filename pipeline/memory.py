@@ -10,7 +10,10 @@ the kernel. `model_pass` marks network passes and releases once none has run for
 busy process keeps its pages from pass to pass (a release after every pass made the next one
 fault its activations in again: 3-8 % of a pass on one thread) and an idle one goes back to its
 resident size between requests; a process that has grown by more than KEEP_FREED_BYTES since
-its last release releases as its pass ends, so keeping adds at most that to its peak.
+its last release releases as its pass ends, so keeping adds at most that to its peak. An idle
+GPU process also hands back the device memory torch's caching allocator keeps
+(`release_device_cache`): the model stages share one GPU with no fence between their memory, and
+one stage's cached peak is memory the others cannot have.
 
 All of it does nothing where the C library is not glibc.
 """
@@ -55,6 +58,15 @@ def release_freed_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def release_device_cache() -> None:
+    """Return the GPU memory torch caches but no tensor uses to the driver (nothing where CUDA
+    was never initialised in this process)."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _resident_bytes() -> int:
@@ -108,6 +120,7 @@ class _IdleRelease:
                 return
             self._timer = None
         self._release()  # a pass starting meanwhile only faults in what it then needs
+        release_device_cache()
 
     def _release(self) -> None:
         release_freed_memory()

@@ -81,8 +81,9 @@ def test_an_idle_process_hands_back_what_its_passes_freed():
 def test_memory_is_released_only_once_no_pass_has_run_for_the_delay(monkeypatch):
     from pipeline import memory
 
-    releases = []
+    releases, device_releases = [], []
     monkeypatch.setattr(memory, "release_freed_memory", lambda: releases.append(time.monotonic()))
+    monkeypatch.setattr(memory, "release_device_cache", lambda: device_releases.append(time.monotonic()))
     monkeypatch.setattr(memory, "_IDLE_RELEASE", memory._IdleRelease())  # its own baseline
     for _ in range(5):  # back to back: each pass cancels the release the one before armed
         with memory.model_pass(release_after_idle_s=0.3):
@@ -101,7 +102,7 @@ def test_memory_is_released_only_once_no_pass_has_run_for_the_delay(monkeypatch)
     with memory.model_pass(release_after_idle_s=0.3):
         pass
     time.sleep(0.6)
-    assert releases == []  # the other pass still runs
+    assert releases == device_releases == []  # the other pass still runs
     other_may_end.set()
     other.join()
     ended = time.monotonic()
@@ -110,7 +111,7 @@ def test_memory_is_released_only_once_no_pass_has_run_for_the_delay(monkeypatch)
         time.sleep(0.02)
     assert len(releases) == 1 and releases[0] - ended >= 0.25
     time.sleep(0.5)
-    assert len(releases) == 1  # once per idle spell
+    assert len(releases) == len(device_releases) == 1  # once per idle spell, the GPU's cache too
 
 
 def test_a_process_grown_past_the_bound_releases_as_its_pass_ends(monkeypatch):
@@ -123,6 +124,8 @@ def test_a_process_grown_past_the_bound_releases_as_its_pass_ends(monkeypatch):
         resident[0] = (1 << 30) + (100 << 20)  # what stays resident: the new baseline
 
     monkeypatch.setattr(memory, "release_freed_memory", release)
+    never = lambda: pytest.fail("only an idle process empties its GPU cache")  # noqa: E731
+    monkeypatch.setattr(memory, "release_device_cache", never)
     monkeypatch.setattr(memory, "_resident_bytes", lambda: resident[0])
     monkeypatch.setattr(memory, "_IDLE_RELEASE", memory._IdleRelease())
     with memory.model_pass(release_after_idle_s=60):  # the baseline: 1 GiB as the first pass starts
@@ -137,3 +140,18 @@ def test_a_process_grown_past_the_bound_releases_as_its_pass_ends(monkeypatch):
     with memory.model_pass(release_after_idle_s=60):
         resident[0] += 1
     assert len(releases) == 2
+
+
+def test_the_gpu_cache_is_emptied_only_where_cuda_runs(monkeypatch):
+    import torch
+
+    from pipeline import memory
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    memory.release_device_cache()
+    assert emptied == []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    memory.release_device_cache()
+    assert emptied == [True]
