@@ -7,13 +7,12 @@ MP3 is written with pedalboard's LAME, 4x faster than libsndfile's build of the 
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import soxr
-from pedalboard.io import AudioFile
-from scipy import signal
 
 SAMPLE_RATE = 16000  # what HuBERT and the pitch estimators take
 FORMATS = ("wav", "mp3", "flac")
@@ -30,8 +29,6 @@ _BLOCK_FRAMES = 1 << 16
 # Real wav files have a handful of chunks before their data; walking millions is a DoS.
 _MAX_WAV_CHUNKS = 256
 
-# 5th-order Butterworth high-pass at 48 Hz, applied forward and backward (the reference's).
-_HP_B, _HP_A = signal.butter(N=5, Wn=48, btype="high", fs=SAMPLE_RATE)
 
 
 class AudioDecodeError(ValueError):
@@ -193,9 +190,21 @@ def peak_limit(audio: np.ndarray, peak: float = 0.95) -> np.ndarray:
     return audio / m if m > 1 else audio
 
 
+# scipy.signal (~75 MB resident) and pedalboard are imported where they are used: the ingress and
+# the job actor import this module to probe uploads and never filter or encode.
+@functools.cache
+def _high_pass_filter() -> tuple[np.ndarray, np.ndarray]:
+    """5th-order Butterworth high-pass at 48 Hz (the reference's), as (b, a)."""
+    from scipy import signal
+
+    return signal.butter(N=5, Wn=48, btype="high", fs=SAMPLE_RATE)
+
+
 def high_pass(audio: np.ndarray) -> np.ndarray:
-    """48 Hz zero-phase high-pass; float64 out, as in the reference."""
-    return signal.filtfilt(_HP_B, _HP_A, audio)
+    """48 Hz zero-phase high-pass, applied forward and backward; float64 out, as in the reference."""
+    from scipy import signal
+
+    return signal.filtfilt(*_high_pass_filter(), audio)
 
 
 def to_int16(audio: np.ndarray) -> np.ndarray:
@@ -223,6 +232,8 @@ def write_audio(path: str | Path, audio: np.ndarray, sample_rate: int, fmt: str 
     if fmt not in FORMATS:
         raise ValueError(f"unsupported output format {fmt!r}; use one of {FORMATS}")
     if fmt == "mp3":
+        from pedalboard.io import AudioFile
+
         if sample_rate not in MP3_SAMPLE_RATES:
             target = next((r for r in MP3_SAMPLE_RATES if r >= sample_rate), MP3_SAMPLE_RATES[-1])
             floats = audio.astype(np.float32) / 32768.0 if audio.dtype == np.int16 else audio

@@ -478,3 +478,16 @@ def test_openapi_matches_the_validation_tables():
     assert [p["name"] for p in get["parameters"]] == ["inferenceId", params.PREFER_HEADER]
     assert "Preference-Applied" in get["responses"]["200"]["headers"]
     json.dumps(doc)
+
+
+def test_the_ingress_and_the_job_actor_load_no_model_or_dsp_libraries():
+    """They probe uploads (pipeline.audio) but never filter, encode or run a network: scipy.signal
+    alone is ~75 MB resident in every ingress replica and the job actor."""
+    import subprocess
+    import sys
+
+    code = ("import sys, deployments.ingress, deployments.jobs\n"
+            "print(sorted(m for m in ('torch', 'scipy.signal', 'pedalboard') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
