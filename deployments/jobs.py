@@ -107,6 +107,9 @@ class _Metrics:
                                    ["event"], registry=r)
         for event in ("hit", "miss", "eviction"):
             self.voice_cache.labels(event)
+        # rate() of it is the service's real-time factor: audio seconds converted per second
+        self.audio_seconds = Counter("rvc_audio_seconds_converted_total",
+                                     "Seconds of input audio in the jobs that succeeded.", registry=r)
         for status in (SUCCESS, FAILED):
             self.finished.labels(status)
 
@@ -256,8 +259,8 @@ class JobTracker:
         self.log.info("job attempt started", extra={**extra, "attempt": attempt, "model_id": job.model_id})
         request = {"inference_id": job.inference_id, "model_id": job.model_id, "upload_path": job.upload_path,
                    "params": job.params, "formats": result_formats(job.tenant, self.settings.lossless_results)}
-        timeout_s = self.settings.job_timeout_s + self.settings.job_timeout_per_audio_s * await asyncio.to_thread(
-            duration_s, job.upload_path)
+        audio_s = await asyncio.to_thread(duration_s, job.upload_path)
+        timeout_s = self.settings.job_timeout_s + self.settings.job_timeout_per_audio_s * audio_s
         response = self.conversion.convert.remote(request)
         try:
             result = await asyncio.wait_for(_resolve(response), timeout_s)
@@ -277,7 +280,8 @@ class JobTracker:
             await self._finish(inference_id, FAILED, error=one_line_error(exc, self.settings.data_dir))
             return False
         self._record_stats(result.get("stats", {}))
-        await self._finish(inference_id, SUCCESS, results=result["results"])
+        if await self._finish(inference_id, SUCCESS, results=result["results"]):
+            self.metrics.audio_seconds.inc(audio_s)
         return False
 
     async def _finish(self, inference_id: str, status: str, *, error: str | None = None,

@@ -30,7 +30,6 @@ _BLOCK_FRAMES = 1 << 16
 _MAX_WAV_CHUNKS = 256
 
 
-
 class AudioDecodeError(ValueError):
     """The bytes are not a wav, mp3 or flac file we can decode (wrong type, truncated, empty)."""
 

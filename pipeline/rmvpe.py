@@ -308,8 +308,8 @@ def full_float32(device: torch.device) -> Iterator[None]:
     """Float32 arithmetic for the network whatever precision the caller runs in: the voicing
     threshold turns small errors into flipped frames. Under fp16 autocast on an H100 one frame
     of 1,200 flipped (0.24 relative output error, session 14; HuBERT and synthesis in fp16 were
-    5e-3 and 2e-3), cuDNN's TF32 convolutions gave 0.45 on an H200; the network is cheap (7.5 GFLOP
-    per audio second against crepe's 283)."""
+    5e-3 and 2e-3), cuDNN's TF32 convolutions gave 0.45 on an H200. The price: batched pitch of
+    16 × 10 s went from 0.08 to 0.32 s on an H100 (bench/rmvpe_gpu.py looks for exact ways back)."""
     with torch.autocast(device.type, enabled=False):
         if device.type != "cuda":
             yield

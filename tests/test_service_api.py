@@ -565,6 +565,8 @@ def test_operational_routes(svc):
                  "rvc_job_duration_seconds_bucket", 'rvc_stage_latency_seconds_count{stage="synthesis"}',
                  'rvc_voice_cache_events_total{event="hit"}'):
         assert name in text, name
+    converted = float(re.search(r"^rvc_audio_seconds_converted_total (\S+)$", text, re.M).group(1))
+    assert converted >= 0.5  # this job's 0.5 s at least
     doc = svc.client.get("/openapi.json").json()
     assert doc["openapi"].startswith("3.") and set(doc["paths"]) == {
         "/v1/inferences-vc", "/v1/inferences-vc/{inferenceId}", "/v1/models-vc", "/results/{inferenceId}/{name}",
