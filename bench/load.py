@@ -23,7 +23,8 @@ Per cell it also reads the service's /metrics before and after (voice-cache hits
 evictions; cold voice loads, the `voice_load` stage; mean latency per stage) and the CPU
 seconds every process of its Ray used per request (by actor: which does not depend on what
 else runs on the machine, where latencies do). The peak RSS of each of those processes
-(replicas, proxy, controller, job and rate-limit actors) is sampled throughout. `--warm`
+(replicas, proxy, controller, job and rate-limit actors) is sampled throughout, and where
+nvidia-smi runs their peak GPU memory and the GPUs' (`peak_gpu_mb`, `peak_gpus_used_mb`). `--warm`
 converts once with every voice before the cells. The default is a quick run (a few minutes
 on 2 cores); `--full` is the issue's matrix (concurrency 1/4/16/32 × 1/3/20 voices). Prints
 a table and writes JSON; it asserts nothing.
@@ -39,6 +40,7 @@ import random
 import secrets
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -146,15 +148,23 @@ def parse_service_metrics(text: str) -> dict[str, float]:
 
 class ProcessSampler:
     """Peak RSS and CPU time of each Ray process below this one (the Ray it started), by pid and
-    actor name. CPU seconds per request do not depend on what else runs on the machine; latency does."""
+    actor name, and where nvidia-smi runs the peak GPU memory of each process and of the GPUs
+    (the model stages share a GPU with no fence between their memory). CPU seconds per request do
+    not depend on what else runs on the machine; latency does."""
+
+    GPU_EVERY = 4  # samples between nvidia-smi queries (each takes tens of ms)
 
     def __init__(self, interval_s: float = 0.25) -> None:
         import psutil
 
         self._me = psutil.Process()
         self._interval = interval_s
+        self._nvidia_smi = shutil.which("nvidia-smi")
+        self._samples = 0
         self.names: dict[int, str] = {}
         self.peak_rss: dict[int, int] = {}
+        self.peak_gpu_mb: dict[int, float] = {}  # by pid (nvidia-smi's compute apps)
+        self.peak_gpus_used_mb = 0.0  # all processes on all GPUs, whoever's
         self.cpu_s: dict[int, float] = {}  # last seen user + system seconds
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -188,6 +198,30 @@ class ProcessSampler:
                     self.names[proc.pid] = name
                 self.peak_rss[proc.pid] = max(self.peak_rss.get(proc.pid, 0), rss)
                 self.cpu_s[proc.pid] = times.user + times.system
+        if self._nvidia_smi is not None and self._samples % self.GPU_EVERY == 0:
+            self._sample_gpu_memory()
+        self._samples += 1
+
+    def _sample_gpu_memory(self) -> None:
+        def query(*args: str) -> list[list[float]]:
+            out = subprocess.run([self._nvidia_smi, *args, "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=5).stdout
+            rows = []
+            for line in out.splitlines():
+                try:
+                    rows.append([float(v) for v in line.split(",")])
+                except ValueError:  # "[N/A]" and the like
+                    continue
+            return rows
+
+        try:
+            apps, gpus = query("--query-compute-apps=pid,used_memory"), query("--query-gpu=memory.used")
+        except (OSError, subprocess.SubprocessError):
+            return
+        with self._lock:
+            for pid, mb in (row for row in apps if len(row) == 2):
+                self.peak_gpu_mb[int(pid)] = max(self.peak_gpu_mb.get(int(pid), 0.0), mb)
+            self.peak_gpus_used_mb = max(self.peak_gpus_used_mb, sum(row[0] for row in gpus if row))
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -207,6 +241,13 @@ class ProcessSampler:
         with self._lock:
             return {f"{self.names.get(pid, 'process')} pid={pid}": round(rss / 2**20, 1)
                     for pid, rss in sorted(self.peak_rss.items(), key=lambda kv: self.names.get(kv[0], ""))}
+
+    def peak_gpu_mb_by_process(self) -> dict[str, float]:
+        """Peak GPU memory by "<actor or process> pid=<pid>" (a pid nvidia-smi reports from
+        another pid namespace keeps the name "process")."""
+        with self._lock:
+            return {f"{self.names.get(pid, 'process')} pid={pid}": mb
+                    for pid, mb in sorted(self.peak_gpu_mb.items(), key=lambda kv: self.names.get(kv[0], ""))}
 
 
 def multipart_body(audio: bytes) -> tuple[bytes, str]:
@@ -626,6 +667,9 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 stop_service()
         result["peak_rss_mb"] = procs.peak_rss_mb()
+        if procs.peak_gpus_used_mb:
+            result["peak_gpu_mb"] = procs.peak_gpu_mb_by_process()
+            result["peak_gpus_used_mb"] = procs.peak_gpus_used_mb
         result["audio_seconds_per_job"] = audio_seconds
     finally:
         if not args.work:
@@ -633,6 +677,10 @@ def main(argv: list[str] | None = None) -> None:
     print_table(result["cells"])
     for name, mb in result.get("peak_rss_mb", {}).items():
         print(f"peak RSS {mb:8.1f} MB  {name}")
+    for name, mb in result.get("peak_gpu_mb", {}).items():
+        print(f"peak GPU {mb:8.1f} MB  {name}")
+    if "peak_gpus_used_mb" in result:
+        print(f"peak GPU memory used, all processes: {result['peak_gpus_used_mb']:.0f} MB")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))

@@ -1,6 +1,8 @@
 """The load benchmark's arithmetic and its reading of the service's /metrics (no service runs)."""
 import asyncio
+import os
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
@@ -169,3 +171,39 @@ def test_resources_the_fixed_replicas_reserve(tmp_path):
     shipped = AppSettings.model_validate(app_args(parse_args([]), tmp_path)).stages  # "auto": none without a GPU
     assert resources_needed(shipped, cluster_has_gpu=False)["GPU"] == 0
     assert resources_needed(shipped, cluster_has_gpu=True)["GPU"] > 0
+
+
+def test_gpu_memory_is_sampled_per_process_where_nvidia_smi_runs(tmp_path, monkeypatch):
+    """A stand-in nvidia-smi reports a child process at 1,234 MB, then 1,000 MB, and the GPU at
+    2,048 MB: the peaks are kept, by the process's name; without nvidia-smi nothing is sampled."""
+    import subprocess
+    import sys
+    import time
+
+    from bench.load import ProcessSampler
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        reading = tmp_path / "app_mb"
+        reading.write_text("1234")
+        fake = tmp_path / "nvidia-smi"
+        fake.write_text("#!/bin/sh\n"
+                        'case "$1" in\n'
+                        f'  --query-compute-apps=*) echo "{child.pid}, $(cat {reading})"; echo "[N/A], [N/A]" ;;\n'
+                        '  --query-gpu=*) echo "2048" ;;\n'
+                        "esac\n")
+        fake.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+        sampler = ProcessSampler()
+        time.sleep(0.2)  # the child's command line is in place
+        sampler.sample()
+        reading.write_text("1000")
+        for _ in range(ProcessSampler.GPU_EVERY):
+            sampler.sample()
+        assert sampler.peak_gpu_mb_by_process() == {f"{Path(sys.executable).name} pid={child.pid}": 1234.0}
+        assert sampler.peak_gpus_used_mb == 2048.0
+        monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+        assert ProcessSampler()._nvidia_smi is None
+    finally:
+        child.kill()
+        child.wait()
