@@ -24,7 +24,8 @@ evictions; cold voice loads, the `voice_load` stage; mean latency per stage) and
 seconds every process of its Ray used per request (by actor: which does not depend on what
 else runs on the machine, where latencies do). The peak RSS of each of those processes
 (replicas, proxy, controller, job and rate-limit actors) is sampled throughout, and where
-nvidia-smi runs their peak GPU memory and the GPUs' (`peak_gpu_mb`, `peak_gpus_used_mb`). `--warm`
+nvidia-smi runs their peak GPU memory and the GPUs' (`peak_gpu_mb`, `peak_gpus_used_mb`) and the
+GPUs' busy share during each cell (`gpu_busy_pct`: is the GPU the bound?). `--warm`
 converts once with every voice before the cells. The default is a quick run (a few minutes
 on 2 cores); `--full` is the issue's matrix (concurrency 1/4/16/32 × 1/3/20 voices). Prints
 a table and writes JSON; it asserts nothing.
@@ -165,6 +166,7 @@ class ProcessSampler:
         self.peak_rss: dict[int, int] = {}
         self.peak_gpu_mb: dict[int, float] = {}  # by pid (nvidia-smi's compute apps)
         self.peak_gpus_used_mb = 0.0  # all processes on all GPUs, whoever's
+        self.gpu_busy: list[tuple[float, float]] = []  # (monotonic time, mean % of time a kernel ran)
         self.cpu_s: dict[int, float] = {}  # last seen user + system seconds
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -215,13 +217,23 @@ class ProcessSampler:
             return rows
 
         try:
-            apps, gpus = query("--query-compute-apps=pid,used_memory"), query("--query-gpu=memory.used")
+            apps = query("--query-compute-apps=pid,used_memory")
+            gpus = [row for row in query("--query-gpu=memory.used,utilization.gpu") if len(row) == 2]
         except (OSError, subprocess.SubprocessError):
             return
         with self._lock:
             for pid, mb in (row for row in apps if len(row) == 2):
                 self.peak_gpu_mb[int(pid)] = max(self.peak_gpu_mb.get(int(pid), 0.0), mb)
-            self.peak_gpus_used_mb = max(self.peak_gpus_used_mb, sum(row[0] for row in gpus if row))
+            if gpus:
+                self.peak_gpus_used_mb = max(self.peak_gpus_used_mb, sum(mb for mb, _ in gpus))
+                self.gpu_busy.append((time.monotonic(), sum(busy for _, busy in gpus) / len(gpus)))
+
+    def gpu_busy_pct(self, since: float, until: float) -> float | None:
+        """The GPUs' mean busy % (nvidia-smi's utilization.gpu: time some kernel ran) sampled
+        between two time.monotonic() readings; None without samples."""
+        with self._lock:
+            seen = [busy for at, busy in self.gpu_busy if since <= at <= until]
+        return sum(seen) / len(seen) if seen else None
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -479,7 +491,7 @@ def run_cell(base_url: str, procs: ProcessSampler, idle_cpu: float, body: bytes,
     its voice-cache counters over the cell."""
     before = scrape(base_url)
     cpu0, driver_cpu0 = procs.cpu_by_name(), time.process_time()
-    started = time.perf_counter()
+    started, started_monotonic = time.perf_counter(), time.monotonic()
     cell = asyncio.run(run_clients(
         base_url, body, content_type, voices, concurrency=concurrency,
         requests=args.jobs or (2 * concurrency if args.full else max(3, concurrency)), mode=args.mode, query=query,
@@ -495,6 +507,7 @@ def run_cell(base_url: str, procs: ProcessSampler, idle_cpu: float, body: bytes,
             "cpu_s_per_request_by_process": {k: round(v / sent, 4) for k, v in cpu.most_common() if v > 0},
             "driver_cpu_s_per_request": (time.process_time() - driver_cpu0) / sent,
             "load_avg": os.getloadavg()[0], "replicas_at_end": running_replicas(),
+            "gpu_busy_pct": procs.gpu_busy_pct(started_monotonic, time.monotonic()),
             **service_delta(before, scrape(base_url))}
 
 
@@ -520,13 +533,13 @@ def print_table(cells: list[dict]) -> None:
     cols = [("voices", "{:>6}"), ("concurrency", "{:>4}"), ("jobs_succeeded", "{:>5}"), ("post_p50_s", "{:>8}"),
             ("post_p99_s", "{:>8}"), ("job_p50_s", "{:>8}"), ("job_seen_p50_s", "{:>8}"), ("polls_per_job", "{:>6}"),
             ("jobs_per_minute", "{:>8}"), ("audio_s_per_wall_s", "{:>8}"), ("service_cpu_s_per_request", "{:>7}"),
-            ("hit_rate", "{:>6}"), ("cold_load_mean_s", "{:>8}")]
+            ("hit_rate", "{:>6}"), ("cold_load_mean_s", "{:>8}"), ("gpu_busy_pct", "{:>7}")]
     heads = ["voices", "conc", "jobs", "POSTp50", "POSTp99", "job p50", "seen p50", "polls", "jobs/min", "audio/s",
-             "CPU s", "hit", "cold s"]
+             "CPU s", "hit", "cold s", "GPU %"]
     print(" ".join(fmt.format(h) for (_, fmt), h in zip(cols, heads)))
     for cell in cells:
         row = {**cell, **cell["voice_cache"]}
-        print(" ".join(fmt.format("-" if row[k] is None else
+        print(" ".join(fmt.format("-" if row.get(k) is None else
                                   (f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k])))
                        for k, fmt in cols))
 

@@ -175,7 +175,8 @@ def test_resources_the_fixed_replicas_reserve(tmp_path):
 
 def test_gpu_memory_is_sampled_per_process_where_nvidia_smi_runs(tmp_path, monkeypatch):
     """A stand-in nvidia-smi reports a child process at 1,234 MB, then 1,000 MB, and the GPU at
-    2,048 MB: the peaks are kept, by the process's name; without nvidia-smi nothing is sampled."""
+    2,048 MB and 37 % busy: the peaks are kept, by the process's name, and the busy share by time;
+    without nvidia-smi nothing is sampled."""
     import subprocess
     import sys
     import time
@@ -190,18 +191,21 @@ def test_gpu_memory_is_sampled_per_process_where_nvidia_smi_runs(tmp_path, monke
         fake.write_text("#!/bin/sh\n"
                         'case "$1" in\n'
                         f'  --query-compute-apps=*) echo "{child.pid}, $(cat {reading})"; echo "[N/A], [N/A]" ;;\n'
-                        '  --query-gpu=*) echo "2048" ;;\n'
+                        '  --query-gpu=*) echo "2048, 37" ;;\n'
                         "esac\n")
         fake.chmod(0o755)
         monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
         sampler = ProcessSampler()
         time.sleep(0.2)  # the child's command line is in place
+        started = time.monotonic()
         sampler.sample()
         reading.write_text("1000")
         for _ in range(ProcessSampler.GPU_EVERY):
             sampler.sample()
         assert sampler.peak_gpu_mb_by_process() == {f"{Path(sys.executable).name} pid={child.pid}": 1234.0}
         assert sampler.peak_gpus_used_mb == 2048.0
+        assert sampler.gpu_busy_pct(started, time.monotonic()) == 37.0
+        assert sampler.gpu_busy_pct(time.monotonic() + 1, time.monotonic() + 2) is None
         monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
         assert ProcessSampler()._nvidia_smi is None
     finally:
