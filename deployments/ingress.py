@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -50,6 +50,7 @@ UNAVAILABLE = {"message": "Service Unavailable"}
 # When a create refused for want of disk space may be sent again: retention frees space
 # as jobs age out and running jobs end.
 DISK_FULL_RETRY_AFTER_S = 60
+HTTP_FLUSH_S = 2.0  # how often a replica sends its requests' metrics to the job actor
 MEDIA_TYPES = {".mp3": "audio/mpeg", ".flac": "audio/flac", ".wav": "audio/x-wav"}
 
 
@@ -74,11 +75,11 @@ class Ingress:
         # always find room; a poll past that is answered at once, as a plain poll.
         self.held_polls = asyncio.Semaphore(max(1, settings.stages.ingress.max_ongoing_requests // 2))
         self.log = get_logger()
-        self.registry = CollectorRegistry()
-        self.requests = Counter("rvc_http_requests_total", "HTTP requests by route, method and status code.",
-                                ["route", "method", "code"], registry=self.registry)
-        self.latency = Histogram("rvc_http_request_duration_seconds", "HTTP request latency by route.",
-                                 ["route"], registry=self.registry)
+        # (route, method, code, seconds) of the requests answered since the last flush to the job
+        # actor, which keeps the HTTP metrics of every replica: a scrape reaches one replica, and
+        # that replica's own counters would be its share only.
+        self.http_requests: list[tuple[str, str, str, float]] = []
+        self._http_flusher = asyncio.get_running_loop().create_task(self._flush_http_metrics_every(HTTP_FLUSH_S))
 
     def __serve_build_asgi_app__(self) -> Starlette:
         routes = [
@@ -110,9 +111,24 @@ class Ingress:
                     label = f"{route} (held)"
                 return response
             finally:
-                self.requests.labels(label, request.method, code).inc()
-                self.latency.labels(label).observe(time.perf_counter() - start)
+                self.http_requests.append((label, request.method, code, time.perf_counter() - start))
         return endpoint
+
+    async def flush_http_metrics(self) -> None:
+        """Send the requests answered since the last flush to the job actor. Best effort: a batch
+        the actor does not take is dropped (a retry could count it twice)."""
+        batch, self.http_requests = self.http_requests, []
+        if not batch:
+            return
+        try:
+            await asyncio.wait_for(_resolve(self.tracker.record_http.remote(batch)), 5)
+        except Exception as exc:  # noqa: BLE001 - metrics never fail a request
+            self.log.warning("HTTP metrics not recorded", extra={"requests": len(batch), "error": one_line_error(exc)})
+
+    async def _flush_http_metrics_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await self.flush_http_metrics()
 
     async def _gate(self, request: Request) -> tuple[str, dict[str, str]] | Response:
         """Key check then rate limit: (tenant, rate-limit headers) or the refusal to send."""
@@ -308,12 +324,14 @@ class Ingress:
         return JSONResponse({"status": "ready", "voices": len(voices)})
 
     async def metrics(self, request: Request) -> Response:
-        """This replica's HTTP metrics plus the job actor's job, stage and voice-cache metrics."""
-        text = generate_latest(self.registry)
+        """The job actor's metrics: HTTP requests of every ingress replica (this one's flushed
+        first; the others' are at most HTTP_FLUSH_S old), jobs, stages, voice cache."""
+        await self.flush_http_metrics()
         try:
-            text += await asyncio.wait_for(_resolve(self.tracker.metrics_text.remote()), 5)
-        except Exception as exc:  # noqa: BLE001 - serve what we have
-            self.log.warning("job metrics unavailable", extra={"error": one_line_error(exc)})
+            text = await asyncio.wait_for(_resolve(self.tracker.metrics_text.remote()), 5)
+        except Exception as exc:  # noqa: BLE001 - a clear 503, not a 500
+            self.log.warning("metrics unavailable", extra={"error": one_line_error(exc)})
+            return JSONResponse(UNAVAILABLE, 503)
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(self, request: Request) -> Response:

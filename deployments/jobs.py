@@ -107,6 +107,12 @@ class _Metrics:
                                    ["event"], registry=r)
         for event in ("hit", "miss", "eviction"):
             self.voice_cache.labels(event)
+        # Every ingress replica's requests, sent here in batches (Ingress.flush_http_metrics), so a
+        # scrape that any one replica answers counts them all.
+        self.http_requests = Counter("rvc_http_requests_total", "HTTP requests by route, method and status code.",
+                                     ["route", "method", "code"], registry=r)
+        self.http_latency = Histogram("rvc_http_request_duration_seconds", "HTTP request latency by route.",
+                                      ["route"], registry=r)
         # rate() of it is the service's real-time factor: audio seconds converted per second
         self.audio_seconds = Counter("rvc_audio_seconds_converted_total",
                                      "Seconds of input audio in the jobs that succeeded.", registry=r)
@@ -223,6 +229,12 @@ class JobTracker:
 
     async def metrics_text(self) -> bytes:
         return generate_latest(self.metrics.registry)
+
+    async def record_http(self, requests: list[tuple[str, str, str, float]]) -> None:
+        """Count an ingress replica's requests: (route, method, status code, seconds) each."""
+        for route, method, code, seconds in requests:
+            self.metrics.http_requests.labels(route, method, code).inc()
+            self.metrics.http_latency.labels(route).observe(seconds)
 
     def _schedule(self, inference_id: str, tenant: str) -> None:
         if inference_id in self.tasks:

@@ -606,3 +606,20 @@ def test_rate_limit_is_shared_by_ingress_replicas(limited):
     assert status == 429 and "retry-after" in headers
     other = limited.client.get("/v1/models-vc", headers={"x-api-key": KEY_B})
     assert other.status_code == 200 and other.headers["x-ratelimit-remaining"] == "4"
+
+
+def test_every_scrape_counts_the_requests_of_both_ingress_replicas(limited):
+    """A scrape reaches one of the two replicas; whichever it is, it counts what both answered."""
+    from deployments.ingress import HTTP_FLUSH_S
+
+    def healthz_count() -> float:
+        metrics = limited.client.get("/metrics").text
+        found = re.search(r'^rvc_http_requests_total\{code="200",method="GET",route="/healthz"\} (\S+)$', metrics, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    time.sleep(HTTP_FLUSH_S + 0.5)  # earlier requests (the readiness checks) are all flushed
+    before = healthz_count()
+    with ThreadPoolExecutor(8) as pool:  # concurrent, so the proxy spreads them over both replicas
+        assert all(r.status_code == 200 for r in pool.map(lambda _: limited.client.get("/healthz"), range(40)))
+    time.sleep(HTTP_FLUSH_S + 0.5)
+    assert [healthz_count() - before for _ in range(6)] == [40.0] * 6
