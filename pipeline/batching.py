@@ -42,17 +42,22 @@ def batches_by_length(lengths: Sequence[int], max_batch: int, max_padding: float
     return batches
 
 
+class DeviceOutOfMemory(RuntimeError):
+    """An item that does not fit in the device's free memory even alone (the job's error)."""
+
+
 def halving_on_device_oom(run: Callable[[list[int]], Sequence], indices: list[int]) -> list:
     """`run(indices)`, or, when the device runs out of memory, the same in halves (each halved
     again as needed): several processes share a GPU with no fence between their memory, so a
     batch that fits alone may not fit beside a neighbour's peak. Each item's result does not
     depend on its batch (padding is masked, random draws are per item), so the halves give the
-    whole's results. An item that fails alone raises the device's error."""
+    whole's results. An item that fails alone raises DeviceOutOfMemory (from the device's error,
+    whose text, sizes and allocator advice, is for the logs, not for the job's client)."""
     try:
         return list(run(indices))
     except torch.OutOfMemoryError as exc:
         if len(indices) == 1:
-            raise
+            raise DeviceOutOfMemory("out of GPU memory for a piece of this input, even alone: try again later") from exc
         warnings.warn(f"a batch of {len(indices)} ran out of device memory; retrying it in halves ({exc})",
                       RuntimeWarning)
     # past the except block, so the failed attempt's tensors (its traceback's frames) are freed

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from pipeline.batching import GPU_MAX_PADDING, batches_by_length, halving_on_device_oom, max_padding
+from pipeline.batching import (GPU_MAX_PADDING, DeviceOutOfMemory, batches_by_length, halving_on_device_oom,
+                               max_padding)
 
 
 @pytest.mark.parametrize(("lengths", "max_batch", "padding", "expected"), [
@@ -50,9 +51,10 @@ def test_a_batch_that_fits_runs_once():
     assert calls == [[0, 1, 2]]
 
 
-def test_an_item_that_does_not_fit_alone_raises_the_devices_error():
-    with pytest.warns(RuntimeWarning), pytest.raises(torch.OutOfMemoryError):
+def test_an_item_that_does_not_fit_alone_fails_with_a_clear_error():
+    with pytest.warns(RuntimeWarning), pytest.raises(DeviceOutOfMemory, match="out of GPU memory") as raised:
         halving_on_device_oom(fits(0, []), [0, 1])
+    assert isinstance(raised.value.__cause__, torch.OutOfMemoryError)
 
 
 def test_other_errors_are_not_retried():
