@@ -4,12 +4,12 @@
 #
 #     bash bench/gpu_session.sh "$OUT"  [PARTS]   # PARTS: any of gpu,service,mps,pitch,synth,rmvpe (default all)
 #
-# The four together need more than the 10 minutes a device call may run: run
-# `gpu,service` (the issue's targets) in one call and `pitch,synth,rmvpe` (where GPU time goes) in the
-# next. Writes session.log and results.tar (each part's JSON, re-packed after every part) into the
-# given folder: a device call brings back at most 8 files.
+# All of them need more than the 10 minutes a device call may run (session 14: gpu ~210 s,
+# service ~200 s, pitch+synth ~120 s): split them over two calls, e.g. `service,mps,rmvpe` and
+# `gpu,pitch,synth`. Writes session.log and results.tar (each part's JSON, re-packed after every
+# part) into the given folder: a device call brings back at most 8 files.
 set -uo pipefail
-out=${1:?usage: bench/gpu_session.sh OUT_DIR [gpu,service,pitch,synth]}
+out=${1:?usage: bench/gpu_session.sh OUT_DIR [gpu,service,mps,pitch,synth,rmvpe]}
 parts=${2:-gpu,service,mps,pitch,synth,rmvpe}
 python=${PYTHON:-python3}
 results=/tmp/gpu-session-results
