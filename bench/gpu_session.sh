@@ -30,7 +30,8 @@ run() {  # name, command...: a failing part is reported and the next one still r
   local name=$1; shift
   echo "== $name: $*" | tee -a "$out/session.log"
   "$@" 2>&1 | tee -a "$out/session.log" || { echo "== $name failed" | tee -a "$out/session.log"; status=1; }
-  tar -cf "$out/results.tar" -C "$results" .
+  "$python" -c "import sys, tarfile; t = tarfile.open(sys.argv[1], 'w'); t.add(sys.argv[2], arcname='.'); t.close()" \
+    "$out/results.tar" "$results"
 }
 # gpu, pitch and synth share one --work, so one fixture build (a minute or two) under it
 case ",$parts," in *,gpu,*)
