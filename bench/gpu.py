@@ -65,6 +65,24 @@ def rel_err(out: np.ndarray, ref: np.ndarray) -> float:
 DEVICE = "cuda"  # --device cpu: a dry run of the script itself (every precision is then fp32)
 
 
+def profile_options(doc: str, name: str) -> argparse.ArgumentParser:
+    """The GPU profiles' options: a batch of --batch inputs of --seconds each on --device (cpu: a
+    dry run of the script), JSON to --out (bench/results/NAME.json by default)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / f"{name}.json"))
+    return ap
+
+
+def write_result(result: dict, out: str | Path) -> None:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
 def synced() -> float:
     if DEVICE == "cuda":
         torch.cuda.synchronize()

@@ -10,8 +10,6 @@ dry run of the script (fp32, no graph).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench import gpu as gpu_bench  # noqa: E402
-from bench.gpu import ensure_crepe_full_weights, synced  # noqa: E402
+from bench.gpu import ensure_crepe_full_weights, profile_options, synced, write_result  # noqa: E402
 from pipeline import crepe  # noqa: E402
 from pipeline.convert import network_precision  # noqa: E402
 
@@ -56,12 +54,7 @@ def phases(model: crepe.Crepe, audios: list[torch.Tensor]) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seconds", type=float, default=10)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pitch-gpu.json"))
-    args = ap.parse_args()
+    args = profile_options(__doc__, "pitch-gpu").parse_args()
     gpu_bench.DEVICE = device = args.device  # synced() waits for the device only on CUDA
     cuda = device == "cuda"
     result: dict = {"gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__,
@@ -110,10 +103,7 @@ def main() -> None:
         result["viterbi"] = row
         print("viterbi " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
               flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

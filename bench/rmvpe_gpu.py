@@ -15,9 +15,7 @@ of the shipped pass. Prints a table and writes JSON; asserts nothing. `--device 
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
 import sys
 from collections.abc import Callable, Iterator
@@ -32,7 +30,7 @@ from torch import nn  # noqa: E402
 from torch.nn.utils.fusion import fuse_conv_bn_eval  # noqa: E402
 
 from bench import gpu as gpu_bench  # noqa: E402
-from bench.gpu import synced  # noqa: E402
+from bench.gpu import profile_options, synced, write_result  # noqa: E402
 from pipeline import rmvpe  # noqa: E402
 from pipeline.demo import synthetic_speech  # noqa: E402
 
@@ -76,12 +74,7 @@ def timed(fn: Callable[[], torch.Tensor], repeats: int = 3) -> tuple[float, torc
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seconds", type=float, default=10)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rmvpe-gpu.json"))
-    args = ap.parse_args()
+    args = profile_options(__doc__, "rmvpe-gpu").parse_args()
     gpu_bench.DEVICE = device = args.device  # synced() waits for the device only on CUDA
     cuda = device == "cuda"
     result: dict = {"gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__,
@@ -150,10 +143,7 @@ def main() -> None:
         table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12)
         result["top_kernels"] = table
         print(table, flush=True)
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out_path}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ fastest reported). Prints tables and writes JSON; asserts nothing. `--device cpu
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -27,6 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.crepe_conv import timed  # noqa: E402
+from bench.gpu import profile_options, write_result  # noqa: E402
 from pipeline.convert import network_precision  # noqa: E402
 from pipeline.synthesizer import SynthNoise, load_voice  # noqa: E402
 from tests.fixtures import build_fixtures  # noqa: E402
@@ -259,12 +258,8 @@ def cudnn_benchmark():
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seconds", type=float, default=10)
-    ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script (fp32)")
+    ap = profile_options(__doc__, "synth-gpu")
     ap.add_argument("--work", default="/tmp/rvc-synth-gpu")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "synth-gpu.json"))
     args = ap.parse_args()
     device = args.device
     precision, dtype = ("fp16", torch.float16) if device == "cuda" else ("fp32", torch.float32)
@@ -305,9 +300,7 @@ def main() -> None:
         result["block_steps_per_pass_ms"] = per_pass_totals(result["block_steps"])
         print("residual-block steps with their glue, per pass: " + "  ".join(
             f"{k[:-3]} {v:.1f} ms" for k, v in result["block_steps_per_pass_ms"].items()))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -175,8 +175,8 @@ class AppSettings(BaseModel):
     # model stage's max_queued_requests, which Ray would refuse (BackPressureError).
     chunks_in_flight: int = Field(8, ge=1)
     # The networks' precision (pipeline.convert.network_precision; errors measured in
-    # docs/performance.md: within 1e-2 relative of fp32, except fp16 on one H100 in session 13):
-    # fp16 is for GPUs (CPUs run it as fp32), bf16 for CPUs with AMX/AVX512-BF16 (the
+    # docs/performance.md, within 1e-2 relative of fp32): fp16 is for GPUs (rmvpe's network stays
+    # float32; CPUs run fp16 as fp32), bf16 for CPUs with AMX/AVX512-BF16 (the
     # synthesizer's residual blocks in bfloat16: 2x faster synthesis); fp32 is exact (what
     # `rvc-serve convert` runs by default). auto: the fastest of them on each replica's hardware
     # (pipeline.convert.fastest_precision).
