@@ -7,6 +7,7 @@ Slow on CPU (the demo voice set has full-size random-weight models); marked `slo
 from __future__ import annotations
 
 import re
+import time
 from types import SimpleNamespace
 
 import httpx
@@ -164,7 +165,15 @@ def test_synthesis_replica_killed_mid_chunk(e2e, tmp_path):
                   if a["name"].startswith("SERVE_REPLICA::e2e#Synthesis")]
     synthesis = ray.get_actor(replica["name"], namespace=replica["namespace"])
     # Answered beside the replica's requests (its own concurrency group): > 0 while a chunk runs.
-    wait_for(lambda: ray.get(synthesis.get_num_ongoing_requests.remote()) > 0, 600, interval_s=0.05)
+    def ongoing() -> int:
+        return ray.get(synthesis.get_num_ongoing_requests.remote())
+
+    wait_for(lambda: ongoing() > 0, 600, interval_s=0.05)
+    # A replica that dies before its acceptance of a call reaches the caller's router has the call
+    # routed again, unseen by the job: kill once the call has been in the replica a while (the
+    # chunk's voice load and synthesis take 1-2 s here).
+    time.sleep(0.3)
+    assert ongoing() > 0, "the chunk ended before the replica could be killed"
     ray.kill(synthesis, no_restart=True)
 
     def finished():
