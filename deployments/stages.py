@@ -7,7 +7,7 @@ same dither per frame, wherever each piece runs):
     ContentFeatures   HuBERT/ContentVec features of chunks             (chunk_features_batch)
     PitchEstimator    f0 of whole padded inputs, or of 512-frame-     (estimate_input_pitch_batch,
                       aligned crepe pieces of long ones                 crepe_piece_batch)
-    Synthesis         index blend + synthesizer for chunks of one      (retrieve, chunk_noise,
+    Synthesis         index blend + synthesizer for chunks of one      (chunk_synthesis,
                       voice (+ its index) cached per model id (LRU)     synthesize_chunks)
     Conversion        load → prepare → pitch ∥ features → synthesis per chunk → join → write
                       (at most chunks_in_flight calls of a job at each model stage)
@@ -215,9 +215,8 @@ class Synthesis:
                          chunk_samples: int, preceding_chunks: list[int], params) -> dict:
         """One chunk of the voice named by the call's multiplexed model id: float32 audio at the
         voice's rate, padding trimmed, plus this call's voice-cache events."""
-        import torch
-
-        from pipeline.convert import ChunkSynthesis, chunk_noise, retrieve
+        from pipeline.convert import chunk_synthesis
+        from pipeline.memory import to_device
 
         task = asyncio.current_task()
         started = time.perf_counter()
@@ -228,13 +227,10 @@ class Synthesis:
             self.loading_tasks.discard(task)
         # A miss's wait is the cold load as a request sees it (queued behind other loads included).
         voice_load_s = time.perf_counter() - started if loaded else None
-        # Arrays from the object store are read-only; torch wants writable memory.
-        feats0 = torch.from_numpy(np.array(feats0)).to(self.device)
-        coarse = None if coarse is None else np.array(coarse)
-        pitchf = None if pitchf is None else np.array(pitchf)
-        feats = await asyncio.to_thread(retrieve, feats0, cached.index, params)
-        item = ChunkSynthesis(feats, feats0, coarse, pitchf, chunk_samples, params,
-                              chunk_noise(params.seed, preceding_chunks, cached.voice))
+        # Off the event loop: the blend runs on the GPU, and the draws replay the earlier chunks'.
+        item = await asyncio.to_thread(lambda: chunk_synthesis(
+            cached.voice, cached.index, to_device(feats0, self.device), coarse, pitchf, chunk_samples,
+            preceding_chunks, params))
         audio = await self._synthesize(cached, item)
         evictions, self.evictions = self.evictions, 0
         return {"audio": audio, "voice_cache": {"hit": int(not loaded), "miss": int(loaded), "eviction": evictions},

@@ -23,7 +23,7 @@ from . import audio as audio_io
 from .batching import batches_by_length, halving_on_device_oom, max_padding
 from .hubert import Hubert, HubertConfig, content_features, load_hubert
 from .index import RetrievalIndex, blend, blend_on_device
-from .memory import model_pass
+from .memory import model_pass, to_device
 from .pitch import PitchModels, PitchRequest, estimate_pitch_batch
 from .synthesizer import SynthNoise, Voice, compile_pointwise, resblock_precision
 
@@ -158,11 +158,18 @@ def chunk_noise(seed: int, preceding_chunks: Sequence[int], voice: Voice) -> Syn
     audio) so any replica can synthesize any chunk with the same result."""
     noise = SynthNoise.from_generator(torch.Generator().manual_seed(seed))
     for samples in preceding_chunks:
-        p_len = chunk_p_len(samples)
-        noise.prior(torch.empty(1, voice.config.inter_channels, p_len))
-        if voice.f0:
-            noise.source(torch.empty(1, p_len * voice.upsample_factor, 1))
+        draw_chunk_noise(noise, samples, voice)
     return noise
+
+
+def draw_chunk_noise(noise: SynthNoise, chunk_samples: int, voice: Voice) -> SynthNoise:
+    """The next chunk's draws from the stream `noise`, made now: a pass that drew as it went would
+    keep the GPU waiting on the host's generator twice per chunk; drawn beforehand (outside the
+    batch), they are only copied."""
+    p_len = chunk_p_len(chunk_samples)
+    prior = noise.prior(torch.empty(1, voice.config.inter_channels, p_len))
+    source = noise.source(torch.empty(1, p_len * voice.upsample_factor, 1)) if voice.f0 else None
+    return SynthNoise.injected(prior, source)
 
 
 def estimate_input_pitch(prepared: PreparedInput, params: ConversionParams,
@@ -219,9 +226,10 @@ def chunk_features_batch(hubert: Hubert, chunks: Sequence[np.ndarray], version: 
     out: list[torch.Tensor | None] = [None] * len(chunks)
     for batch in batches_by_length(lengths, max_batch, max_padding(device), FEATURE_BATCH_SAMPLES):
         longest = lengths[batch[0]]
-        wav = torch.from_numpy(np.stack([np.pad(chunks[i], (0, longest - lengths[i])) for i in batch])).float()
+        wav = np.stack([np.pad(chunks[i], (0, longest - lengths[i])) for i in batch])
         mine = [lengths[i] for i in batch]
-        feats = content_features(hubert, wav.to(device), version, None if min(mine) == longest else mine)
+        feats = content_features(hubert, to_device(wav, device, torch.float32), version,
+                                 None if min(mine) == longest else mine)
         for i, f in zip(batch, feats.float().unbind()):  # [B, T50, C] -> B × [T50, C]
             out[i] = f[:hubert.config.num_frames(lengths[i])]
     return out
@@ -251,6 +259,15 @@ class ChunkSynthesis:
     noise: SynthNoise
 
 
+def chunk_synthesis(voice: Voice, index: RetrievalIndex | None, feats0: torch.Tensor, coarse: np.ndarray | None,
+                    pitchf: np.ndarray | None, chunk_samples: int, preceding_chunks: Sequence[int],
+                    params: ConversionParams) -> ChunkSynthesis:
+    """A chunk's synthesizer inputs, ready for a batch: features [T50, C] on the voice's device
+    blended with its index, and the chunk's draws (`chunk_noise`) made now."""
+    return ChunkSynthesis(retrieve(feats0, index, params), feats0, coarse, pitchf, chunk_samples, params,
+                          draw_chunk_noise(chunk_noise(params.seed, preceding_chunks, voice), chunk_samples, voice))
+
+
 def _synth_inputs(voice: Voice, item: ChunkSynthesis) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """phone [p_len, C], pitch [p_len], nsff0 [p_len] at 100 fps for one chunk."""
     device = item.feats.device
@@ -260,8 +277,8 @@ def _synth_inputs(voice: Voice, item: ChunkSynthesis) -> tuple[torch.Tensor, tor
     feats = feats[:p_len]
     if not voice.f0:
         return feats, None, None
-    pitch = torch.from_numpy(np.ascontiguousarray(item.coarse[:p_len])).to(device)
-    nsff0 = torch.from_numpy(np.ascontiguousarray(item.pitchf[:p_len])).to(device)
+    pitch = to_device(np.ascontiguousarray(item.coarse[:p_len]), device)
+    nsff0 = to_device(np.ascontiguousarray(item.pitchf[:p_len]), device)
     if item.params.protect < 0.5:
         feats0 = item.feats0.repeat_interleave(2, dim=0)[:p_len]
         # the reference sets voiced frames (f0 > 0) to 1, then every f0 < 1 to protect
@@ -484,7 +501,7 @@ class Converter:
                     voice, feats, feats0,
                     coarse[f0_slice] if coarse is not None else None,
                     pitchf[f0_slice] if pitchf is not None else None,
-                    chunk_audio.shape[0], params, noise, trim))
+                    chunk_audio.shape[0], params, draw_chunk_noise(noise, chunk_audio.shape[0], voice), trim))
             if progress is not None:
                 progress(i + 1, len(prepared.chunks))
         with clock("finish"):
@@ -497,7 +514,8 @@ class Converter:
         features of chunks (see chunk_features_batch) and the synthesis of chunks that share a voice run as
         batches of up to `max_batch` chunks and `max_batch_seconds` of padded audio (which bounds
         the decoder's memory: about 0.1 GB per second in fp32). The GPU's throughput mode; on the
-        CPU batching gains little."""
+        CPU batching gains little. `timings` as in `convert`, the chunks' noise draws in
+        retrieval (in `convert` they are in synthesis)."""
         clock = _StageClock(timings)
         for r in requests:
             if r.index is not None and r.index.dim != r.voice.feature_dim:
@@ -527,11 +545,11 @@ class Converter:
                 coarse, pitchf = pitches[ri]
                 f0_slice = slice(spec.f0_start, spec.f0_end)
                 preceding = [c.end - c.start for c in prepared[ri].chunks[:ci]]  # never the open-ended last
-                items[ri, ci] = ChunkSynthesis(
-                    retrieve(feats0[ri, ci], r.index, r.params), feats0[ri, ci],
+                items[ri, ci] = chunk_synthesis(
+                    r.voice, r.index, feats0[ri, ci],
                     coarse[f0_slice] if coarse is not None else None,
                     pitchf[f0_slice] if pitchf is not None else None,
-                    a.shape[0], r.params, chunk_noise(r.params.seed, preceding, r.voice))
+                    a.shape[0], preceding, r.params)
         pieces: dict[tuple[int, int], np.ndarray] = {}
         for voice_id in {id(r.voice) for r in requests}:
             # longest first, so each batch pads its chunks to similar lengths

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.memory import to_device
+
 SAMPLE_RATE = 16000
 HOP_LENGTH = 160  # 10 ms, CREPE's native frame rate and the one RVC uses
 WINDOW_SIZE = 1024
@@ -363,9 +365,9 @@ def crepe_f0_batch(
     network_batch = group if device.type == "cuda" else batch_size
     noises, windows = [], []
     for audio, dither, pad in zip(audios, dithers, pads):
-        audio = audio.to(device=device, dtype=torch.float32)
+        audio = to_device(audio, device, torch.float32)
         n_frames = 1 + (audio.numel() + sum(pad) - WINDOW_SIZE) // HOP_LENGTH
-        noises.append(_dither_cents(dither, n_frames).to(device))
+        noises.append(to_device(_dither_cents(dither, n_frames), device))
         windows.append(F.pad(audio, pad).unfold(0, WINDOW_SIZE, HOP_LENGTH))  # [frames, 1024] view
     saliences = _network_outputs(model, windows, network_batch, pack=device.type == "cuda")
     for salience in saliences:
@@ -456,7 +458,7 @@ def viterbi_pass(log_prob: Tensor, lengths: Tensor, rows: int, frames: int) -> T
                 warnings.warn(f"crepe's viterbi stays eager: its CUDA graph failed ({exc})", RuntimeWarning)
                 _VITERBI_GRAPHS[key] = None
         graphed = _VITERBI_GRAPHS[key]
-    return viterbi(log_prob, lengths) if graphed is None else graphed(log_prob, lengths.to(device))
+    return viterbi(log_prob, lengths) if graphed is None else graphed(log_prob, to_device(lengths, device))
 
 
 def median_filter(x: Tensor, width: int) -> Tensor:

@@ -26,6 +26,11 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _TRIM_NEVER = 2**31 - 1  # mallopt takes an int: free memory at the heap's top is kept up to 2 GB
@@ -67,6 +72,27 @@ def release_device_cache() -> None:
 
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+def to_device(host: np.ndarray | torch.Tensor, device: torch.device | str,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host array or tensor as a tensor on `device` (and of `dtype`), copied without waiting for
+    the GPU. A plain copy from pageable memory first waits for every kernel queued on the stream,
+    other threads' included: inside a batch's pass it drains the GPU's queue, on a replica's event
+    loop it stalls the replica until the running batch ends. On CUDA the data is staged in pinned
+    memory (torch's caching host allocator keeps it until the copy has run) and copied
+    asynchronously; elsewhere this is a plain conversion."""
+    import numpy as np
+    import torch
+
+    if isinstance(host, np.ndarray):
+        # torch wants writable memory (arrays from Ray's object store are read-only)
+        host = torch.from_numpy(host if host.flags.writeable else host.copy())
+    if dtype is not None:
+        host = host.to(dtype)
+    if host.device.type != "cpu" or torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _resident_bytes() -> int:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from pipeline.assets import AssetError, torch_load_checked
 from pipeline.batching import batches_by_length, max_padding
+from pipeline.memory import to_device
 
 SAMPLE_RATE = 16000
 HOP = 160
@@ -334,7 +335,7 @@ def rmvpe_f0_batch(model: Rmvpe, audios: Sequence[np.ndarray], threshold: float 
     padded lengths)."""
     mels = []
     for audio16k in audios:
-        audio = torch.from_numpy(np.asarray(audio16k, dtype=np.float32)).to(model.device)
+        audio = to_device(np.asarray(audio16k, dtype=np.float32), model.device)
         with torch.inference_mode(), full_float32(model.device):
             mels.append(log_mel(audio, model.mel_basis, model.window))
     out: list[np.ndarray | None] = [None] * len(mels)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.assets import AssetError, torch_load_checked
+from pipeline.memory import to_device
 
 LRELU_SLOPE = 0.1
 PRIOR_NOISE_SCALE = 0.66666  # the reference's sampling temperature of the prior
@@ -825,7 +826,7 @@ class GeneratorNoise(SynthNoise):
     def _randn(self, like: Tensor) -> Tensor:
         # float32 draws whatever the model's precision: the stream must not depend on it
         eps = torch.randn(like.shape, generator=self.generator, device=self.generator.device)
-        return eps.to(like)
+        return to_device(eps, like.device, like.dtype)
 
     def rewind_point(self) -> Callable[[], None]:
         state = self.generator.get_state()
@@ -850,7 +851,7 @@ class InjectedNoise(SynthNoise):
             raise ValueError(f"no injected {what} noise was given")
         if noise.shape != like.shape:
             raise ValueError(f"injected {what} noise has shape {tuple(noise.shape)}, needed {tuple(like.shape)}")
-        return noise.to(like)
+        return to_device(noise, like.device, like.dtype)
 
     def prior(self, like: Tensor) -> Tensor:
         return self._fit(self._prior, like, "prior")

@@ -3,6 +3,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,46 @@ def test_the_gpu_cache_is_emptied_only_where_cuda_runs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     memory.release_device_cache()
     assert emptied == [True]
+
+
+def test_host_data_reaches_the_device_converted_and_writable():
+    import numpy as np
+    import torch
+
+    from pipeline.memory import to_device
+
+    frozen = np.arange(6, dtype=np.float64)
+    frozen.flags.writeable = False  # as arrays from Ray's object store arrive
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns of tensors over read-only memory
+        out = to_device(frozen, "cpu", torch.float32)
+    assert out.dtype == torch.float32 and out.tolist() == list(range(6))
+    same = to_device(torch.ones(3), "cpu")
+    assert same.device.type == "cpu" and same.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_host_data_goes_to_a_gpu_through_pinned_memory_without_waiting(monkeypatch):
+    """A blocking copy from pageable memory waits for every queued kernel: the CUDA path must pin
+    and copy asynchronously (mocked: this machine has no GPU)."""
+    import numpy as np
+    import torch
+
+    from pipeline.memory import to_device
+
+    events = []
+    real_to = torch.Tensor.to
+
+    def pin(self):
+        events.append(("pin", self.dtype))
+        return self
+
+    def to(self, *args, **kwargs):
+        if args and str(args[0]).startswith("cuda"):
+            events.append(("copy", str(args[0]), kwargs.get("non_blocking", False)))
+            return self
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    to_device(np.zeros(4), "cuda", torch.float16)
+    assert events == [("pin", torch.float16), ("copy", "cuda", True)]
