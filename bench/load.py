@@ -115,21 +115,33 @@ def summarize(cell: CellResult, wall_s: float, audio_seconds: float) -> dict:
 
 def service_delta(before: dict[str, float], after: dict[str, float]) -> dict:
     """What the service counted between two /metrics scrapes: voice-cache events and hit rate,
-    the cold voice loads, and the mean latency of each stage call."""
+    the cold voice loads, the mean latency of each stage call, and per model stage the mean size
+    and compute seconds of the batch a call ran in."""
     d = {k: after[k] - before.get(k, 0.0) for k in after}
     hits, misses, loads = d.get("cache:hit", 0.0), d.get("cache:miss", 0.0), d.get("count:voice_load", 0.0)
-    stages = sorted(k.split(":", 1)[1] for k in d if k.startswith("count:") and d[k] > 0)
+
+    def means(prefix: str) -> dict[str, float]:
+        stages = sorted(k.split(":", 1)[1] for k in d if k.startswith(f"{prefix}count:") and d[k] > 0)
+        return {stage: d[f"{prefix}sum:{stage}"] / d[f"{prefix}count:{stage}"] for stage in stages}
+
     return {"voice_cache": {"hits": hits, "misses": misses, "evictions": d.get("cache:eviction", 0.0),
                             "hit_rate": hits / (hits + misses) if hits + misses else None,
                             "cold_loads": loads,
                             "cold_load_mean_s": d.get("sum:voice_load", 0.0) / loads if loads else None,
                             "cold_loads_within_1s": d.get("le1:voice_load", 0.0)},
-            "stage_mean_s": {stage: d[f"sum:{stage}"] / d[f"count:{stage}"] for stage in stages}}
+            "stage_mean_s": means(""), "batch_mean_size": means("batch_"), "batch_mean_s": means("batch_s_")}
+
+
+# metric sample name -> the key prefix `service_delta` reads it under (the stage label follows)
+_STAGE_SERIES = {"rvc_stage_latency_seconds_count": "count:", "rvc_stage_latency_seconds_sum": "sum:",
+                 "rvc_stage_batch_size_count": "batch_count:", "rvc_stage_batch_size_sum": "batch_sum:",
+                 "rvc_stage_batch_seconds_count": "batch_s_count:", "rvc_stage_batch_seconds_sum": "batch_s_sum:"}
 
 
 def parse_service_metrics(text: str) -> dict[str, float]:
-    """The counters `service_delta` compares, from the /metrics text: "cache:<event>", and per
-    stage "count:<stage>", "sum:<stage>" and "le1:<stage>" (calls within 1 s)."""
+    """The counters `service_delta` compares, from the /metrics text: "cache:<event>"; per stage
+    "count:<stage>", "sum:<stage>" and "le1:<stage>" (calls within 1 s) of its latency, and the
+    count and sum of its batches' sizes ("batch_count:", "batch_sum:") and seconds ("batch_s_…")."""
     from prometheus_client.parser import text_string_to_metric_families
 
     values: dict[str, float] = {}
@@ -138,10 +150,8 @@ def parse_service_metrics(text: str) -> dict[str, float]:
             labels = sample.labels
             if sample.name == "rvc_voice_cache_events_total":
                 values[f"cache:{labels['event']}"] = sample.value
-            elif sample.name == "rvc_stage_latency_seconds_count":
-                values[f"count:{labels['stage']}"] = sample.value
-            elif sample.name == "rvc_stage_latency_seconds_sum":
-                values[f"sum:{labels['stage']}"] = sample.value
+            elif sample.name in _STAGE_SERIES:
+                values[_STAGE_SERIES[sample.name] + labels["stage"]] = sample.value
             elif sample.name == "rvc_stage_latency_seconds_bucket" and float(labels["le"]) == 1.0:
                 values[f"le1:{labels['stage']}"] = sample.value
     return values
@@ -542,6 +552,11 @@ def print_table(cells: list[dict]) -> None:
         print(" ".join(fmt.format("-" if row.get(k) is None else
                                   (f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k])))
                        for k, fmt in cols))
+    print("per model stage: mean call latency s / mean batch size / mean batch compute s")
+    for cell in cells:
+        stages = [f"{stage} {cell['stage_mean_s'][stage]:.3f}/{size:.1f}/{cell['batch_mean_s'].get(stage, 0):.3f}"
+                  for stage, size in cell.get("batch_mean_size", {}).items() if stage in cell["stage_mean_s"]]
+        print(f"  {cell['voices']:>3} voices c{cell['concurrency']:<3} " + "  ".join(stages))
 
 
 def poll_schedule(text: str) -> tuple[float, float]:

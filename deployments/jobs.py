@@ -103,6 +103,13 @@ class _Metrics:
         self.stage = Histogram("rvc_stage_latency_seconds", "Latency of one stage call, as the conversion saw it.",
                                ["stage"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
                                registry=r)
+        # Observed once per call, so each is the distribution over calls (what share ran in batches
+        # of 8 or more); the two together tell max_batch_size and batch_wait_timeout_s apart.
+        self.batch_size = Histogram("rvc_stage_batch_size", "Calls in the batch each model-stage call ran in.",
+                                    ["stage"], buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.batch_seconds = Histogram("rvc_stage_batch_seconds",
+                                       "Compute seconds of the batch each model-stage call ran in.", ["stage"],
+                                       buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=r)
         self.voice_cache = Counter("rvc_voice_cache_events_total", "Voice cache lookups on synthesis replicas.",
                                    ["event"], registry=r)
         for event in ("hit", "miss", "eviction"):
@@ -333,6 +340,10 @@ class JobTracker:
         for event, count in stats.get("voice_cache", {}).items():
             if count:
                 self.metrics.voice_cache.labels(event).inc(count)
+        for stage, runs in stats.get("batches", {}).items():
+            for size, seconds in runs:
+                self.metrics.batch_size.labels(stage).observe(size)
+                self.metrics.batch_seconds.labels(stage).observe(seconds)
 
 
 async def _resolve(response):

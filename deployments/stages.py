@@ -23,6 +23,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -38,6 +39,23 @@ def _batching(method, stage) -> None:
     """Size a `@serve.batch` method from the stage's settings."""
     method.set_max_batch_size(stage.max_batch_size)
     method.set_batch_wait_timeout_s(stage.batch_wait_timeout_s)
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """The batch a model-stage call ran in: how many calls it held (of any jobs) and its seconds
+    of compute (the call's latency less this is its queueing and transfers)."""
+
+    size: int
+    seconds: float
+
+
+async def _run_batch(compute: Callable[[], list]) -> list[tuple[object, BatchRun]]:
+    """A `@serve.batch` method's compute, off the event loop: each call's result with its batch."""
+    started = time.perf_counter()
+    results = await asyncio.to_thread(compute)
+    run = BatchRun(len(results), time.perf_counter() - started)
+    return [(result, run) for result in results]
 
 
 def _device() -> str:
@@ -71,12 +89,12 @@ class ContentFeatures:
         self.hubert = load_hubert(settings.hubert, device=self.device)
         _batching(self._extract, settings.stages.features)
 
-    async def extract(self, chunk_audio: np.ndarray, version: str) -> np.ndarray:
+    async def extract(self, chunk_audio: np.ndarray, version: str) -> tuple[np.ndarray, BatchRun]:
         """Features [T50, C] float32 of one chunk of the padded input."""
         return await self._extract(chunk_audio, version)
 
     @serve.batch
-    async def _extract(self, chunks: list[np.ndarray], versions: list[str]) -> list[np.ndarray]:
+    async def _extract(self, chunks: list[np.ndarray], versions: list[str]) -> list[tuple[np.ndarray, BatchRun]]:
         from pipeline.convert import chunk_features_batch, network_precision, per_group
 
         def run(version: str, mine: list[int]) -> list[np.ndarray]:
@@ -84,7 +102,7 @@ class ContentFeatures:
                 feats = chunk_features_batch(self.hubert, [chunks[i] for i in mine], version, len(mine))
             return [f.cpu().numpy() for f in feats]
 
-        return await asyncio.to_thread(per_group, versions, run)
+        return await _run_batch(lambda: per_group(versions, run))
 
     async def ready(self) -> bool:
         return True
@@ -102,16 +120,16 @@ class PitchEstimator:
         _batching(self._estimate, settings.stages.pitch)
         _batching(self._estimate_pieces, settings.stages.pitch)
 
-    async def estimate(self, prepared, params) -> tuple[np.ndarray, np.ndarray]:
+    async def estimate(self, prepared, params) -> tuple[tuple[np.ndarray, np.ndarray], BatchRun]:
         """(coarse, pitchf) over the whole padded input, dithered from the job's seed."""
         return await self._estimate(prepared, params)
 
-    async def estimate_piece(self, piece, method: str) -> tuple[np.ndarray, np.ndarray]:
+    async def estimate_piece(self, piece, method: str) -> tuple[tuple[np.ndarray, np.ndarray], BatchRun]:
         """Raw crepe (f0, periodicity) of one piece of a long input (pipeline.pitch.crepe_pieces)."""
         return await self._estimate_pieces(piece, method)
 
     @serve.batch
-    async def _estimate_pieces(self, pieces: list, methods: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    async def _estimate_pieces(self, pieces: list, methods: list[str]) -> list:
         from pipeline.convert import network_precision, per_group
         from pipeline.pitch import crepe_piece_batch
 
@@ -119,17 +137,17 @@ class PitchEstimator:
             with network_precision(self.device, self.precision):
                 return crepe_piece_batch([pieces[i] for i in mine], method, self.models)
 
-        return await asyncio.to_thread(per_group, methods, run)
+        return await _run_batch(lambda: per_group(methods, run))
 
     @serve.batch
-    async def _estimate(self, prepared: list, params: list) -> list[tuple[np.ndarray, np.ndarray]]:
+    async def _estimate(self, prepared: list, params: list) -> list:
         from pipeline.convert import estimate_input_pitch_batch, network_precision
 
         def run() -> list[tuple[np.ndarray, np.ndarray]]:
             with network_precision(self.device, self.precision):
                 return estimate_input_pitch_batch(list(zip(prepared, params)), self.models)
 
-        return await asyncio.to_thread(run)
+        return await _run_batch(run)
 
     async def ready(self) -> bool:
         return True
@@ -212,7 +230,7 @@ class Synthesis:
         self.evictions += 1
 
     async def synthesize(self, feats0: np.ndarray, coarse: np.ndarray | None, pitchf: np.ndarray | None,
-                         chunk_samples: int, preceding_chunks: list[int], params) -> dict:
+                         chunk_samples: int, preceding_chunks: list[int], params) -> tuple[dict, BatchRun]:
         """One chunk of the voice named by the call's multiplexed model id: float32 audio at the
         voice's rate, padding trimmed, plus this call's voice-cache events."""
         from pipeline.convert import chunk_synthesis
@@ -231,13 +249,13 @@ class Synthesis:
         item = await asyncio.to_thread(lambda: chunk_synthesis(
             cached.voice, cached.index, to_device(feats0, self.device), coarse, pitchf, chunk_samples,
             preceding_chunks, params))
-        audio = await self._synthesize(cached, item)
+        audio, batch = await self._synthesize(cached, item)
         evictions, self.evictions = self.evictions, 0
         return {"audio": audio, "voice_cache": {"hit": int(not loaded), "miss": int(loaded), "eviction": evictions},
-                "voice_load_s": voice_load_s}
+                "voice_load_s": voice_load_s}, batch
 
     @serve.batch
-    async def _synthesize(self, voices: list[_CachedVoice], items: list) -> list[np.ndarray]:
+    async def _synthesize(self, voices: list[_CachedVoice], items: list) -> list[tuple[np.ndarray, BatchRun]]:
         """Chunks of concurrent calls, one batch per voice (Serve splits batches by model id;
         grouping again keeps that an optimisation, not a correctness condition)."""
         from pipeline.convert import network_precision, per_group, synthesize_chunks
@@ -247,7 +265,7 @@ class Synthesis:
             with network_precision(self.device, self.precision):
                 return synthesize_chunks(voice, [items[i] for i in mine], voice.sample_rate * self.chunking.x_pad)
 
-        return await asyncio.to_thread(per_group, [id(c.voice) for c in voices], run)
+        return await _run_batch(lambda: per_group([id(c.voice) for c in voices], run))
 
     async def ready(self) -> bool:
         return True
@@ -292,9 +310,17 @@ class Conversion:
         # when it has a slot, so the stages' queues hold every call that is made.
         slots = {stage: asyncio.Semaphore(self.settings.chunks_in_flight) for stage in MODEL_STAGES}
 
+        # The batch each model-stage call ran in (the stage methods answer (result, BatchRun)).
+        batches: dict[str, list[BatchRun]] = defaultdict(list)
+
+        async def batched(stage: str, call: Awaitable):
+            result, batch = await call
+            batches[stage].append(batch)
+            return result
+
         async def stage_call(stage: str, call: Callable[[], Awaitable]):
             async with slots[stage]:
-                return await timed(stage, call())
+                return await timed(stage, batched(stage, call()))
 
         prepared = await timed("load", asyncio.to_thread(
             lambda: prepare_input(load_audio(request["upload_path"], max_seconds=self.settings.max_audio_seconds),
@@ -303,7 +329,7 @@ class Conversion:
                                                    "seconds": round(prepared.audio_hp.shape[0] / 16000, 3)})
         pitch = None
         if info.f0:
-            pitch = asyncio.ensure_future(timed("pitch", self._pitch(prepared, params, slots["pitch"])))
+            pitch = asyncio.ensure_future(timed("pitch", self._pitch(prepared, params, slots["pitch"], batched)))
         synthesis = self.synthesis.options(multiplexed_model_id=model_id)
 
         async def chunk_audio(i: int, chunk) -> dict:
@@ -336,25 +362,28 @@ class Conversion:
         keys = await timed("write", asyncio.to_thread(write))
         cache = {event: sum(p["voice_cache"][event] for p in pieces) for event in ("hit", "miss", "eviction")}
         self.log.info("conversion done", extra={**extra, "output_seconds": round(out.shape[0] / info.sample_rate, 3)})
-        return {"results": keys, "stats": {"latency": dict(latency), "voice_cache": cache}}
+        return {"results": keys, "stats": {
+            "latency": dict(latency), "voice_cache": cache,
+            "batches": {stage: [(b.size, b.seconds) for b in runs] for stage, runs in batches.items()}}}
 
 
-    async def _pitch(self, prepared, params, slots: asyncio.Semaphore) -> tuple[np.ndarray, np.ndarray]:
+    async def _pitch(self, prepared, params, slots: asyncio.Semaphore,
+                     batched: Callable[[str, Awaitable], Awaitable]) -> tuple[np.ndarray, np.ndarray]:
         """The input's (coarse, pitchf): whole on one pitch replica, or for a long crepe input in
         512-frame-aligned pieces spread over the replicas (`slots` of them at once) and joined
-        here (the same track)."""
+        here (the same track). `batched` unpacks each call's result and keeps its batch."""
         from pipeline.convert import input_pitch_request
         from pipeline.pitch import crepe_pieces, crepe_track, finish_pitch
 
         piece_frames = self.settings.pitch_piece_frames
         if params.f0_method == "rmvpe" or prepared.p_len < piece_frames:
-            return await self.pitch.estimate.remote(prepared, params)
+            return await batched("pitch", self.pitch.estimate.remote(prepared, params))
         request = input_pitch_request(prepared, params)
         pieces = crepe_pieces(request.audio_pad, request.dither, piece_frames)
 
         async def piece_f0(piece):
             async with slots:
-                return await self.pitch.estimate_piece.remote(piece, params.f0_method)
+                return await batched("pitch", self.pitch.estimate_piece.remote(piece, params.f0_method))
 
         raw = await _all_or_cancel([piece_f0(p) for p in pieces])
 

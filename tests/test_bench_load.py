@@ -43,6 +43,9 @@ def test_voice_cache_figures_from_the_job_actors_metrics():
     for seconds in (0.4, 1.5):
         metrics.stage.labels("voice_load").observe(seconds)
     metrics.stage.labels("synthesis").observe(0.2)  # another stage: not a voice load
+    for size, seconds in ((4, 0.1), (8, 0.3)):  # two synthesis calls, in batches of 4 and 8
+        metrics.batch_size.labels("synthesis").observe(size)
+        metrics.batch_seconds.labels("synthesis").observe(seconds)
     after = parse_service_metrics(generate_latest(metrics.registry).decode())
     delta = service_delta(before, after)
     cache = delta["voice_cache"]
@@ -51,9 +54,12 @@ def test_voice_cache_figures_from_the_job_actors_metrics():
     assert cache["cold_loads"] == 2 and cache["cold_load_mean_s"] == pytest.approx(0.95)
     assert cache["cold_loads_within_1s"] == 1
     assert delta["stage_mean_s"] == pytest.approx({"voice_load": 0.95, "synthesis": 0.2})
+    assert delta["batch_mean_size"] == pytest.approx({"synthesis": 6})
+    assert delta["batch_mean_s"] == pytest.approx({"synthesis": 0.2})
     assert service_delta(after, after) == {"voice_cache": {**cache, "hits": 0, "misses": 0, "evictions": 0,
                                                            "hit_rate": None, "cold_loads": 0, "cold_load_mean_s": None,
-                                                           "cold_loads_within_1s": 0}, "stage_mean_s": {}}
+                                                           "cold_loads_within_1s": 0},
+                                           "stage_mean_s": {}, "batch_mean_size": {}, "batch_mean_s": {}}
 
 def test_prebuilt_body_is_the_upload_the_service_receives(tmp_path):
     audio = bytes(range(256)) * 1000
