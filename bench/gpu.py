@@ -2,7 +2,7 @@
 throughput, ours and the reference's on the same GPU in the same run.
 
     python bench/gpu.py [--seconds 10,60,600] [--batch 16] [--ref REF_DIR --oracle ORACLE_DIR]
-        [--parts fidelity,single,throughput,transfers,reference] [--work /tmp/rvc-gpu]
+        [--parts fidelity,single,throughput,syncs,transfers,reference] [--work /tmp/rvc-gpu]
         [--out bench/results/gpu.json]
 
 Weights are the test fixtures (random, in the real formats: the real FLOPs). On a machine whose
@@ -11,7 +11,8 @@ weights are written first, for us and the reference alike. Fidelity: ‖out − 
 the whole converted waveform against ours on the CPU in fp32 (same seed, so the same random
 draws). Throughput: `--batch` 10 s requests at once through Converter.convert_batch (one GPU,
 one process), against the same requests one after another, and the reference one after another
-(its pipeline serves one request at a time). Transfers: the batch's host <-> device copies
+(its pipeline serves one request at a time). Syncs: where a batch makes the host wait for the
+GPU, by line. Transfers: the batch's host <-> device copies
 between service stages, from pageable and pinned memory. Prints tables and writes JSON; asserts
 nothing.
 """
@@ -231,6 +232,39 @@ def throughput(fx: dict, path: Path, seconds: float, n: int, f0_method: str, pre
     return row
 
 
+def sync_points(fx: dict, path: Path, n: int, f0_method: str, precision: str) -> dict:
+    """Where a batched conversion makes the host wait for the GPU (torch's sync debug mode: a
+    warning at each synchronizing operation: `.cpu()`, `.item()`, blocking copies, data-dependent
+    shapes), counted by the line of our code that made it. Each wait drains the GPU's queue and
+    the host must fill it again; one per stage output is the floor."""
+    import warnings
+
+    v = fx["voices"]["v2-40k-f0"]
+    voice, index = load_voice(v["pth"], device=DEVICE), load_index(v["index"])
+    conv = Converter.from_paths(fx["hubert"], rmvpe_path=fx["rmvpe"], device=DEVICE, precision=precision)
+    audio = audio_io.load_audio(path)
+    requests = [ConversionRequest(audio, voice, index, ConversionParams(f0_method=f0_method, seed=i)) for i in range(n)]
+    conv.convert_batch(requests, max_batch=n)  # warm-up: graphs, cuDNN plans, caches
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            conv.convert_batch(requests, max_batch=n)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            path = Path(w.filename).resolve()
+            site = f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{w.lineno}"
+            sites[site] = sites.get(site, 0) + 1
+    total = sum(sites.values())
+    print(f"syncs {f0_method:6s} {precision} {n}×: {total} waits at {len(sites)} lines", flush=True)
+    for site, count in sorted(sites.items(), key=lambda kv: -kv[1]):
+        print(f"  {count:5d}  {site}", flush=True)
+    return {"requests": n, "waits": total, "sites": sites}
+
+
 def transfers(batch: int, seconds: float, reps: int = 5) -> dict:
     """The host <-> device copies a batch makes in the service, where the stages are separate
     replicas and their tensors cross the host (Ray's object store): 16 kHz audio in, features out
@@ -337,6 +371,9 @@ def main() -> None:
             result["throughput"][f"{method}-fp16-cudnn-benchmark"] = throughput(
                 fx, ten, min(seconds), args.batch, method, "fp16", sequential=False, cudnn_benchmark=True)
             save()
+    if "syncs" in parts and DEVICE == "cuda":
+        result["syncs"] = {m: sync_points(fx, ten, args.batch, m, "fp16") for m in ("crepe", "rmvpe")}
+        save()
     if "transfers" in parts:
         result["transfers"] = transfers(args.batch, min(seconds))
         save()

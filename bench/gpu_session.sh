@@ -2,15 +2,15 @@
 # The GPU session's benchmarks on the device machine, from the repo root there, with carry
 # [".gpu"] built here by bench/gpu_carry.py:
 #
-#     bash bench/gpu_session.sh "$OUT"  [PARTS]   # PARTS: any of gpu,service,mps,pitch,synth,rmvpe (default all)
+#     bash bench/gpu_session.sh "$OUT"  [PARTS]   # PARTS: any of gpu,service,mps,replicas,pitch,synth,rmvpe (default all)
 #
 # All of them need more than the 10 minutes a device call may run (session 14: gpu ~210 s,
 # service ~200 s, pitch+synth ~120 s): split them over two calls, e.g. `service,mps,rmvpe` and
 # `gpu,pitch,synth`. Writes session.log and results.tar (each part's JSON, re-packed after every
 # part) into the given folder: a device call brings back at most 8 files.
 set -uo pipefail
-out=${1:?usage: bench/gpu_session.sh OUT_DIR [gpu,service,mps,pitch,synth,rmvpe]}
-parts=${2:-gpu,service,mps,pitch,synth,rmvpe}
+out=${1:?usage: bench/gpu_session.sh OUT_DIR [gpu,service,mps,replicas,pitch,synth,rmvpe]}
+parts=${2:-gpu,service,mps,replicas,pitch,synth,rmvpe}
 python=${PYTHON:-python3}
 results=/tmp/gpu-session-results
 mkdir -p "$out" /tmp/site "$results"
@@ -35,7 +35,7 @@ run() {  # name, command...: a failing part is reported and the next one still r
 }
 # gpu, pitch and synth share one --work, so one fixture build (a minute or two) under it
 case ",$parts," in *,gpu,*)
-  run gpu "$python" bench/gpu.py --parts fidelity,throughput,transfers,reference --throughput-precisions fp16 \
+  run gpu "$python" bench/gpu.py --parts fidelity,throughput,syncs,transfers,reference --throughput-precisions fp16 \
     --mixed --seconds 10,60 --work /tmp/rvc-gpu --ref .gpu/ref --oracle .gpu/oracle --out "$results/gpu.json" ;;
 esac
 # the service as the gpu-prod overlay deploys it (fp16, batches of 16, one replica of each model
@@ -71,6 +71,14 @@ case ",$parts," in *,mps,*)
   else
     echo "== mps: the MPS daemon did not start" | tee -a "$out/session.log"; status=1
   fi ;;
+esac
+# Two pitch and two synthesis replicas on the one GPU (shares halved to fit): whether one process
+# per stage (its event loop, its one batch at a time, its host work between kernels) is what holds
+# the 16- and 32-client cells near 15 jobs/s while the GPU has time to spare (gpu_busy_pct).
+case ",$parts," in *,replicas,*)
+  run service_2x "$python" "${load[@]/conversion=4,ingress=2/conversion=4,ingress=2,pitch=2,synthesis=2}" \
+    --stage-set features.num_gpus=0.125,pitch.num_gpus=0.125,synthesis.num_gpus=0.25 \
+    --audio-seconds 10 --concurrency 16,32 --jobs 128 --time-limit-s 120 --out "$results/service_2x.json" ;;
 esac
 case ",$parts," in *,pitch,*) run pitch "$python" bench/pitch_gpu.py --out "$results/pitch.json" ;; esac
 case ",$parts," in *,synth,*) run synth "$python" bench/synth_gpu.py --work /tmp/rvc-gpu --out "$results/synth.json" ;; esac

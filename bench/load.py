@@ -391,14 +391,15 @@ def app_args(args: argparse.Namespace, data_dir: Path) -> dict:
         config = load_serve_config(ROOT / "serve_config.yaml")
     base = next(a for a in config["applications"] if a["name"] == APP)["args"]
     base = {k: v for k, v in base.items() if k not in ("hubert_path", "rmvpe_path")}
-    unknown = set(args.replicas) - set(base["stages"])
-    if unknown:
-        raise ValueError(f"--replicas: no stage {', '.join(sorted(unknown))} (stages: {', '.join(base['stages'])})")
+    for flag, named in (("--replicas", args.replicas), ("--stage-set", args.stage_set)):
+        unknown = set(named) - set(base["stages"])
+        if unknown:
+            raise ValueError(f"{flag}: no stage {', '.join(sorted(unknown))} (stages: {', '.join(base['stages'])})")
     stages = {}
     for name, stage in base["stages"].items():
         replicas = args.replicas.get(name, stage["min_replicas"])
         scaling = {} if args.autoscale else {"min_replicas": replicas, "max_replicas": replicas}
-        stages[name] = {**stage, **scaling, "graceful_shutdown_timeout_s": 1}
+        stages[name] = {**stage, **args.stage_set.get(name, {}), **scaling, "graceful_shutdown_timeout_s": 1}
     keys = data_dir / "api-keys"
     keys.write_text(API_KEY + "\n")
     return {**base, "data_dir": str(data_dir), "api_keys_file": str(keys), "rate_limit_per_minute": 10**9,
@@ -581,6 +582,21 @@ def replica_counts(text: str) -> dict[str, int]:
     return counts
 
 
+def stage_overrides(text: str) -> dict[str, dict]:
+    """'synthesis.num_gpus=0.25,pitch.max_batch_size=8' → {'synthesis': {'num_gpus': 0.25}, ...}
+    (values as YAML reads them; the app's settings check names and values)."""
+    import yaml
+
+    overrides: dict[str, dict] = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        stage, dot, field = key.strip().partition(".")
+        if not sep or not dot or not stage or not field:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected STAGE.FIELD=VALUE")
+        overrides.setdefault(stage, {})[field] = yaml.safe_load(value)
+    return overrides
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="the full matrix: concurrency 1,4,16,32 × voices 1,3,20")
@@ -606,6 +622,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          help="fixed replicas of some stages, e.g. synthesis=2,conversion=4 (others: their minimum)")
     scaling.add_argument("--autoscale", action="store_true",
                          help="replicas autoscale in the config's ranges (default: fixed at each stage's minimum)")
+    ap.add_argument("--stage-set", type=stage_overrides, default={},
+                    help="stage settings over the config's, e.g. synthesis.num_gpus=0.25,pitch.num_gpus=0.125")
     ap.add_argument("--voices-per-replica", type=int, help="default: the config's")
     ap.add_argument("--overlay", help="the app args of this k8s overlay (e.g. gpu-prod) instead of serve_config.yaml's")
     ap.add_argument("--warm", action="store_true", help="convert once with every voice before the cells")

@@ -123,6 +123,24 @@ def test_replica_counts_are_fixed_unless_autoscaling(tmp_path):
             parse_args(bad)
 
 
+def test_stage_settings_set_over_the_config_and_checked(tmp_path):
+    from bench.load import app_args, parse_args
+    from deployments.settings import AppSettings
+
+    args = parse_args(["--overlay", "gpu-prod", "--replicas", "synthesis=2",
+                       "--stage-set", "synthesis.num_gpus=0.25,pitch.max_batch_size=8"])
+    stages = app_args(args, tmp_path)["stages"]
+    assert stages["synthesis"]["num_gpus"] == 0.25 and stages["synthesis"]["min_replicas"] == 2
+    assert stages["pitch"]["max_batch_size"] == 8 and stages["features"]["num_gpus"] == 0.25  # the overlay's
+    with pytest.raises(ValueError, match="--stage-set: no stage synth"):
+        app_args(parse_args(["--stage-set", "synth.num_gpus=1"]), tmp_path)
+    for bad in ("synthesis=1", "num_gpus=1", ".num_gpus=1"):
+        with pytest.raises(SystemExit):
+            parse_args(["--stage-set", bad])
+    with pytest.raises(ValueError, match="num_gpu"):  # the app's settings refuse unknown fields
+        AppSettings.model_validate(app_args(parse_args(["--stage-set", "pitch.num_gpu=1"]), tmp_path))
+
+
 def test_overlay_app_args_are_what_the_overlay_deploys_less_its_image_paths(tmp_path):
     """`--overlay gpu-prod` runs the GPU deployment's settings (fp16, batches of 16, GPU shares,
     8 voices per replica) on this run's data directory: the overlay's weight paths point into
