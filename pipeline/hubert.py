@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.assets import AssetError, torch_load_checked
+from pipeline.memory import to_device
 
 _DEFAULT_CONV_LAYERS = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
 # Training-only tensors of a fairseq HuBERT checkpoint: accepted in the file, not needed here.
@@ -116,7 +117,7 @@ def format_conv_layers(layers: tuple[tuple[int, int, int], ...]) -> str:
 
 def _valid_frames(frames: Sequence[int], total: int, device: torch.device) -> Tensor:
     """[B, total] bool: True for each batch item's first frames[b] frames."""
-    return torch.arange(total, device=device) < torch.tensor(list(frames), device=device)[:, None]
+    return torch.arange(total, device=device) < to_device(torch.tensor(list(frames)), device)[:, None]
 
 
 class _Fp32GroupNorm(nn.GroupNorm):

@@ -59,7 +59,7 @@ class FrameMask:
     so the 2×2 poolings never mix an item's frames with its padding."""
 
     def __init__(self, lengths: Sequence[int], frames: int, device: torch.device):
-        self.lengths = torch.as_tensor(list(lengths), device=device)  # [B] frames at full resolution
+        self.lengths = to_device(torch.tensor(list(lengths)), device)  # [B] frames at full resolution
         self.frames = frames
         self._masks: dict[tuple[int, torch.dtype], Tensor] = {}
 

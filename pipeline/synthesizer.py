@@ -955,9 +955,9 @@ class Synthesizer(nn.Module):
             if len(lengths) != b or not all(0 < n <= t for n in lengths):
                 raise ValueError(f"lengths {list(lengths)} do not fit a batch of {b} × {t} frames")
             if min(lengths) < t:
-                mask = (torch.arange(t, device=phone.device) < torch.tensor(lengths, device=phone.device)[:, None])
+                mask = torch.arange(t, device=phone.device) < to_device(torch.tensor(lengths), phone.device)[:, None]
                 mask = mask[:, None].to(phone.dtype)  # [B, 1, T]
-        g = self.emb_g.weight[torch.tensor(sids, device=phone.device)][:, :, None]  # [B, gin, 1]
+        g = self.emb_g.weight[to_device(torch.tensor(sids), phone.device)][:, :, None]  # [B, gin, 1]
         m_p, logs_p = self.enc_p(phone, pitch, mask)
         z_p = _masked(m_p + torch.exp(logs_p) * noise.prior(m_p) * PRIOR_NOISE_SCALE, mask)
         z = _masked(self.flow.reverse(z_p, g, mask), mask)
