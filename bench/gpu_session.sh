@@ -74,11 +74,15 @@ case ",$parts," in *,mps,*)
 esac
 # Two pitch and two synthesis replicas on the one GPU (shares halved to fit): whether one process
 # per stage (its event loop, its one batch at a time, its host work between kernels) is what holds
-# the 16- and 32-client cells near 15 jobs/s while the GPU has time to spare (gpu_busy_pct).
+# the 16- and 32-client cells near 15 jobs/s while the GPU has time to spare (gpu_busy_pct). Then
+# one replica each again, running two batches at once (one's host work beside the other's kernels).
 case ",$parts," in *,replicas,*)
   run service_2x "$python" "${load[@]/conversion=4,ingress=2/conversion=4,ingress=2,pitch=2,synthesis=2}" \
     --stage-set features.num_gpus=0.125,pitch.num_gpus=0.125,synthesis.num_gpus=0.25 \
-    --audio-seconds 10 --concurrency 16,32 --jobs 128 --time-limit-s 120 --out "$results/service_2x.json" ;;
+    --audio-seconds 10 --concurrency 16,32 --jobs 128 --time-limit-s 120 --out "$results/service_2x.json"
+  run service_2batches "$python" "${load[@]}" \
+    --stage-set features.max_concurrent_batches=2,pitch.max_concurrent_batches=2,synthesis.max_concurrent_batches=2 \
+    --audio-seconds 10 --concurrency 16,32 --jobs 128 --time-limit-s 120 --out "$results/service_2batches.json" ;;
 esac
 case ",$parts," in *,pitch,*) run pitch "$python" bench/pitch_gpu.py --out "$results/pitch.json" ;; esac
 case ",$parts," in *,synth,*) run synth "$python" bench/synth_gpu.py --work /tmp/rvc-gpu --out "$results/synth.json" ;; esac

@@ -59,13 +59,17 @@ class StageSettings(BaseModel):
     # most batch_wait_timeout_s for a batch to fill (1 = no batching; GPUs want 8-16).
     max_batch_size: int = Field(1, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
+    # Model stages: batches a replica runs at once. Above 1, one batch's host work (its inputs,
+    # kernel launches, outputs) overlaps another's GPU work; each holds its own activations.
+    max_concurrent_batches: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _replica_range(self) -> "StageSettings":
         if self.max_replicas < self.min_replicas:
             raise ValueError("max_replicas must be >= min_replicas")
-        if self.max_batch_size > self.max_ongoing_requests:
-            raise ValueError("max_batch_size must be <= max_ongoing_requests (a batch never fills otherwise)")
+        if self.max_batch_size * self.max_concurrent_batches > self.max_ongoing_requests:
+            raise ValueError("max_batch_size x max_concurrent_batches must be <= max_ongoing_requests "
+                             "(the batches never fill otherwise)")
         return self
 
     def deployment_options(self, stage: str, cluster_has_gpu: bool) -> dict:

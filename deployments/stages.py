@@ -13,8 +13,9 @@ same dither per frame, wherever each piece runs):
                       (at most chunks_in_flight calls of a job at each model stage)
 
 Each replica loads only the models its stage uses. The model stages batch concurrent calls
-(`@serve.batch`, sized by each stage's max_batch_size / batch_wait_timeout_s): chunks of any
-jobs share one forward pass, and each result is the one the call would get alone.
+(`@serve.batch`, sized by each stage's max_batch_size / batch_wait_timeout_s, up to
+max_concurrent_batches at once): chunks of any jobs share one forward pass, and each result is
+the one the call would get alone.
 """
 from __future__ import annotations
 
@@ -35,10 +36,11 @@ from .results import LocalResultStore
 from .settings import MODEL_STAGES, AppSettings
 
 
-def _batching(method, stage) -> None:
-    """Size a `@serve.batch` method from the stage's settings."""
-    method.set_max_batch_size(stage.max_batch_size)
-    method.set_batch_wait_timeout_s(stage.batch_wait_timeout_s)
+def _batched(handler: Callable, stage) -> Callable:
+    """A replica's batch method (lists of the calls' arguments in, a list of results out) as the
+    `@serve.batch` method its stage's settings size, made at start-up where they are known."""
+    return serve.batch(max_batch_size=stage.max_batch_size, batch_wait_timeout_s=stage.batch_wait_timeout_s,
+                       max_concurrent_batches=stage.max_concurrent_batches)(handler)
 
 
 @dataclass(frozen=True)
@@ -87,14 +89,14 @@ class ContentFeatures:
         self.device = _device()
         self.precision = replica_precision(settings, self.device)
         self.hubert = load_hubert(settings.hubert, device=self.device)
-        _batching(self._extract, settings.stages.features)
+        self._extract = _batched(self._extract_batch, settings.stages.features)
 
     async def extract(self, chunk_audio: np.ndarray, version: str) -> tuple[np.ndarray, BatchRun]:
         """Features [T50, C] float32 of one chunk of the padded input."""
         return await self._extract(chunk_audio, version)
 
-    @serve.batch
-    async def _extract(self, chunks: list[np.ndarray], versions: list[str]) -> list[tuple[np.ndarray, BatchRun]]:
+    async def _extract_batch(self, chunks: list[np.ndarray],
+                             versions: list[str]) -> list[tuple[np.ndarray, BatchRun]]:
         from pipeline.convert import chunk_features_batch, network_precision, per_group
 
         def run(version: str, mine: list[int]) -> list[np.ndarray]:
@@ -117,8 +119,8 @@ class PitchEstimator:
         self.precision = replica_precision(settings, self.device)
         self.models = PitchModels(device=self.device, rmvpe_path=settings.rmvpe)
         self.models.get("crepe")  # the default method is loaded before the replica reports ready
-        _batching(self._estimate, settings.stages.pitch)
-        _batching(self._estimate_pieces, settings.stages.pitch)
+        self._estimate = _batched(self._estimate_batch, settings.stages.pitch)
+        self._estimate_pieces = _batched(self._estimate_pieces_batch, settings.stages.pitch)
 
     async def estimate(self, prepared, params) -> tuple[tuple[np.ndarray, np.ndarray], BatchRun]:
         """(coarse, pitchf) over the whole padded input, dithered from the job's seed."""
@@ -128,8 +130,7 @@ class PitchEstimator:
         """Raw crepe (f0, periodicity) of one piece of a long input (pipeline.pitch.crepe_pieces)."""
         return await self._estimate_pieces(piece, method)
 
-    @serve.batch
-    async def _estimate_pieces(self, pieces: list, methods: list[str]) -> list:
+    async def _estimate_pieces_batch(self, pieces: list, methods: list[str]) -> list:
         from pipeline.convert import network_precision, per_group
         from pipeline.pitch import crepe_piece_batch
 
@@ -139,8 +140,7 @@ class PitchEstimator:
 
         return await _run_batch(lambda: per_group(methods, run))
 
-    @serve.batch
-    async def _estimate(self, prepared: list, params: list) -> list:
+    async def _estimate_batch(self, prepared: list, params: list) -> list:
         from pipeline.convert import estimate_input_pitch_batch, network_precision
 
         def run() -> list[tuple[np.ndarray, np.ndarray]]:
@@ -197,7 +197,7 @@ class Synthesis:
             return await self._load(model_id)
 
         self.cached_voice = serve.multiplexed(max_num_models_per_replica=settings.voices_per_replica)(load)
-        _batching(self._synthesize, settings.stages.synthesis)
+        self._synthesize = _batched(self._synthesize_batch, settings.stages.synthesis)
 
     def _compile_glue(self) -> None:
         from pipeline.convert import compile_decoder_glue
@@ -254,8 +254,8 @@ class Synthesis:
         return {"audio": audio, "voice_cache": {"hit": int(not loaded), "miss": int(loaded), "eviction": evictions},
                 "voice_load_s": voice_load_s}, batch
 
-    @serve.batch
-    async def _synthesize(self, voices: list[_CachedVoice], items: list) -> list[tuple[np.ndarray, BatchRun]]:
+    async def _synthesize_batch(self, voices: list[_CachedVoice],
+                                items: list) -> list[tuple[np.ndarray, BatchRun]]:
         """Chunks of concurrent calls, one batch per voice (Serve splits batches by model id;
         grouping again keeps that an optimisation, not a correctness condition)."""
         from pipeline.convert import network_precision, per_group, synthesize_chunks

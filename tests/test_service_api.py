@@ -623,3 +623,47 @@ def test_every_scrape_counts_the_requests_of_both_ingress_replicas(limited):
         assert all(r.status_code == 200 for r in pool.map(lambda _: limited.client.get("/healthz"), range(40)))
     time.sleep(HTTP_FLUSH_S + 0.5)
     assert [healthz_count() - before for _ in range(6)] == [40.0] * 6
+
+
+def test_model_stage_batches_run_at_most_max_concurrent_batches_at_once(serve_url):
+    """A stage's batch method, as its replicas build it from the settings: 6 calls, batches of 2;
+    one batch at a time by default, two at once with max_concurrent_batches 2."""
+    import asyncio
+
+    from ray import serve
+
+    from deployments.settings import StageSettings
+    from deployments.stages import _batched
+
+    @serve.deployment(max_ongoing_requests=8)
+    class Stage:
+        def __init__(self, concurrent: int) -> None:
+            self.running = self.peak = 0
+            self.sizes: list[int] = []
+            self.double = _batched(self._double_batch, StageSettings(
+                max_batch_size=2, max_concurrent_batches=concurrent, max_ongoing_requests=8,
+                batch_wait_timeout_s=0.05))
+
+        async def _double_batch(self, xs: list[int]) -> list[int]:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            self.sizes.append(len(xs))
+            await asyncio.sleep(0.3)
+            self.running -= 1
+            return [2 * x for x in xs]
+
+        async def __call__(self, x: int) -> int:
+            return await self.double(x)
+
+        def seen(self) -> tuple[int, list[int]]:
+            return self.peak, self.sizes
+
+    for concurrent in (1, 2):
+        name = f"batches{concurrent}"
+        handle = serve.run(Stage.bind(concurrent), name=name, route_prefix=None)
+        try:
+            assert [r.result(timeout_s=60) for r in [handle.remote(i) for i in range(6)]] == [0, 2, 4, 6, 8, 10]
+            peak, sizes = handle.seen.remote().result(timeout_s=30)
+            assert peak == concurrent and max(sizes) <= 2 and sum(sizes) == 6
+        finally:
+            serve.delete(name)

@@ -34,6 +34,10 @@ def test_settings_reject_unknown_keys_and_coerce_cli_strings(tmp_path):
     # a batch larger than the requests a replica takes at once would never fill
     with pytest.raises(ValidationError, match="max_batch_size"):
         settings.AppSettings.model_validate({"stages": {"features": {"max_batch_size": 8, "max_ongoing_requests": 4}}})
+    # ... and so would concurrent batches that together need more
+    with pytest.raises(ValidationError, match="max_concurrent_batches"):
+        settings.AppSettings.model_validate({"stages": {"synthesis": {
+            "max_batch_size": 2, "max_concurrent_batches": 2, "max_ongoing_requests": 3}}})
     for bad in ({"precision": "fp8"}, {"pitch_piece_frames": 1000}, {"pitch_piece_frames": 0}):
         with pytest.raises(ValidationError):
             settings.AppSettings.model_validate(bad)
