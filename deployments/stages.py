@@ -33,10 +33,10 @@ from ray import serve
 from .logs import get_logger
 from .registry import get_voice
 from .results import LocalResultStore
-from .settings import MODEL_STAGES, AppSettings
+from .settings import MODEL_STAGES, AppSettings, StageSettings
 
 
-def _batched(handler: Callable, stage) -> Callable:
+def _batched(handler: Callable, stage: StageSettings) -> Callable:
     """A replica's batch method (lists of the calls' arguments in, a list of results out) as the
     `@serve.batch` method its stage's settings size, made at start-up where they are known."""
     return serve.batch(max_batch_size=stage.max_batch_size, batch_wait_timeout_s=stage.batch_wait_timeout_s,
