@@ -66,12 +66,14 @@ def release_freed_memory() -> None:
 
 
 def release_device_cache() -> None:
-    """Return the GPU memory torch caches but no tensor uses to the driver (nothing where CUDA
-    was never initialised in this process)."""
+    """Return the GPU memory torch caches but no tensor uses to the driver, and the pinned host
+    memory `to_device` staged copies in (nothing where CUDA was never initialised in this
+    process)."""
     import torch
 
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+        torch.accelerator.empty_host_cache()
 
 
 def to_device(host: np.ndarray | torch.Tensor, device: torch.device | str,

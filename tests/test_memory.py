@@ -149,13 +149,14 @@ def test_the_gpu_cache_is_emptied_only_where_cuda_runs(monkeypatch):
     from pipeline import memory
 
     emptied = []
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append("device"))
+    monkeypatch.setattr(torch.accelerator, "empty_host_cache", lambda: emptied.append("pinned host"))
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     memory.release_device_cache()
     assert emptied == []
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     memory.release_device_cache()
-    assert emptied == [True]
+    assert emptied == ["device", "pinned host"]
 
 
 def test_host_data_reaches_the_device_converted_and_writable():
