@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import itertools
+import math
 import time
 from collections import deque
 from pathlib import Path
@@ -128,47 +129,64 @@ class _Metrics:
 
 
 class FairSlots:
-    """`capacity` conversion slots shared between tenants: a freed slot goes to the waiting job
-    of the tenant holding the fewest slots (the longest waiting among equals), so one tenant's
-    backlog of thousands of jobs does not hold every other tenant's jobs behind it, and a lone
-    tenant still gets every slot."""
+    """`capacity` conversion slots and `audio_capacity_s` seconds of input audio converting at
+    once, shared between tenants: a freed slot goes to the waiting job of the tenant holding the
+    fewest slots (the longest waiting among equals), so one tenant's backlog of thousands of jobs
+    does not hold every other tenant's jobs behind it, and a lone tenant still gets every slot.
+    The job next in turn waits for the audio it needs rather than letting later, shorter ones
+    past (which could starve it); one longer than `audio_capacity_s` runs when nothing else does."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, audio_capacity_s: float = math.inf) -> None:
         self.free = capacity
+        self.audio_capacity_s = self.audio_free_s = audio_capacity_s
         self.running: dict[str, int] = {}  # slots held, by tenant
-        self.waiting: dict[str, deque[tuple[int, asyncio.Future]]] = {}
+        self.waiting: dict[str, deque[tuple[int, float, asyncio.Future]]] = {}
         self._arrivals = itertools.count()
 
-    async def acquire(self, tenant: str) -> None:
-        if self.free > 0 and not self.waiting:
-            self._take(tenant)
+    async def acquire(self, tenant: str, audio_s: float = 0.0) -> None:
+        if not self.waiting and self._fits(audio_s):
+            self._take(tenant, audio_s)
             return
         granted = asyncio.get_running_loop().create_future()
-        self.waiting.setdefault(tenant, deque()).append((next(self._arrivals), granted))
+        self.waiting.setdefault(tenant, deque()).append((next(self._arrivals), audio_s, granted))
         try:
             await granted
         except asyncio.CancelledError:
             if granted.done() and not granted.cancelled():
-                self.release(tenant)  # granted just as it was cancelled: pass the slot on
+                self.release(tenant, audio_s)  # granted just as it was cancelled: pass the slot on
+            else:
+                self._grant()  # it may have been the job the others waited behind
             raise
 
-    def release(self, tenant: str) -> None:
+    def release(self, tenant: str, audio_s: float = 0.0) -> None:
         self.running[tenant] -= 1
         if not self.running[tenant]:
             del self.running[tenant]  # a tenant's entry lives while it holds a slot
         self.free += 1
+        # (back to the exact capacity when idle: sums of floats need not return to it)
+        self.audio_free_s = self.audio_free_s + audio_s if self.running else self.audio_capacity_s
+        self._grant()
+
+    def _fits(self, audio_s: float) -> bool:
+        return self.free > 0 and (audio_s <= self.audio_free_s or not self.running)
+
+    def _grant(self) -> None:
         while self.free > 0 and self.waiting:
             tenant = min(self.waiting, key=lambda t: (self.running.get(t, 0), self.waiting[t][0][0]))
             queue = self.waiting[tenant]
-            _, granted = queue.popleft()
+            _, audio_s, granted = queue[0]
+            if not granted.cancelled() and not self._fits(audio_s):
+                return
+            queue.popleft()
             if not queue:
                 del self.waiting[tenant]
             if not granted.cancelled():
-                self._take(tenant)
+                self._take(tenant, audio_s)
                 granted.set_result(None)
 
-    def _take(self, tenant: str) -> None:
+    def _take(self, tenant: str, audio_s: float) -> None:
         self.free -= 1
+        self.audio_free_s -= audio_s
         self.running[tenant] = self.running.get(tenant, 0) + 1
 
 
@@ -182,7 +200,7 @@ class JobTracker:
         self.results = LocalResultStore(settings.results_dir)
         self.log = get_logger()
         self.metrics = _Metrics()
-        self.slots = FairSlots(settings.max_concurrent_jobs)
+        self.slots = FairSlots(settings.max_concurrent_jobs, settings.max_concurrent_audio_s)
         self.tasks: dict[str, asyncio.Task] = {}
         resumed = self.store.running()
         for job in resumed:
@@ -251,21 +269,24 @@ class JobTracker:
         task.add_done_callback(lambda _: self.tasks.pop(inference_id, None))
 
     async def _run(self, inference_id: str, tenant: str) -> None:
+        job = await asyncio.to_thread(self.store.get, inference_id)
+        # what the header declares (0 if unreadable: the attempt then fails with the reason)
+        audio_s = 0.0 if job is None else await asyncio.to_thread(duration_s, job.upload_path)
         with self.metrics.waiting.track_inprogress():
-            await self.slots.acquire(tenant)
+            await self.slots.acquire(tenant, audio_s)
         try:
             with self.metrics.running.track_inprogress():
-                while await self._attempt(inference_id):
+                while await self._attempt(inference_id, audio_s):
                     self.metrics.retries.inc()
                     await asyncio.sleep(RETRY_DELAY_S)
         except Exception:  # noqa: BLE001 - a bug here must not leave the job RUNNING forever
             self.log.exception("job runner failed", extra={"inference_id": inference_id})
             await self._finish(inference_id, FAILED, error="internal error")
         finally:
-            self.slots.release(tenant)
+            self.slots.release(tenant, audio_s)
 
-    async def _attempt(self, inference_id: str) -> bool:
-        """Run one attempt; True when it should be tried again."""
+    async def _attempt(self, inference_id: str, audio_s: float) -> bool:
+        """Run one attempt of a job of `audio_s` seconds of input; True when it should be tried again."""
         extra = {"inference_id": inference_id}
         job = await asyncio.to_thread(self.store.get, inference_id)
         if job is None or job.status != RUNNING:
@@ -278,7 +299,6 @@ class JobTracker:
         self.log.info("job attempt started", extra={**extra, "attempt": attempt, "model_id": job.model_id})
         request = {"inference_id": job.inference_id, "model_id": job.model_id, "upload_path": job.upload_path,
                    "params": job.params, "formats": result_formats(job.tenant, self.settings.lossless_results)}
-        audio_s = await asyncio.to_thread(duration_s, job.upload_path)
         timeout_s = self.settings.job_timeout_s + self.settings.job_timeout_per_audio_s * audio_s
         response = self.conversion.convert.remote(request)
         try:

@@ -157,7 +157,7 @@ def test_a_change_to_serve_config_yaml_is_caught_until_regenerated(tmp_path):
     assert _app_args(rayservice(overlay.render()))["job_timeout_s"] == 600
     # A hand edit of the generated patch is drift too.
     generated = overlay.generated_path
-    generated.write_text(generated.read_text().replace("max_concurrent_jobs: 16", "max_concurrent_jobs: 99"))
+    generated.write_text(generated.read_text().replace("max_concurrent_jobs: 64", "max_concurrent_jobs: 99"))
     with pytest.raises(ValueError, match="does not match"):
         overlay.render()
     # A Serve config the strict check refuses is never written.

@@ -667,3 +667,21 @@ def test_model_stage_batches_run_at_most_max_concurrent_batches_at_once(serve_ur
             assert peak == concurrent and max(sizes) <= 2 and sum(sizes) == 6
         finally:
             serve.delete(name)
+
+
+def test_long_inputs_take_turns_within_the_audio_budget(tmp_path_factory, serve_url):
+    """Two seconds of audio in flight at most: of three 1.5 s jobs one converts at a time (the
+    others queue in the job actor), whatever max_concurrent_jobs allows."""
+    app = _app(tmp_path_factory, serve_url, "audiobudget", max_concurrent_jobs=4, max_concurrent_audio_s=2.0)
+    svc = next(app)
+    try:
+        jobs = [_post(svc, {"modelId": "voice-slow"}, wav_bytes(seconds=1.5)).json()["inferenceId"] for _ in range(3)]
+        wait_for(lambda: len(_calls(svc)) >= 2, 30)
+        time.sleep(1.0)  # a second job allowed to start would have started by now
+        assert len(_calls(svc)) == 2  # id and model of the one job converting
+        for job in jobs:
+            svc.client.delete(f"/v1/inferences-vc/{job}", headers={"x-api-key": KEY_A})
+        wait_for(lambda: all(svc.client.get(f"/v1/inferences-vc/{job}", headers={"x-api-key": KEY_A})
+                             .json()["status"] == "FAILED" for job in jobs), 30)
+    finally:
+        next(app, None)

@@ -205,6 +205,62 @@ def test_a_cancelled_wait_for_a_job_slot_gives_its_turn_away():
     asyncio.run(scenario())
 
 
+def test_job_slots_hold_at_most_the_audio_budget_and_let_no_shorter_job_past():
+    """Four slots, 100 s of audio: short jobs share them, a job that does not fit waits for the
+    audio it needs and later shorter jobs wait behind it; one longer than the budget runs alone."""
+    from deployments.jobs import FairSlots
+
+    async def scenario() -> list[str]:
+        slots, started = FairSlots(4, audio_capacity_s=100), []
+
+        async def job(tenant: str, name: str, audio_s: float) -> None:
+            await slots.acquire(tenant, audio_s)
+            started.append(name)
+
+        first = [asyncio.create_task(job("a", f"short{i}", 30)) for i in range(3)]
+        await asyncio.sleep(0)
+        assert started == ["short0", "short1", "short2"] and slots.audio_free_s == 10
+        tasks = [asyncio.create_task(job("b", "long", 60)), asyncio.create_task(job("c", "small", 5))]
+        await asyncio.sleep(0)
+        assert started == ["short0", "short1", "short2"]  # 10 s free: "small" fits but waits its turn
+        slots.release("a", 30)
+        await asyncio.sleep(0)
+        assert started[3:] == []  # 40 s free: "long" still does not fit
+        slots.release("a", 30)
+        await asyncio.sleep(0)
+        assert started[3:] == ["long", "small"] and slots.audio_free_s == 5
+        huge = asyncio.create_task(job("d", "huge", 500))
+        await asyncio.sleep(0)
+        for tenant, audio_s in (("a", 30), ("b", 60), ("c", 5)):
+            assert "huge" not in started
+            slots.release(tenant, audio_s)
+            await asyncio.sleep(0)
+        await asyncio.gather(*first, *tasks, huge)
+        assert started[-1] == "huge" and slots.running == {"d": 1} and slots.free == 3
+        slots.release("d", 500)
+        assert slots.audio_free_s == 100 and slots.free == 4
+        return started
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_job_that_others_waited_behind_lets_them_start():
+    from deployments.jobs import FairSlots
+
+    async def scenario() -> None:
+        slots = FairSlots(4, audio_capacity_s=100)
+        await slots.acquire("a", 90)
+        blocking = asyncio.create_task(slots.acquire("b", 50))
+        behind = asyncio.create_task(slots.acquire("c", 5))
+        await asyncio.sleep(0)
+        assert not behind.done()
+        blocking.cancel()
+        await asyncio.wait_for(behind, 1)
+        assert slots.running == {"a": 1, "c": 1} and slots.audio_free_s == 5
+
+    asyncio.run(scenario())
+
+
 # --- rate window ------------------------------------------------------------------------------
 
 def test_sliding_window_is_exact():
