@@ -50,6 +50,9 @@ case ",$parts," in *,service,*)
   # 8 jobs per client at 16 and 32: Little's law caps a cell of 2 jobs per client by its ramp
   run service "$python" "${load[@]}" --audio-seconds 10 --concurrency 1,16,32 --jobs 128 \
     --time-limit-s 150 --out "$results/service.json"
+  # 64 clients: gpu-prod now lets 64 jobs run at once (16 before: the 32-client cell queued half)
+  run service64 "$python" "${load[@]}" --audio-seconds 10 --concurrency 64 --jobs 384 \
+    --time-limit-s 90 --out "$results/service64.json"
   # minute-long uploads: fewer, larger jobs (batch teams' files)
   run service60 "$python" "${load[@]}" --audio-seconds 60 --concurrency 16 --jobs 64 \
     --time-limit-s 90 --out "$results/service60.json"
