@@ -99,6 +99,9 @@ class _Metrics:
                                   buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800), registry=r)
         self.waiting = Gauge("rvc_jobs_queued", "Jobs accepted and waiting for a conversion slot.", registry=r)
         self.running = Gauge("rvc_jobs_in_progress", "Jobs being converted now.", registry=r)
+        self.running_audio = Gauge("rvc_audio_seconds_in_progress",
+                                   "Seconds of input audio in the jobs being converted now "
+                                   "(at most max_concurrent_audio_s, or one longer job alone).", registry=r)
         self.retries = Counter("rvc_job_retries_total", "Job attempts run again after a machinery failure.",
                                registry=r)
         self.stage = Histogram("rvc_stage_latency_seconds", "Latency of one stage call, as the conversion saw it.",
@@ -274,6 +277,7 @@ class JobTracker:
         audio_s = 0.0 if job is None else await asyncio.to_thread(duration_s, job.upload_path)
         with self.metrics.waiting.track_inprogress():
             await self.slots.acquire(tenant, audio_s)
+        self.metrics.running_audio.inc(audio_s)
         try:
             with self.metrics.running.track_inprogress():
                 while await self._attempt(inference_id, audio_s):
@@ -283,6 +287,7 @@ class JobTracker:
             self.log.exception("job runner failed", extra={"inference_id": inference_id})
             await self._finish(inference_id, FAILED, error="internal error")
         finally:
+            self.metrics.running_audio.dec(audio_s)
             self.slots.release(tenant, audio_s)
 
     async def _attempt(self, inference_id: str, audio_s: float) -> bool:

@@ -679,6 +679,9 @@ def test_long_inputs_take_turns_within_the_audio_budget(tmp_path_factory, serve_
         wait_for(lambda: len(_calls(svc)) >= 2, 30)
         time.sleep(1.0)  # a second job allowed to start would have started by now
         assert len(_calls(svc)) == 2  # id and model of the one job converting
+        metrics = svc.client.get("/metrics").text
+        assert re.search(r"^rvc_audio_seconds_in_progress 1\.5$", metrics, re.M)
+        assert re.search(r"^rvc_jobs_queued 2\.0$", metrics, re.M)
         for job in jobs:
             svc.client.delete(f"/v1/inferences-vc/{job}", headers={"x-api-key": KEY_A})
         wait_for(lambda: all(svc.client.get(f"/v1/inferences-vc/{job}", headers={"x-api-key": KEY_A})
