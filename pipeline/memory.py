@@ -73,7 +73,10 @@ def release_device_cache() -> None:
 
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
-        torch.accelerator.empty_host_cache()
+        # (a torch older than this call keeps its pinned cache: the GPU machines' images lag ours)
+        empty_host_cache = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+        if empty_host_cache is not None:
+            empty_host_cache()
 
 
 def to_device(host: np.ndarray | torch.Tensor, device: torch.device | str,

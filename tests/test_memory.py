@@ -157,6 +157,9 @@ def test_the_gpu_cache_is_emptied_only_where_cuda_runs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     memory.release_device_cache()
     assert emptied == ["device", "pinned host"]
+    monkeypatch.delattr(torch.accelerator, "empty_host_cache")  # an older torch
+    memory.release_device_cache()
+    assert emptied == ["device", "pinned host", "device"]
 
 
 def test_host_data_reaches_the_device_converted_and_writable():
