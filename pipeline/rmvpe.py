@@ -201,9 +201,14 @@ class BiGRU(nn.Module):
         backward direction starts at its own end) and its output is zero past them."""
         if lengths is None:
             return self.gru(x)[0]
-        packed = nn.utils.rnn.pack_padded_sequence(x, torch.as_tensor(list(lengths)), batch_first=True,
-                                                   enforce_sorted=False)
-        return nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=x.shape[1])[0]
+        # Longest first, as packing wants: sorted here, since torch's own sorting copies the order
+        # to the GPU with a blocking copy (a wait for the whole U-Net's kernels).
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        index = to_device(torch.tensor(order), x.device)
+        packed = nn.utils.rnn.pack_padded_sequence(x.index_select(0, index), [lengths[i] for i in order],
+                                                   batch_first=True)
+        out = nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=x.shape[1])[0]
+        return torch.empty_like(out).index_copy_(0, index, out)
 
 
 class RmvpeNet(nn.Module):
