@@ -5,8 +5,8 @@
 #     bash bench/gpu_session.sh "$OUT"  [PARTS]   # PARTS: any of gpu,service,mps,replicas,pitch,synth,rmvpe (default all)
 #
 # All of them need more than the 10 minutes a device call may run (session 14: gpu ~210 s,
-# service ~200 s, pitch+synth ~120 s): split them over two calls, e.g. `service,mps,rmvpe` and
-# `gpu,pitch,synth`. Writes session.log and results.tar (each part's JSON, re-packed after every
+# service ~200 s, pitch+synth ~120 s; replicas ~150 s and the 64-client cell ~60 s expected):
+# split them over calls, e.g. `service,replicas`, then `gpu,rmvpe`, then `mps,pitch,synth`. Writes session.log and results.tar (each part's JSON, re-packed after every
 # part) into the given folder: a device call brings back at most 8 files.
 set -uo pipefail
 out=${1:?usage: bench/gpu_session.sh OUT_DIR [gpu,service,mps,replicas,pitch,synth,rmvpe]}
