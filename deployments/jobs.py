@@ -141,7 +141,8 @@ class FairSlots:
 
     def __init__(self, capacity: int, audio_capacity_s: float = math.inf) -> None:
         self.free = capacity
-        self.audio_capacity_s = self.audio_free_s = audio_capacity_s
+        self.audio_capacity_s = audio_capacity_s
+        self.audio_running_s = 0.0  # input seconds of the jobs holding slots
         self.running: dict[str, int] = {}  # slots held, by tenant
         self.waiting: dict[str, deque[tuple[int, float, asyncio.Future]]] = {}
         self._arrivals = itertools.count()
@@ -166,12 +167,12 @@ class FairSlots:
         if not self.running[tenant]:
             del self.running[tenant]  # a tenant's entry lives while it holds a slot
         self.free += 1
-        # (back to the exact capacity when idle: sums of floats need not return to it)
-        self.audio_free_s = self.audio_free_s + audio_s if self.running else self.audio_capacity_s
+        # (back to exactly 0 when idle: sums of floats need not return to it)
+        self.audio_running_s = self.audio_running_s - audio_s if self.running else 0.0
         self._grant()
 
     def _fits(self, audio_s: float) -> bool:
-        return self.free > 0 and (audio_s <= self.audio_free_s or not self.running)
+        return self.free > 0 and (not self.running or self.audio_running_s + audio_s <= self.audio_capacity_s)
 
     def _grant(self) -> None:
         while self.free > 0 and self.waiting:
@@ -189,7 +190,7 @@ class FairSlots:
 
     def _take(self, tenant: str, audio_s: float) -> None:
         self.free -= 1
-        self.audio_free_s -= audio_s
+        self.audio_running_s += audio_s
         self.running[tenant] = self.running.get(tenant, 0) + 1
 
 
@@ -204,6 +205,7 @@ class JobTracker:
         self.log = get_logger()
         self.metrics = _Metrics()
         self.slots = FairSlots(settings.max_concurrent_jobs, settings.max_concurrent_audio_s)
+        self.metrics.running_audio.set_function(lambda: self.slots.audio_running_s)
         self.tasks: dict[str, asyncio.Task] = {}
         resumed = self.store.running()
         for job in resumed:
@@ -277,7 +279,6 @@ class JobTracker:
         audio_s = 0.0 if job is None else await asyncio.to_thread(duration_s, job.upload_path)
         with self.metrics.waiting.track_inprogress():
             await self.slots.acquire(tenant, audio_s)
-        self.metrics.running_audio.inc(audio_s)
         try:
             with self.metrics.running.track_inprogress():
                 while await self._attempt(inference_id, audio_s):
@@ -287,7 +288,6 @@ class JobTracker:
             self.log.exception("job runner failed", extra={"inference_id": inference_id})
             await self._finish(inference_id, FAILED, error="internal error")
         finally:
-            self.metrics.running_audio.dec(audio_s)
             self.slots.release(tenant, audio_s)
 
     async def _attempt(self, inference_id: str, audio_s: float) -> bool:

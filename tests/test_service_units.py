@@ -219,7 +219,7 @@ def test_job_slots_hold_at_most_the_audio_budget_and_let_no_shorter_job_past():
 
         first = [asyncio.create_task(job("a", f"short{i}", 30)) for i in range(3)]
         await asyncio.sleep(0)
-        assert started == ["short0", "short1", "short2"] and slots.audio_free_s == 10
+        assert started == ["short0", "short1", "short2"] and slots.audio_running_s == 90
         tasks = [asyncio.create_task(job("b", "long", 60)), asyncio.create_task(job("c", "small", 5))]
         await asyncio.sleep(0)
         assert started == ["short0", "short1", "short2"]  # 10 s free: "small" fits but waits its turn
@@ -228,7 +228,7 @@ def test_job_slots_hold_at_most_the_audio_budget_and_let_no_shorter_job_past():
         assert started[3:] == []  # 40 s free: "long" still does not fit
         slots.release("a", 30)
         await asyncio.sleep(0)
-        assert started[3:] == ["long", "small"] and slots.audio_free_s == 5
+        assert started[3:] == ["long", "small"] and slots.audio_running_s == 95
         huge = asyncio.create_task(job("d", "huge", 500))
         await asyncio.sleep(0)
         for tenant, audio_s in (("a", 30), ("b", 60), ("c", 5)):
@@ -238,7 +238,7 @@ def test_job_slots_hold_at_most_the_audio_budget_and_let_no_shorter_job_past():
         await asyncio.gather(*first, *tasks, huge)
         assert started[-1] == "huge" and slots.running == {"d": 1} and slots.free == 3
         slots.release("d", 500)
-        assert slots.audio_free_s == 100 and slots.free == 4
+        assert slots.audio_running_s == 0 and slots.free == 4
         return started
 
     asyncio.run(scenario())
@@ -256,7 +256,7 @@ def test_a_cancelled_job_that_others_waited_behind_lets_them_start():
         assert not behind.done()
         blocking.cancel()
         await asyncio.wait_for(behind, 1)
-        assert slots.running == {"a": 1, "c": 1} and slots.audio_free_s == 5
+        assert slots.running == {"a": 1, "c": 1} and slots.audio_running_s == 95
 
     asyncio.run(scenario())
 
