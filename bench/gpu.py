@@ -194,12 +194,11 @@ def single_stream(fx: dict, inputs: dict[float, Path], f0_method: str, precision
     return result
 
 
-def throughput(fx: dict, path: Path, seconds: float, n: int, f0_method: str, precision: str,
-               sequential: bool = True, cudnn_benchmark: bool = False, mixed: bool = False) -> dict:
-    """n requests of the same length, each its own seed and voice copy count as distinct work;
-    `mixed`: of n lengths from 70 % to 100 % of it instead (leading cuts), as a service sees them.
-    `cudnn_benchmark`: let cuDNN time its algorithms per shape (fp16 only: the fp32 context
-    turns it off), which pays off only where shapes repeat."""
+def batch_requests(fx: dict, path: Path, n: int, f0_method: str, precision: str,
+                   mixed: bool = False) -> tuple[Converter, list[ConversionRequest], list[int]]:
+    """A converter in `precision` and n requests of the file at `path` with the v2 40 kHz voice,
+    each its own seed; `mixed`: of n lengths from 70 % to 100 % of it (leading cuts). Also the
+    requests' lengths in samples."""
     v = fx["voices"]["v2-40k-f0"]
     voice, index = load_voice(v["pth"], device=DEVICE), load_index(v["index"])
     conv = Converter.from_paths(fx["hubert"], rmvpe_path=fx["rmvpe"], device=DEVICE, precision=precision)
@@ -207,6 +206,16 @@ def throughput(fx: dict, path: Path, seconds: float, n: int, f0_method: str, pre
     cuts = [int(len(audio) * (0.7 + 0.3 * i / max(1, n - 1))) if mixed else len(audio) for i in range(n)]
     requests = [ConversionRequest(audio[:cut], voice, index, ConversionParams(f0_method=f0_method, seed=i))
                 for i, cut in enumerate(cuts)]
+    return conv, requests, cuts
+
+
+def throughput(fx: dict, path: Path, seconds: float, n: int, f0_method: str, precision: str,
+               sequential: bool = True, cudnn_benchmark: bool = False, mixed: bool = False) -> dict:
+    """n requests of the same length, each its own seed and voice copy count as distinct work;
+    `mixed`: of n lengths from 70 % to 100 % of it instead (leading cuts), as a service sees them.
+    `cudnn_benchmark`: let cuDNN time its algorithms per shape (fp16 only: the fp32 context
+    turns it off), which pays off only where shapes repeat."""
+    conv, requests, cuts = batch_requests(fx, path, n, f0_method, precision, mixed)
     torch.backends.cudnn.benchmark = cudnn_benchmark
     conv.convert_batch(requests, max_batch=n)  # warm-up (and cuDNN's timing of each shape)
     one_by_one = float("nan")
@@ -239,11 +248,7 @@ def sync_points(fx: dict, path: Path, n: int, f0_method: str, precision: str) ->
     the host must fill it again; one per stage output is the floor."""
     import warnings
 
-    v = fx["voices"]["v2-40k-f0"]
-    voice, index = load_voice(v["pth"], device=DEVICE), load_index(v["index"])
-    conv = Converter.from_paths(fx["hubert"], rmvpe_path=fx["rmvpe"], device=DEVICE, precision=precision)
-    audio = audio_io.load_audio(path)
-    requests = [ConversionRequest(audio, voice, index, ConversionParams(f0_method=f0_method, seed=i)) for i in range(n)]
+    conv, requests, _ = batch_requests(fx, path, n, f0_method, precision)
     conv.convert_batch(requests, max_batch=n)  # warm-up: graphs, cuDNN plans, caches
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -255,8 +260,8 @@ def sync_points(fx: dict, path: Path, n: int, f0_method: str, precision: str) ->
     sites: dict[str, int] = {}
     for w in caught:
         if "synchroniz" in str(w.message):
-            path = Path(w.filename).resolve()
-            site = f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{w.lineno}"
+            source = Path(w.filename).resolve()
+            site = f"{source.relative_to(ROOT) if source.is_relative_to(ROOT) else source}:{w.lineno}"
             sites[site] = sites.get(site, 0) + 1
     total = sum(sites.values())
     print(f"syncs {f0_method:6s} {precision} {n}×: {total} waits at {len(sites)} lines", flush=True)

@@ -310,12 +310,12 @@ class Conversion:
         # when it has a slot, so the stages' queues hold every call that is made.
         slots = {stage: asyncio.Semaphore(self.settings.chunks_in_flight) for stage in MODEL_STAGES}
 
-        # The batch each model-stage call ran in (the stage methods answer (result, BatchRun)).
-        batches: dict[str, list[BatchRun]] = defaultdict(list)
+        # (size, seconds) of the batch each model-stage call ran in (they answer (result, BatchRun)).
+        batches: dict[str, list[tuple[int, float]]] = defaultdict(list)
 
         async def batched(stage: str, call: Awaitable):
             result, batch = await call
-            batches[stage].append(batch)
+            batches[stage].append((batch.size, batch.seconds))
             return result
 
         async def stage_call(stage: str, call: Callable[[], Awaitable]):
@@ -362,9 +362,7 @@ class Conversion:
         keys = await timed("write", asyncio.to_thread(write))
         cache = {event: sum(p["voice_cache"][event] for p in pieces) for event in ("hit", "miss", "eviction")}
         self.log.info("conversion done", extra={**extra, "output_seconds": round(out.shape[0] / info.sample_rate, 3)})
-        return {"results": keys, "stats": {
-            "latency": dict(latency), "voice_cache": cache,
-            "batches": {stage: [(b.size, b.seconds) for b in runs] for stage, runs in batches.items()}}}
+        return {"results": keys, "stats": {"latency": dict(latency), "voice_cache": cache, "batches": dict(batches)}}
 
 
     async def _pitch(self, prepared, params, slots: asyncio.Semaphore,
