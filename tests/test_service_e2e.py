@@ -111,27 +111,26 @@ def test_demo_voice_created_and_ready(e2e):
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
 
 
-def _batch_series(e2e) -> dict[str, float]:
-    """rvc_stage_batch_size's and rvc_stage_batch_seconds' counts and sums, by stage."""
-    text = e2e.client.get("/metrics").text
-    return {f"{name}:{stage}": float(value) for name, stage, value in re.findall(
-        r'^rvc_stage_batch_(size_count|size_sum|seconds_count|seconds_sum)\{stage="(\w+)"\} (\S+)$', text, re.M)}
+def _service_counters(e2e) -> dict[str, float]:
+    from bench.load import parse_service_metrics
+
+    return parse_service_metrics(e2e.client.get("/metrics").text)
 
 
 def test_chunked_job_equals_local_conversion(e2e, tmp_path):
     wav = _speech_wav(tmp_path, 7.0, seed=5)
     query = {"indexRate": "0.5", "rmsMixRate": "0.5", "f0UpKey": "2", "protect": "0.2"}
-    before = _batch_series(e2e)
+    before = _service_counters(e2e)
     done = _convert(e2e, wav, "demo", query)
-    after = _batch_series(e2e)
+    after = _service_counters(e2e)
     calls = {key: after[key] - before.get(key, 0.0) for key in after}
     # 4 chunks through features and synthesis, one crepe piece call per 512 frames (2), each call
     # counted with the batch it ran in: at most max_batch_size calls, some compute time
-    assert {stage: calls[f"size_count:{stage}"] for stage in ("features", "pitch", "synthesis")} == {
+    assert {stage: calls[f"batch_count:{stage}"] for stage in ("features", "pitch", "synthesis")} == {
         "features": 4, "pitch": 2, "synthesis": 4}
     for stage, count in (("features", 4), ("pitch", 2), ("synthesis", 4)):
-        assert count <= calls[f"size_sum:{stage}"] <= count * BATCHING["max_batch_size"]
-        assert calls[f"seconds_count:{stage}"] == count and calls[f"seconds_sum:{stage}"] > 0
+        assert count <= calls[f"batch_sum:{stage}"] <= count * BATCHING["max_batch_size"]
+        assert calls[f"batch_s_count:{stage}"] == count and calls[f"batch_s_sum:{stage}"] > 0
     expected, rate = _local_reference(e2e, wav, "demo", index_rate=0.5, rms_mix_rate=0.5, f0_up_key=2, protect=0.2)
 
     job_id = done["inferenceId"]
