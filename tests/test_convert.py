@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 
 from deployments.cli import main as cli_main
 from pipeline import audio as audio_io
 from pipeline.demo import synthetic_speech
 from pipeline.convert import (ChunkingConfig, ChunkSynthesis, ConversionParams, ConversionRequest, Converter,
                               chunk_features, chunk_features_batch, chunk_noise, estimate_input_pitch,
-                              fastest_precision, has_bf16_arithmetic, network_precision, per_group, prepare_input,
-                              split_points, synthesize_chunks)
+                              change_rms, fastest_precision, has_bf16_arithmetic, network_precision, per_group,
+                              prepare_input, split_points, stretch_linear, synthesize_chunks)
 from pipeline import synthesizer
 from pipeline.index import load_index
 from pipeline.synthesizer import load_voice
@@ -98,6 +99,39 @@ def test_rms_mix_rate(converter, voice, index, speech):
     n = min(len(env_in), len(env_out))
     ratio = env_out[:n] / np.maximum(env_in[:n], 1e-6)
     assert ratio.std() / ratio.mean() < 0.35
+
+
+def _reference_change_rms(source, source_rate, target, target_rate, rate):
+    """The reference's change_rms: librosa-style RMS, whole-length float32 interpolations."""
+    def rms(y, frame, hop):
+        frames = np.lib.stride_tricks.sliding_window_view(np.pad(y, frame // 2), frame)[::hop]
+        return torch.from_numpy(np.sqrt(np.mean(np.abs(frames) ** 2, axis=-1)))
+    n = target.shape[0]
+    env_in = F.interpolate(rms(source, source_rate // 2 * 2, source_rate // 2)[None, None], size=n,
+                           mode="linear").squeeze()
+    env_out = F.interpolate(rms(target, target_rate // 2 * 2, target_rate // 2)[None, None], size=n,
+                            mode="linear").squeeze()
+    env_out = torch.clamp_min(env_out, 1e-6)
+    gain = torch.pow(env_in, torch.tensor(1 - rate)) * torch.pow(env_out, torch.tensor(rate - 1))
+    return (target * gain.numpy()).astype(target.dtype)
+
+
+def test_rms_mix_in_blocks_is_the_reference_exactly():
+    # 70 s at 40 kHz: three blocks, and positions float32 alone would round (it drifts by ~1e-6 here)
+    rng = np.random.default_rng(3)
+    source = (rng.standard_normal(70 * 16000) * np.linspace(0.01, 0.5, 70 * 16000)).astype(np.float32)
+    target = (rng.standard_normal(70 * 40000) * 0.2).astype(np.float32)
+    for rate in (0.0, 0.25):
+        np.testing.assert_array_equal(change_rms(source, 16000, target, 40000, rate),
+                                      _reference_change_rms(source, 16000, target, 40000, rate))
+
+
+@pytest.mark.parametrize("m, n", [(37, 12345), (1201, 3_000_001), (5, 3), (1, 7)])
+def test_stretch_linear_is_torchs_linear_interpolation(m, n):
+    values = torch.rand(m, generator=torch.Generator().manual_seed(m))
+    whole = F.interpolate(values[None, None], size=n, mode="linear").squeeze(0).squeeze(0)
+    pieces = [stretch_linear(values, n, a, min(a + 100_003, n)) for a in range(0, n, 100_003)]
+    torch.testing.assert_close(torch.cat(pieces), whole, rtol=0, atol=0)
 
 
 def test_filter_radius(converter, voice, index, speech):
