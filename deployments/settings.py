@@ -149,15 +149,14 @@ class AppSettings(BaseModel):
     # A job interrupted this many times (job actor or replica crashes) is failed, not re-run.
     job_attempts: int = Field(3, ge=1)
     max_concurrent_jobs: int = Field(4, ge=1)
-    # ... and at most this many seconds of input audio among them: a conversion holds 2-7 GB per
+    # ... and at most this many seconds of input audio among them: a conversion holds ~2 GB per
     # hour of input (max_audio_seconds below), so many short jobs run at once and long ones take
     # turns. A job longer than this runs when no other does.
     max_concurrent_audio_s: float = Field(3600.0, gt=0)
     # Longest audio a job converts: refused at create (422) when the header says more, failed at
     # decode when it lied. A few MB of FLAC can hold days of silence, and memory grows with the
-    # input: per hour ~2 GB in the conversion replica (~7 GB with an RMS mix below 1: its envelope
-    # interpolation), ~5 GB in an rmvpe pitch pass (whole, as the reference runs it;
-    # docs/performance.md). 30 min by default; gpu-prod allows an hour.
+    # input: per hour ~2 GB in the conversion replica (the RMS mix runs in blocks), ~5 GB in an
+    # rmvpe pitch pass (whole, as the reference runs it; docs/performance.md). 30 min by default; gpu-prod allows an hour.
     max_audio_seconds: float = Field(1800.0, gt=0)
     # Creates are refused (503, Retry-After) while the data directory's file system would have
     # less than this free after the upload: room kept for running jobs' results and the job
