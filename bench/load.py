@@ -3,7 +3,8 @@
     .venv/bin/python bench/load.py [--full] [--concurrency 1,4] [--voices 1,3] [--jobs N]
         [--audio-seconds 1 | --upload-mb 5] [--f0-method crepe-tiny|crepe|rmvpe] [--mode jobs|posts]
         [--conversion real|fake] [--think-s 0] [--poll-s 0.5,2 | --hold-s 10] [--replicas synthesis=2,... | --autoscale]
-        [--voices-per-replica 4] [--overlay gpu-prod] [--warm] [--time-limit-s 240] [--out bench/results/load.json]
+        [--voices-per-replica 4] [--overlay gpu-prod] [--warm] [--same-upload] [--time-limit-s 240]
+        [--out bench/results/load.json]
 
 It starts its own local Ray and Serve (the app of serve_config.yaml through `build_app`, or with
 `--overlay` the app args a Kubernetes overlay deploys, with fixed replica counts, on a free port,
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -115,7 +117,7 @@ def summarize(cell: CellResult, wall_s: float, audio_seconds: float) -> dict:
 
 def service_delta(before: dict[str, float], after: dict[str, float]) -> dict:
     """What the service counted between two /metrics scrapes: voice-cache events and hit rate,
-    the cold voice loads, the mean latency of each stage call, and per model stage the mean size
+    the cold voice loads, the input cache's hits and misses, the mean latency of each stage call, and per model stage the mean size
     and compute seconds of the batch a call ran in."""
     d = {k: after[k] - before.get(k, 0.0) for k in after}
     hits, misses, loads = d.get("cache:hit", 0.0), d.get("cache:miss", 0.0), d.get("count:voice_load", 0.0)
@@ -129,6 +131,7 @@ def service_delta(before: dict[str, float], after: dict[str, float]) -> dict:
                             "cold_loads": loads,
                             "cold_load_mean_s": d.get("sum:voice_load", 0.0) / loads if loads else None,
                             "cold_loads_within_1s": d.get("le1:voice_load", 0.0)},
+            "input_cache": {"hits": d.get("input_cache:hit", 0.0), "misses": d.get("input_cache:miss", 0.0)},
             "stage_mean_s": means(""), "batch_mean_size": means("batch_"), "batch_mean_s": means("batch_s_")}
 
 
@@ -139,9 +142,10 @@ _STAGE_SERIES = {"rvc_stage_latency_seconds_count": "count:", "rvc_stage_latency
 
 
 def parse_service_metrics(text: str) -> dict[str, float]:
-    """The counters `service_delta` compares, from the /metrics text: "cache:<event>"; per stage
-    "count:<stage>", "sum:<stage>" and "le1:<stage>" (calls within 1 s) of its latency, and the
-    count and sum of its batches' sizes ("batch_count:", "batch_sum:") and seconds ("batch_s_…")."""
+    """The counters `service_delta` compares, from the /metrics text: "cache:<event>" (voices) and
+    "input_cache:<event>"; per stage "count:<stage>", "sum:<stage>" and "le1:<stage>" (calls within
+    1 s) of its latency, and the count and sum of its batches' sizes ("batch_count:", "batch_sum:")
+    and seconds ("batch_s_…")."""
     from prometheus_client.parser import text_string_to_metric_families
 
     values: dict[str, float] = {}
@@ -150,6 +154,8 @@ def parse_service_metrics(text: str) -> dict[str, float]:
             labels = sample.labels
             if sample.name == "rvc_voice_cache_events_total":
                 values[f"cache:{labels['event']}"] = sample.value
+            elif sample.name == "rvc_input_cache_events_total":
+                values[f"input_cache:{labels['event']}"] = sample.value
             elif sample.name in _STAGE_SERIES:
                 values[_STAGE_SERIES[sample.name] + labels["stage"]] = sample.value
             elif sample.name == "rvc_stage_latency_seconds_bucket" and float(labels["le"]) == 1.0:
@@ -280,7 +286,24 @@ def multipart_body(audio: bytes) -> tuple[bytes, str]:
     return head + audio + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-async def run_clients(base_url: str, body: bytes, content_type: str, voices: list[str], *, concurrency: int,
+class Uploads:
+    """The body of each POST: each a distinct upload (4 bytes in the middle of the audio number
+    it), as users send, since the service keeps inputs' features and f0 tracks by content and
+    repeats of one upload skip those stages; `same`: every POST the same bytes (what that
+    cache is worth). Numbered across cells, so no cell repeats an earlier one's upload."""
+
+    def __init__(self, body: bytes, same: bool = False) -> None:
+        self.body, self.same = body, same
+        self._numbers = itertools.count(1)
+
+    def next(self) -> bytes:
+        if self.same:
+            return self.body
+        middle = len(self.body) // 2
+        return self.body[:middle] + next(self._numbers).to_bytes(4, "little") + self.body[middle + 4:]
+
+
+async def run_clients(base_url: str, uploads: Uploads, content_type: str, voices: list[str], *, concurrency: int,
                       requests: int, mode: str, query: dict[str, str], deadline: float, seed: int,
                       think_s: float = 0.0, poll_s: tuple[float, float] = DEFAULT_POLL_S,
                       hold_s: int = 0) -> CellResult:
@@ -306,7 +329,7 @@ async def run_clients(base_url: str, body: bytes, content_type: str, voices: lis
             voice = rng.choice(voices)
             started = time.perf_counter()
             response = await http.post("/v1/inferences-vc", params={**query, "modelId": voice},
-                                       content=body, headers=headers)
+                                       content=uploads.next(), headers=headers)
             result.statuses[response.status_code] += 1
             if response.status_code != 200:
                 continue
@@ -495,7 +518,7 @@ def wait_for_glue_compile(settings: AppSettings, timeout_s: float = 240.0) -> fl
     return time.monotonic() - started
 
 
-def run_cell(base_url: str, procs: ProcessSampler, idle_cpu: float, body: bytes, content_type: str,
+def run_cell(base_url: str, procs: ProcessSampler, idle_cpu: float, uploads: Uploads, content_type: str,
              voices: list[str], concurrency: int, deadline: float, query: dict[str, str], audio_seconds: float,
              args: argparse.Namespace) -> dict:
     """One (voices, concurrency) cell: the clients' figures, the service's CPU per request and
@@ -504,7 +527,7 @@ def run_cell(base_url: str, procs: ProcessSampler, idle_cpu: float, body: bytes,
     cpu0, driver_cpu0 = procs.cpu_by_name(), time.process_time()
     started, started_monotonic = time.perf_counter(), time.monotonic()
     cell = asyncio.run(run_clients(
-        base_url, body, content_type, voices, concurrency=concurrency,
+        base_url, uploads, content_type, voices, concurrency=concurrency,
         requests=args.jobs or (2 * concurrency if args.full else max(3, concurrency)), mode=args.mode, query=query,
         deadline=deadline, seed=args.seed + 1000 * len(voices) + concurrency, think_s=args.think_s,
         poll_s=args.poll_s, hold_s=args.hold_s))
@@ -544,12 +567,12 @@ def print_table(cells: list[dict]) -> None:
     cols = [("voices", "{:>6}"), ("concurrency", "{:>4}"), ("jobs_succeeded", "{:>5}"), ("post_p50_s", "{:>8}"),
             ("post_p99_s", "{:>8}"), ("job_p50_s", "{:>8}"), ("job_seen_p50_s", "{:>8}"), ("polls_per_job", "{:>6}"),
             ("jobs_per_minute", "{:>8}"), ("audio_s_per_wall_s", "{:>8}"), ("service_cpu_s_per_request", "{:>7}"),
-            ("hit_rate", "{:>6}"), ("cold_load_mean_s", "{:>8}"), ("gpu_busy_pct", "{:>7}")]
+            ("hit_rate", "{:>6}"), ("cold_load_mean_s", "{:>8}"), ("input_hits", "{:>6}"), ("gpu_busy_pct", "{:>7}")]
     heads = ["voices", "conc", "jobs", "POSTp50", "POSTp99", "job p50", "seen p50", "polls", "jobs/min", "audio/s",
-             "CPU s", "hit", "cold s", "GPU %"]
+             "CPU s", "hit", "cold s", "in hit", "GPU %"]
     print(" ".join(fmt.format(h) for (_, fmt), h in zip(cols, heads)))
     for cell in cells:
-        row = {**cell, **cell["voice_cache"]}
+        row = {**cell, **cell["voice_cache"], "input_hits": cell.get("input_cache", {}).get("hits")}
         print(" ".join(fmt.format("-" if row.get(k) is None else
                                   (f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k])))
                        for k, fmt in cols))
@@ -627,6 +650,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--voices-per-replica", type=int, help="default: the config's")
     ap.add_argument("--overlay", help="the app args of this k8s overlay (e.g. gpu-prod) instead of serve_config.yaml's")
     ap.add_argument("--warm", action="store_true", help="convert once with every voice before the cells")
+    ap.add_argument("--same-upload", action="store_true",
+                    help="every POST the same bytes (the service's input cache then spares their features and "
+                         "pitch); default: each POST a distinct upload")
     ap.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--ray-gpus", type=int, help="default: the GPUs Ray finds")
     ap.add_argument("--cell-time-limit-s", type=float, help="default 120 (--full: 900)")
@@ -672,6 +698,7 @@ def main(argv: list[str] | None = None) -> None:
         audio = audio_path.read_bytes()
         audio_seconds = (len(audio) - 44) / (2 * 44100)
         body, content_type = multipart_body(audio)
+        uploads = Uploads(body, same=args.same_upload)
         result["config"]["upload_bytes"] = len(audio)
         query = {"f0Method": args.f0_method}
 
@@ -696,7 +723,7 @@ def main(argv: list[str] | None = None) -> None:
                 if args.warm:  # one job per voice, one after another, before any cell
                     before = scrape(base_url)
                     for voice in voices:
-                        asyncio.run(run_clients(base_url, body, content_type, [voice], concurrency=1, requests=1,
+                        asyncio.run(run_clients(base_url, uploads, content_type, [voice], concurrency=1, requests=1,
                                                 mode="jobs", query=query, deadline=run_deadline, seed=args.seed,
                                                 poll_s=args.poll_s, hold_s=args.hold_s))
                     result["warm_up"] = service_delta(before, scrape(base_url))
@@ -706,7 +733,7 @@ def main(argv: list[str] | None = None) -> None:
                         if time.monotonic() >= deadline:
                             print(f"time limit reached: cell voices={n_voices} concurrency={concurrency} skipped")
                             continue
-                        summary = run_cell(base_url, procs, idle_cpu, body, content_type, voices[:n_voices],
+                        summary = run_cell(base_url, procs, idle_cpu, uploads, content_type, voices[:n_voices],
                                            concurrency, deadline, query, audio_seconds, args)
                         result["cells"].append(summary)
                         print(json.dumps(summary), flush=True)

@@ -118,6 +118,11 @@ class _Metrics:
                                    ["event"], registry=r)
         for event in ("hit", "miss", "eviction"):
             self.voice_cache.labels(event)
+        self.input_cache = Counter("rvc_input_cache_events_total",
+                                   "Lookups of inputs' features and f0 tracks on conversion replicas "
+                                   "(hit: a model-stage computation spared).", ["event"], registry=r)
+        for event in ("hit", "miss"):
+            self.input_cache.labels(event)
         # Every ingress replica's requests, sent here in batches (Ingress.flush_http_metrics), so a
         # scrape that any one replica answers counts them all.
         self.http_requests = Counter("rvc_http_requests_total", "HTTP requests by route, method and status code.",
@@ -362,9 +367,10 @@ class JobTracker:
         for stage, latencies in stats.get("latency", {}).items():
             for seconds in latencies:
                 self.metrics.stage.labels(stage).observe(seconds)
-        for event, count in stats.get("voice_cache", {}).items():
-            if count:
-                self.metrics.voice_cache.labels(event).inc(count)
+        for cache, counter in (("voice_cache", self.metrics.voice_cache), ("input_cache", self.metrics.input_cache)):
+            for event, count in stats.get(cache, {}).items():
+                if count:
+                    counter.labels(event).inc(count)
         for stage, runs in stats.get("batches", {}).items():
             for size, seconds in runs:
                 self.metrics.batch_size.labels(stage).observe(size)

@@ -173,6 +173,10 @@ class AppSettings(BaseModel):
     # (`rvc-serve batch --ray-address`, which can ask for FLAC or WAV) keep it regardless.
     lossless_results: bool = False
     voices_per_replica: int = Field(4, ge=1)
+    # MB per conversion replica of recent inputs' content features and f0 tracks, kept by the
+    # audio's content (deployments.input_cache): the same upload converted with another voice or
+    # key skips the features and pitch stages. ~1.8 MB per 10 s of input (v2 features); 0: off.
+    input_cache_mb: int = Field(256, ge=0)
     # crepe f0 of inputs longer than this many frames (10 ms) is cut into pieces of it that run
     # on any pitch replicas (a multiple of crepe's 512-frame viterbi period: the joined track is
     # exact); rmvpe always runs whole.

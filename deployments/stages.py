@@ -5,12 +5,13 @@ computes exactly what `rvc-serve convert` computes (same chunks, same seeded noi
 same dither per frame, wherever each piece runs):
 
     ContentFeatures   HuBERT/ContentVec features of chunks             (chunk_features_batch)
-    PitchEstimator    f0 of whole padded inputs, or of 512-frame-     (estimate_input_pitch_batch,
-                      aligned crepe pieces of long ones                 crepe_piece_batch)
+    PitchEstimator    f0 tracks of whole padded inputs, or of 512-    (input_pitch_tracks_batch,
+                      frame-aligned crepe pieces of long ones           crepe_piece_batch)
     Synthesis         index blend + synthesizer for chunks of one      (chunk_synthesis,
                       voice (+ its index) cached per model id (LRU)     synthesize_chunks)
     Conversion        load → prepare → pitch ∥ features → synthesis per chunk → join → write
-                      (at most chunks_in_flight calls of a job at each model stage)
+                      (at most chunks_in_flight calls of a job at each model stage; features
+                      and f0 tracks of recent inputs kept by content: deployments.input_cache)
 
 Each replica loads only the models its stage uses. The model stages batch concurrent calls
 (`@serve.batch`, sized by each stage's max_batch_size / batch_wait_timeout_s, up to
@@ -30,6 +31,7 @@ import numpy as np
 import ray
 from ray import serve
 
+from .input_cache import InputCache, content_key
 from .logs import get_logger
 from .registry import get_voice
 from .results import LocalResultStore
@@ -122,8 +124,9 @@ class PitchEstimator:
         self._estimate = _batched(self._estimate_batch, settings.stages.pitch)
         self._estimate_pieces = _batched(self._estimate_pieces_batch, settings.stages.pitch)
 
-    async def estimate(self, prepared, params) -> tuple[tuple[np.ndarray, np.ndarray], BatchRun]:
-        """(coarse, pitchf) over the whole padded input, dithered from the job's seed."""
+    async def estimate(self, prepared, params) -> tuple[np.ndarray, BatchRun]:
+        """The f0 track of the whole padded input (dithered from the job's seed), before
+        `finish_pitch` (the job's filter radius and key)."""
         return await self._estimate(prepared, params)
 
     async def estimate_piece(self, piece, method: str) -> tuple[tuple[np.ndarray, np.ndarray], BatchRun]:
@@ -141,11 +144,11 @@ class PitchEstimator:
         return await _run_batch(lambda: per_group(methods, run))
 
     async def _estimate_batch(self, prepared: list, params: list) -> list:
-        from pipeline.convert import estimate_input_pitch_batch, network_precision
+        from pipeline.convert import input_pitch_tracks_batch, network_precision
 
-        def run() -> list[tuple[np.ndarray, np.ndarray]]:
+        def run() -> list[np.ndarray]:
             with network_precision(self.device, self.precision):
-                return estimate_input_pitch_batch(list(zip(prepared, params)), self.models)
+                return input_pitch_tracks_batch(list(zip(prepared, params)), self.models)
 
         return await _run_batch(run)
 
@@ -281,6 +284,7 @@ class Conversion:
         self.settings = settings
         self.features, self.pitch, self.synthesis = features, pitch, synthesis
         self.results = LocalResultStore(settings.results_dir)
+        self.input_cache = InputCache(settings.input_cache_mb * 2**20)
         self.log = get_logger()
 
     async def ready(self) -> bool:
@@ -322,19 +326,32 @@ class Conversion:
             async with slots[stage]:
                 return await timed(stage, batched(stage, call()))
 
-        prepared = await timed("load", asyncio.to_thread(
-            lambda: prepare_input(load_audio(request["upload_path"], max_seconds=self.settings.max_audio_seconds),
-                                  ChunkingConfig(**self.settings.chunking))))
+        # Lookups in the input cache: a hit is a model-stage computation this job was spared.
+        reuse = {"hit": 0, "miss": 0}
+
+        async def cached(key: tuple, compute: Callable[[], Awaitable[np.ndarray]]) -> np.ndarray:
+            array, spared = await self.input_cache.get((audio_key, *key), compute)
+            reuse["hit" if spared else "miss"] += 1
+            return array
+
+        def load() -> tuple:
+            audio = load_audio(request["upload_path"], max_seconds=self.settings.max_audio_seconds)
+            prepared = prepare_input(audio, ChunkingConfig(**self.settings.chunking))
+            return prepared, content_key(prepared.audio_pad)
+
+        prepared, audio_key = await timed("load", asyncio.to_thread(load))
         self.log.info("conversion started", extra={**extra, "chunks": len(prepared.chunks),
                                                    "seconds": round(prepared.audio_hp.shape[0] / 16000, 3)})
         pitch = None
         if info.f0:
-            pitch = asyncio.ensure_future(timed("pitch", self._pitch(prepared, params, slots["pitch"], batched)))
+            pitch = asyncio.ensure_future(timed("pitch", self._pitch(prepared, params, slots["pitch"], batched,
+                                                                     cached)))
         synthesis = self.synthesis.options(multiplexed_model_id=model_id)
 
         async def chunk_audio(i: int, chunk) -> dict:
             samples = prepared.audio_pad[chunk.start:chunk.end]
-            feats0 = await stage_call("features", lambda: self.features.extract.remote(samples, info.version))
+            feats0 = await cached(("features", chunk.start, chunk.end, info.version), lambda: stage_call(
+                "features", lambda: self.features.extract.remote(samples, info.version)))
             coarse = pitchf = None
             if pitch is not None:
                 coarse, pitchf = await pitch
@@ -362,16 +379,30 @@ class Conversion:
         keys = await timed("write", asyncio.to_thread(write))
         cache = {event: sum(p["voice_cache"][event] for p in pieces) for event in ("hit", "miss", "eviction")}
         self.log.info("conversion done", extra={**extra, "output_seconds": round(out.shape[0] / info.sample_rate, 3)})
-        return {"results": keys, "stats": {"latency": dict(latency), "voice_cache": cache, "batches": dict(batches)}}
+        return {"results": keys, "stats": {"latency": dict(latency), "voice_cache": cache, "batches": dict(batches),
+                                           "input_cache": reuse}}
 
 
     async def _pitch(self, prepared, params, slots: asyncio.Semaphore,
-                     batched: Callable[[str, Awaitable], Awaitable]) -> tuple[np.ndarray, np.ndarray]:
-        """The input's (coarse, pitchf): whole on one pitch replica, or for a long crepe input in
+                     batched: Callable[[str, Awaitable], Awaitable],
+                     cached: Callable[[tuple, Callable[[], Awaitable[np.ndarray]]], Awaitable[np.ndarray]]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """The input's (coarse, pitchf): its f0 track (`_pitch_track`, or the input cache's) with
+        this job's filter radius and key."""
+        from pipeline.convert import input_pitch_request
+        from pipeline.pitch import finish_pitch
+
+        track = await cached(("pitch", params.f0_method, params.seed),
+                             lambda: self._pitch_track(prepared, params, slots, batched))
+        return await asyncio.to_thread(lambda: finish_pitch(track, input_pitch_request(prepared, params)))
+
+    async def _pitch_track(self, prepared, params, slots: asyncio.Semaphore,
+                           batched: Callable[[str, Awaitable], Awaitable]) -> np.ndarray:
+        """The input's f0 track: whole on one pitch replica, or for a long crepe input in
         512-frame-aligned pieces spread over the replicas (`slots` of them at once) and joined
         here (the same track). `batched` unpacks each call's result and keeps its batch."""
         from pipeline.convert import input_pitch_request
-        from pipeline.pitch import crepe_pieces, crepe_track, finish_pitch
+        from pipeline.pitch import crepe_pieces, crepe_track
 
         piece_frames = self.settings.pitch_piece_frames
         if params.f0_method == "rmvpe" or prepared.p_len < piece_frames:
@@ -384,12 +415,8 @@ class Conversion:
                 return await batched("pitch", self.pitch.estimate_piece.remote(piece, params.f0_method))
 
         raw = await _all_or_cancel([piece_f0(p) for p in pieces])
-
-        def join() -> tuple[np.ndarray, np.ndarray]:
-            f0 = crepe_track(np.concatenate([f for f, _ in raw]), np.concatenate([p for _, p in raw]))
-            return finish_pitch(f0, request)
-
-        return await asyncio.to_thread(join)
+        return await asyncio.to_thread(
+            lambda: crepe_track(np.concatenate([f for f, _ in raw]), np.concatenate([p for _, p in raw])))
 
 
 async def _all_or_cancel(awaitables: list) -> list:

@@ -24,7 +24,7 @@ from .batching import batches_by_length, halving_on_device_oom, max_padding
 from .hubert import Hubert, HubertConfig, content_features, load_hubert
 from .index import RetrievalIndex, blend, blend_on_device
 from .memory import model_pass, to_device
-from .pitch import PitchModels, PitchRequest, estimate_pitch_batch
+from .pitch import PitchModels, PitchRequest, finish_pitch, pitch_tracks_batch
 from .synthesizer import SynthNoise, Voice, compile_pointwise, resblock_precision
 
 WINDOW = 160  # samples per f0 frame at 16 kHz (10 ms)
@@ -199,7 +199,15 @@ def per_group(keys: Sequence, run: Callable[[object, list[int]], Sequence]) -> l
 def estimate_input_pitch_batch(inputs: Sequence[tuple[PreparedInput, ConversionParams]],
                                models: PitchModels) -> list[tuple[np.ndarray, np.ndarray]]:
     """`estimate_input_pitch` of several inputs; those of one f0 method run together."""
-    return per_group([params.f0_method for _, params in inputs], lambda method, mine: estimate_pitch_batch(
+    tracks = input_pitch_tracks_batch(inputs, models)
+    return [finish_pitch(track, input_pitch_request(*item)) for item, track in zip(inputs, tracks)]
+
+
+def input_pitch_tracks_batch(inputs: Sequence[tuple[PreparedInput, ConversionParams]],
+                             models: PitchModels) -> list[np.ndarray]:
+    """The f0 tracks of whole padded inputs before `finish_pitch` (the job's filter radius and
+    key): what depends only on the audio, the f0 method and the seed. One method's run together."""
+    return per_group([params.f0_method for _, params in inputs], lambda method, mine: pitch_tracks_batch(
         [input_pitch_request(*inputs[i]) for i in mine], method, models))
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "estimate_pitch_batch",
     "finish_pitch",
     "median_filter_f0",
+    "pitch_tracks_batch",
     "shift_f0",
 ]
 
@@ -154,16 +155,20 @@ class PitchRequest:
 
 def estimate_pitch_batch(requests: Sequence[PitchRequest], method: str,
                          models: PitchModels) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`estimate_pitch` of several inputs of one method; crepe decodes them in shared passes,
-    rmvpe runs them as batches (see rmvpe_f0_batch)."""
+    """`estimate_pitch` of several inputs of one method (`pitch_tracks_batch`, then `finish_pitch`)."""
+    return [finish_pitch(track, r) for r, track in zip(requests, pitch_tracks_batch(requests, method, models))]
+
+
+def pitch_tracks_batch(requests: Sequence[PitchRequest], method: str, models: PitchModels) -> list[np.ndarray]:
+    """The f0 tracks [L // 160 + 1] (Hz, 0 = unvoiced) of several inputs of one method, before
+    `finish_pitch` (what depends on the audio and the dither alone): crepe decodes them in shared
+    passes, rmvpe runs them as batches (see rmvpe_f0_batch)."""
     if method == "rmvpe":
         from pipeline.rmvpe import rmvpe_f0_batch
 
-        tracks = rmvpe_f0_batch(models.get(method), [r.audio_pad for r in requests], threshold=_RMVPE_THRESHOLD)
-        return [finish_pitch(f0, r) for r, f0 in zip(requests, tracks)]
+        return rmvpe_f0_batch(models.get(method), [r.audio_pad for r in requests], threshold=_RMVPE_THRESHOLD)
     pieces = [crepe_pieces(r.audio_pad, np.random.default_rng() if r.dither is None else r.dither)[0] for r in requests]
-    raw = crepe_piece_batch(pieces, method, models)
-    return [finish_pitch(crepe_track(*track), r) for r, track in zip(requests, raw)]
+    return [crepe_track(*track) for track in crepe_piece_batch(pieces, method, models)]
 
 
 @dataclass(frozen=True)

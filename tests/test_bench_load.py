@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from bench.load import (CellResult, job_seconds, multipart_body, parse_service_metrics, percentile,
+from bench.load import (CellResult, Uploads, job_seconds, multipart_body, parse_service_metrics, percentile,
                         service_delta, summarize)
 from deployments.jobs import _Metrics
 from deployments.uploads import receive_upload
@@ -40,6 +40,8 @@ def test_voice_cache_figures_from_the_job_actors_metrics():
     metrics.voice_cache.labels("hit").inc(19)
     metrics.voice_cache.labels("miss").inc(1)
     metrics.voice_cache.labels("eviction").inc(2)
+    metrics.input_cache.labels("hit").inc(9)
+    metrics.input_cache.labels("miss").inc(3)
     for seconds in (0.4, 1.5):
         metrics.stage.labels("voice_load").observe(seconds)
     metrics.stage.labels("synthesis").observe(0.2)  # another stage: not a voice load
@@ -53,12 +55,14 @@ def test_voice_cache_figures_from_the_job_actors_metrics():
     assert cache["hit_rate"] == pytest.approx(0.95)
     assert cache["cold_loads"] == 2 and cache["cold_load_mean_s"] == pytest.approx(0.95)
     assert cache["cold_loads_within_1s"] == 1
+    assert delta["input_cache"] == {"hits": 9, "misses": 3}
     assert delta["stage_mean_s"] == pytest.approx({"voice_load": 0.95, "synthesis": 0.2})
     assert delta["batch_mean_size"] == pytest.approx({"synthesis": 6})
     assert delta["batch_mean_s"] == pytest.approx({"synthesis": 0.2})
     assert service_delta(after, after) == {"voice_cache": {**cache, "hits": 0, "misses": 0, "evictions": 0,
                                                            "hit_rate": None, "cold_loads": 0, "cold_load_mean_s": None,
                                                            "cold_loads_within_1s": 0},
+                                           "input_cache": {"hits": 0, "misses": 0},
                                            "stage_mean_s": {}, "batch_mean_size": {}, "batch_mean_s": {}}
 
 def test_prebuilt_body_is_the_upload_the_service_receives(tmp_path):
@@ -71,6 +75,25 @@ def test_prebuilt_body_is_the_upload_the_service_receives(tmp_path):
 
     upload = asyncio.run(receive_upload(content_type, chunks(), tmp_path))
     assert upload.path.read_bytes() == audio
+
+
+def test_each_post_is_a_distinct_upload_unless_asked_for_the_same(tmp_path):
+    audio = bytes(range(256)) * 1000
+    body, content_type = multipart_body(audio)
+    uploads = Uploads(body)
+    received = []
+    for _ in range(3):
+        posted = uploads.next()
+
+        async def chunks():
+            yield posted
+
+        received.append(asyncio.run(receive_upload(content_type, chunks(), tmp_path)).path.read_bytes())
+    assert len(set(received)) == 3
+    for upload in received:  # the same audio but for 4 bytes in its middle
+        assert len(upload) == len(audio) and sum(a != b for a, b in zip(upload, audio)) <= 4
+    same = Uploads(body, same=True)
+    assert same.next() == same.next() == body
 
 
 def test_glue_compile_ends_are_counted_from_the_replicas_json_log_lines(tmp_path):

@@ -152,10 +152,16 @@ def test_chunked_job_equals_local_conversion(e2e, tmp_path):
 def test_more_voices_than_slots_each_output_is_its_voice(e2e, tmp_path):
     wav = _speech_wav(tmp_path, 1.5, seed=9)
     expected = {m: _local_reference(e2e, wav, m)[0] for m in ("demo", "other")}
+    before = _service_counters(e2e)
     for model_id in ("demo", "other", "demo"):  # one slot per replica: every switch reloads
         done = _convert(e2e, wav, model_id)
         flac, _ = sf.read(e2e.data / "results" / done["inferenceId"] / "output.flac", dtype="int16")
         assert np.abs(flac.astype(np.int32) - expected[model_id]).max() <= 1, model_id
+    after = _service_counters(e2e)
+    # One chunk: the input's f0 track computed once (then kept by content), its features once
+    # per HuBERT version (demo is v2, other v1); the last job computed neither.
+    assert {event: after[f"input_cache:{event}"] - before[f"input_cache:{event}"] for event in ("hit", "miss")} == {
+        "hit": 3, "miss": 3}
     metrics = e2e.client.get("/metrics").text
     misses = float(re.search(r'rvc_voice_cache_events_total\{event="miss"\} (\S+)', metrics).group(1))
     evictions = float(re.search(r'rvc_voice_cache_events_total\{event="eviction"\} (\S+)', metrics).group(1))
