@@ -6,7 +6,9 @@ parameters. So the same upload converted with ten voices (or ten keys) runs the 
 pitch stages once: later jobs take the arrays kept here, and jobs that ask while the first is
 still computing wait for that computation instead of starting their own.
 
-One per conversion replica, bounded in bytes, the least recently used out first. A computation
+One per conversion replica, bounded in bytes, the least recently used out first; the
+conversion keys entries by tenant too, so one API key's jobs never reveal (by their speed) what
+another key uploaded. A computation
 is cancelled only when every job waiting for it is gone; a failed one is not kept (the jobs
 waiting for it fail with its error, as each would have alone).
 """

@@ -307,8 +307,9 @@ class JobTracker:
                                error=f"interrupted {attempt - 1} times (service restarts or crashes)")
             return False
         self.log.info("job attempt started", extra={**extra, "attempt": attempt, "model_id": job.model_id})
-        request = {"inference_id": job.inference_id, "model_id": job.model_id, "upload_path": job.upload_path,
-                   "params": job.params, "formats": result_formats(job.tenant, self.settings.lossless_results)}
+        request = {"inference_id": job.inference_id, "tenant": job.tenant, "model_id": job.model_id,
+                   "upload_path": job.upload_path, "params": job.params,
+                   "formats": result_formats(job.tenant, self.settings.lossless_results)}
         timeout_s = self.settings.job_timeout_s + self.settings.job_timeout_per_audio_s * audio_s
         response = self.conversion.convert.remote(request)
         try:

@@ -326,11 +326,12 @@ class Conversion:
             async with slots[stage]:
                 return await timed(stage, batched(stage, call()))
 
-        # Lookups in the input cache: a hit is a model-stage computation this job was spared.
+        # Lookups in the input cache: a hit is a model-stage computation this job was spared. Its
+        # entries are the tenant's own: a job's speed tells nobody what another key uploaded.
         reuse = {"hit": 0, "miss": 0}
 
         async def cached(key: tuple, compute: Callable[[], Awaitable[np.ndarray]]) -> np.ndarray:
-            array, spared = await self.input_cache.get((audio_key, *key), compute)
+            array, spared = await self.input_cache.get((request["tenant"], audio_key, *key), compute)
             reuse["hit" if spared else "miss"] += 1
             return array
 

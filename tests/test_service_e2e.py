@@ -22,6 +22,7 @@ pytest.importorskip("pipeline.pitch")
 pytest.importorskip("pipeline.synthesizer")
 
 KEY = "e2e-key-0123456789"
+OTHER_KEY = "e2e-key-other-tenant"
 # Small chunking constants (seconds) so a 7 s input is cut into 4 chunks that fan out.
 CHUNKING = {"x_pad": 1, "x_query": 1, "x_center": 2, "x_max": 3}
 # The chunks of a job arrive together: features and synthesis run them as batches.
@@ -43,7 +44,7 @@ def e2e(tmp_path_factory, serve_url):
     from pipeline.synthesizer import random_voice_checkpoint, save_voice
 
     data = tmp_path_factory.mktemp("e2e")
-    app = build_app({"data_dir": str(data), "api_keys_file": str(write_keys(data / "keys", KEY)),
+    app = build_app({"data_dir": str(data), "api_keys_file": str(write_keys(data / "keys", KEY, OTHER_KEY)),
                      "chunking": CHUNKING, "voices_per_replica": 1, "job_timeout_s": 600,
                      "pitch_piece_frames": 512,  # a 7 s input's crepe track comes in 2 pieces
                      "chunks_in_flight": CHUNKS_IN_FLIGHT,
@@ -71,14 +72,15 @@ def _speech_wav(tmp_path, seconds: float, seed: int):
     return path
 
 
-def _convert(e2e, wav, model_id: str, query: dict | None = None) -> dict:
+def _convert(e2e, wav, model_id: str, query: dict | None = None, key: str = KEY) -> dict:
     response = e2e.client.post("/v1/inferences-vc", params={"modelId": model_id, **(query or {})},
-                               files={"audioInfer": ("in.wav", wav.read_bytes(), "audio/wav")})
+                               files={"audioInfer": ("in.wav", wav.read_bytes(), "audio/wav")},
+                               headers={"x-api-key": key})
     assert response.status_code == 200, response.text
     job_id = response.json()["inferenceId"]
 
     def finished():
-        body = e2e.client.get(f"/v1/inferences-vc/{job_id}").json()
+        body = e2e.client.get(f"/v1/inferences-vc/{job_id}", headers={"x-api-key": key}).json()
         return body if body["status"] != "RUNNING" else None
 
     done = wait_for(finished, 600, interval_s=1)
@@ -157,11 +159,18 @@ def test_more_voices_than_slots_each_output_is_its_voice(e2e, tmp_path):
         done = _convert(e2e, wav, model_id)
         flac, _ = sf.read(e2e.data / "results" / done["inferenceId"] / "output.flac", dtype="int16")
         assert np.abs(flac.astype(np.int32) - expected[model_id]).max() <= 1, model_id
-    after = _service_counters(e2e)
+    def input_cache_events():
+        after = _service_counters(e2e)
+        return {event: after[f"input_cache:{event}"] - before[f"input_cache:{event}"] for event in ("hit", "miss")}
+
     # One chunk: the input's f0 track computed once (then kept by content), its features once
     # per HuBERT version (demo is v2, other v1); the last job computed neither.
-    assert {event: after[f"input_cache:{event}"] - before[f"input_cache:{event}"] for event in ("hit", "miss")} == {
-        "hit": 3, "miss": 3}
+    assert input_cache_events() == {"hit": 3, "miss": 3}
+    # Another API key's job of the same upload computes its own: the cache is per tenant.
+    done = _convert(e2e, wav, "demo", key=OTHER_KEY)
+    flac, _ = sf.read(e2e.data / "results" / done["inferenceId"] / "output.flac", dtype="int16")
+    assert np.abs(flac.astype(np.int32) - expected["demo"]).max() <= 1
+    assert input_cache_events() == {"hit": 3, "miss": 5}
     metrics = e2e.client.get("/metrics").text
     misses = float(re.search(r'rvc_voice_cache_events_total\{event="miss"\} (\S+)', metrics).group(1))
     evictions = float(re.search(r'rvc_voice_cache_events_total\{event="eviction"\} (\S+)', metrics).group(1))
@@ -199,7 +208,7 @@ def test_synthesis_replica_killed_mid_chunk(e2e, tmp_path):
     ray.kill(synthesis, no_restart=True)
 
     def finished():
-        body = e2e.client.get(f"/v1/inferences-vc/{job_id}").json()
+        body = e2e.client.get(f"/v1/inferences-vc/{job_id}", headers={"x-api-key": key}).json()
         return body if body["status"] != "RUNNING" else None
 
     done = wait_for(finished, 600, interval_s=1)
