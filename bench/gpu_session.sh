@@ -2,15 +2,15 @@
 # The GPU session's benchmarks on the device machine, from the repo root there, with carry
 # [".gpu"] built here by bench/gpu_carry.py:
 #
-#     bash bench/gpu_session.sh "$OUT"  [PARTS]   # PARTS: any of gpu,service,mps,replicas,pitch,synth,rmvpe (default all)
+#     bash bench/gpu_session.sh "$OUT"  [PARTS]   # PARTS: any of gpu,service,reuse,mps,replicas,pitch,synth,rmvpe (default all)
 #
 # All of them need more than the 10 minutes a device call may run (session 14: gpu ~210 s,
-# service ~200 s, pitch+synth ~120 s; replicas ~150 s and the 64-client cell ~60 s expected):
+# service ~200 s, pitch+synth ~120 s; replicas ~150 s, the 64-client cell and reuse ~60 s each expected):
 # split them over calls, e.g. `service,replicas`, then `gpu,rmvpe`, then `mps,pitch,synth`. Writes session.log and results.tar (each part's JSON, re-packed after every
 # part) into the given folder: a device call brings back at most 8 files.
 set -uo pipefail
-out=${1:?usage: bench/gpu_session.sh OUT_DIR [gpu,service,mps,replicas,pitch,synth,rmvpe]}
-parts=${2:-gpu,service,mps,replicas,pitch,synth,rmvpe}
+out=${1:?usage: bench/gpu_session.sh OUT_DIR [gpu,service,reuse,mps,replicas,pitch,synth,rmvpe]}
+parts=${2:-gpu,service,reuse,mps,replicas,pitch,synth,rmvpe}
 python=${PYTHON:-python3}
 results=/tmp/gpu-session-results
 mkdir -p "$out" /tmp/site "$results"
@@ -59,6 +59,12 @@ case ",$parts," in *,service,*)
   # crepe (the API's default f0 method; its viterbi as a CUDA graph)
   run service_crepe "$python" "${load[@]/rmvpe/crepe}" --audio-seconds 10 --concurrency 16 --jobs 64 \
     --time-limit-s 90 --out "$results/service_crepe.json" ;;
+esac
+# One upload in three voices, again and again (a batch team's song in many voices): the conversion
+# replicas' input cache spares its features and pitch, so this is the synthesis stage's own rate.
+case ",$parts," in *,reuse,*)
+  run service_reuse "$python" "${load[@]}" --voices 3 --same-upload --audio-seconds 10 --concurrency 16 \
+    --jobs 128 --time-limit-s 90 --out "$results/service_reuse.json" ;;
 esac
 # The three model-stage processes share the GPU by time-slicing: their kernels never overlap. Under
 # NVIDIA's MPS daemon they are clients of one GPU context and can. The service's 16-client cells
