@@ -156,7 +156,8 @@ class AppSettings(BaseModel):
     # Longest audio a job converts: refused at create (422) when the header says more, failed at
     # decode when it lied. A few MB of FLAC can hold days of silence, and memory grows with the
     # input: per hour ~2 GB in the conversion replica (the RMS mix runs in blocks), ~5 GB in an
-    # rmvpe pitch pass (whole, as the reference runs it; docs/performance.md). 30 min by default; gpu-prod allows an hour.
+    # rmvpe pitch pass (whole, as the reference runs it; docs/performance.md). 30 min by default;
+    # gpu-prod allows an hour.
     max_audio_seconds: float = Field(1800.0, gt=0)
     # Creates are refused (503, Retry-After) while the data directory's file system would have
     # less than this free after the upload: room kept for running jobs' results and the job

@@ -294,7 +294,8 @@ class Conversion:
 
     async def convert(self, request: dict) -> dict:
         from pipeline.audio import load_audio, to_int16, write_audio
-        from pipeline.convert import ChunkingConfig, ConversionParams, finish_output, prepare_input
+        from pipeline.convert import ChunkingConfig, ConversionParams, finish_output, input_pitch_request, prepare_input
+        from pipeline.pitch import finish_pitch
 
         inference_id, model_id = request["inference_id"], request["model_id"]
         extra = {"inference_id": inference_id, "model_id": model_id}
@@ -343,10 +344,15 @@ class Conversion:
         prepared, audio_key = await timed("load", asyncio.to_thread(load))
         self.log.info("conversion started", extra={**extra, "chunks": len(prepared.chunks),
                                                    "seconds": round(prepared.audio_hp.shape[0] / 16000, 3)})
-        pitch = None
-        if info.f0:
-            pitch = asyncio.ensure_future(timed("pitch", self._pitch(prepared, params, slots["pitch"], batched,
-                                                                     cached)))
+
+        async def input_pitch() -> tuple[np.ndarray, np.ndarray]:
+            """(coarse, pitchf): the input's f0 track (computed, or the input cache's) with this
+            job's filter radius and key."""
+            track = await cached(("pitch", params.f0_method, params.seed), lambda: timed(
+                "pitch", self._pitch_track(prepared, params, slots["pitch"], batched)))
+            return await asyncio.to_thread(lambda: finish_pitch(track, input_pitch_request(prepared, params)))
+
+        pitch = asyncio.ensure_future(input_pitch()) if info.f0 else None
         synthesis = self.synthesis.options(multiplexed_model_id=model_id)
 
         async def chunk_audio(i: int, chunk) -> dict:
@@ -382,20 +388,6 @@ class Conversion:
         self.log.info("conversion done", extra={**extra, "output_seconds": round(out.shape[0] / info.sample_rate, 3)})
         return {"results": keys, "stats": {"latency": dict(latency), "voice_cache": cache, "batches": dict(batches),
                                            "input_cache": reuse}}
-
-
-    async def _pitch(self, prepared, params, slots: asyncio.Semaphore,
-                     batched: Callable[[str, Awaitable], Awaitable],
-                     cached: Callable[[tuple, Callable[[], Awaitable[np.ndarray]]], Awaitable[np.ndarray]]
-                     ) -> tuple[np.ndarray, np.ndarray]:
-        """The input's (coarse, pitchf): its f0 track (`_pitch_track`, or the input cache's) with
-        this job's filter radius and key."""
-        from pipeline.convert import input_pitch_request
-        from pipeline.pitch import finish_pitch
-
-        track = await cached(("pitch", params.f0_method, params.seed),
-                             lambda: self._pitch_track(prepared, params, slots, batched))
-        return await asyncio.to_thread(lambda: finish_pitch(track, input_pitch_request(prepared, params)))
 
     async def _pitch_track(self, prepared, params, slots: asyncio.Semaphore,
                            batched: Callable[[str, Awaitable], Awaitable]) -> np.ndarray:

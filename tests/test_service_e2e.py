@@ -171,6 +171,8 @@ def test_more_voices_than_slots_each_output_is_its_voice(e2e, tmp_path):
     flac, _ = sf.read(e2e.data / "results" / done["inferenceId"] / "output.flac", dtype="int16")
     assert np.abs(flac.astype(np.int32) - expected["demo"]).max() <= 1
     assert input_cache_events() == {"hit": 3, "miss": 5}
+    # the pitch stage's latency counts the two tracks computed, not the jobs spared one
+    assert _service_counters(e2e)["count:pitch"] - before.get("count:pitch", 0) == 2
     metrics = e2e.client.get("/metrics").text
     misses = float(re.search(r'rvc_voice_cache_events_total\{event="miss"\} (\S+)', metrics).group(1))
     evictions = float(re.search(r'rvc_voice_cache_events_total\{event="eviction"\} (\S+)', metrics).group(1))
