@@ -3,7 +3,10 @@
 Inputs are the wav/mp3/flac files under a folder (recursively) or the files a list names (one
 path a line, relative to the list's folder). Each output mirrors its input's path under the
 output folder with the format's suffix; two inputs of one folder with the same stem (`x.wav`,
-`x.flac`) keep their full names instead (`x.wav.mp3`, `x.flac.mp3`).
+`x.flac`) keep their full names instead (`x.wav.mp3`, `x.flac.mp3`). With several voices, each
+voice's outputs mirror the inputs under a folder named for it, and each input's conversions are
+sent one after the other, so they run together and the service computes the input's features
+and pitch once for all of them (its input cache).
 
 A JSONL manifest in the output folder records every item that ended, done or failed (with its
 reason), with the settings used. A rerun skips the inputs recorded done with the same settings
@@ -42,28 +45,33 @@ DONE, FAILED = "done", "failed"
 @dataclass(frozen=True)
 class Item:
     source: Path
-    name: str  # the input's path relative to the input root (posix), its key in the manifest
+    name: str  # the input's path relative to the input root (posix); with model_id, its manifest key
     output: Path
+    model_id: str
+    label: str  # how the summary names it: `name`, or with several voices `model_id/name`
 
 
 @dataclass(frozen=True)
 class BatchOptions:
-    model_id: str
+    model_ids: tuple[str, ...]
     fmt: str = "mp3"
     params: dict[str, str] = field(default_factory=dict)  # as the API names them: {"indexRate": "0.5"}
     concurrency: int = 4
     overwrite: bool = False
 
-    @property
-    def settings(self) -> dict:
-        """What a done record must match to count as done for this run."""
-        return {"modelId": self.model_id, "format": self.fmt, "params": dict(sorted(self.params.items()))}
+    def __post_init__(self) -> None:
+        if not self.model_ids or len(set(self.model_ids)) != len(self.model_ids):
+            raise ValueError(f"voices {', '.join(self.model_ids) or '(none)'}: give each voice once")
+
+    def settings(self, model_id: str) -> dict:
+        """What a done record of `model_id` must match to count as done for this run."""
+        return {"modelId": model_id, "format": self.fmt, "params": dict(sorted(self.params.items()))}
 
 
 class Backend(Protocol):
-    def convert(self, source: Path, dest: Path) -> None:
-        """Convert `source` and write the result to `dest` atomically; raise (with a one-line
-        reason) when the item fails."""
+    def convert(self, source: Path, dest: Path, model_id: str) -> None:
+        """Convert `source` with `model_id` and write the result to `dest` atomically; raise (with
+        a one-line reason) when the item fails."""
 
 
 @dataclass
@@ -111,34 +119,43 @@ def find_inputs(source: Path, out_dir: Path) -> tuple[Path, list[Path]]:
     return root, files
 
 
-def plan(root: Path, files: list[Path], out_dir: Path, fmt: str) -> list[Item]:
-    """Each input with its output path (see the module's docstring)."""
+def plan(root: Path, files: list[Path], out_dir: Path, fmt: str, model_ids: tuple[str, ...]) -> list[Item]:
+    """Each input with each voice and its output path (see the module's docstring), an input's
+    voices one after the other."""
     names = [p.relative_to(root).as_posix() for p in files]
     stems = Counter(Path(n).with_suffix("").as_posix() for n in names)
+    several = len(model_ids) > 1
     items = []
     for path, name in zip(files, names):
         stem = Path(name).with_suffix("").as_posix()
         target = f"{name if stems[stem] > 1 else stem}.{fmt}"
-        items.append(Item(source=path, name=name, output=out_dir / target))
+        for model_id in model_ids:
+            folder = out_dir / model_id if several else out_dir
+            items.append(Item(source=path, name=name, output=folder / target, model_id=model_id,
+                              label=f"{model_id}/{name}" if several else name))
     return items
 
 
 class Manifest:
-    """The JSONL record of ended items; the last record of an input is the one that counts."""
+    """The JSONL record of ended items; the last record of an input and voice is the one that counts."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.records: dict[str, dict] = {}
+        self.records: dict[tuple[str, str], dict] = {}
         if path.exists():
             for line in path.read_text().splitlines():
                 try:
                     record = json.loads(line)
                 except ValueError:  # a line cut short by a killed run
                     continue
-                self.records[record["input"]] = record
+                self.records[self._key(record)] = record
+
+    @staticmethod
+    def _key(record: dict) -> tuple[str, str]:
+        return record["input"], record["settings"]["modelId"]
 
     def is_done(self, item: Item, settings: dict) -> bool:
-        record = self.records.get(item.name)
+        record = self.records.get((item.name, item.model_id))
         return (record is not None and record["status"] == DONE and record["settings"] == settings
                 and item.output.is_file())
 
@@ -148,7 +165,7 @@ class Manifest:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.records[record["input"]] = record
+        self.records[self._key(record)] = record
 
 
 @dataclass(frozen=True)
@@ -167,7 +184,7 @@ def input_seconds(path: Path) -> float:
 
 def _convert_one(backend: Backend, item: Item) -> _Outcome:
     try:
-        backend.convert(item.source, item.output)
+        backend.convert(item.source, item.output, item.model_id)
     except Exception as exc:  # noqa: BLE001 - every failure is this item's reason, the batch goes on
         lines = str(exc).strip().splitlines()
         return _Outcome(item, lines[0] if lines else type(exc).__name__, 0.0)
@@ -187,10 +204,9 @@ def run_batch(items: list[Item], backend: Backend, options: BatchOptions, manife
     items and returns the summary so far (marked interrupted)."""
     started = time.monotonic()
     summary = Summary()
-    settings = options.settings
     pending = []
     for item in items:
-        if manifest.is_done(item, settings):
+        if manifest.is_done(item, options.settings(item.model_id)):
             summary.already_done += 1
         elif item.output.exists() and not options.overwrite:
             summary.exists.append(item.output.as_posix())
@@ -220,15 +236,16 @@ def run_batch(items: list[Item], backend: Backend, options: BatchOptions, manife
         for _ in pending:
             outcome = _next(results)
             record = {"input": outcome.item.name, "output": outcome.item.output.as_posix(),
-                      "status": DONE if outcome.reason is None else FAILED, "settings": settings,
+                      "status": DONE if outcome.reason is None else FAILED,
+                      "settings": options.settings(outcome.item.model_id),
                       "audioSeconds": round(outcome.audio_s, 3),
                       "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             if outcome.reason is None:
-                summary.done.append(outcome.item.name)
+                summary.done.append(outcome.item.label)
                 summary.audio_s += outcome.audio_s
             else:
                 record["reason"] = outcome.reason
-                summary.failed[outcome.item.name] = outcome.reason
+                summary.failed[outcome.item.label] = outcome.reason
             manifest.append(record)
             bar.update(1)
             elapsed = time.monotonic() - started
@@ -262,8 +279,8 @@ class HttpBackend:
             raise ValueError(f"--format {options.fmt} needs --ray-address: the HTTP API serves MP3 only")
         self.client, self.options, self.timeout_s = client, options, timeout_s
 
-    def convert(self, source: Path, dest: Path) -> None:
-        job = self.client.submit(source, self.options.model_id, **self.options.params)
+    def convert(self, source: Path, dest: Path, model_id: str) -> None:
+        job = self.client.submit(source, model_id, **self.options.params)
         job = self.client.wait(job.inference_id, self.timeout_s)
         self.client.download(job, dest)
 
@@ -271,6 +288,6 @@ class HttpBackend:
 def batch(source: Path, out_dir: Path, backend: Backend, options: BatchOptions, progress: bool = True) -> Summary:
     """The whole command: find, plan, clean up after a killed run, convert, record."""
     root, files = find_inputs(source, out_dir)
-    items = plan(root, files, out_dir, options.fmt)
+    items = plan(root, files, out_dir, options.fmt, options.model_ids)
     remove_partials(out_dir)
     return run_batch(items, backend, options, Manifest(out_dir / MANIFEST_NAME), progress)

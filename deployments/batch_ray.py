@@ -32,8 +32,8 @@ class ServeHandleBackend:
         # wav is the FLAC result decoded here: the same 16-bit samples, no third copy in the store.
         self.result_format = "flac" if options.fmt == "wav" else options.fmt
 
-    def convert(self, source: Path, dest: Path) -> None:
-        query = {"modelId": self.options.model_id, **self.options.params}
+    def convert(self, source: Path, dest: Path, model_id: str) -> None:
+        query = {"modelId": model_id, **self.options.params}
         response = self.handle.convert_audio.remote(source.read_bytes(), query, self.result_format)
         try:
             data = response.result(timeout_s=self.timeout_s)

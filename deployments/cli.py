@@ -179,7 +179,8 @@ def _batch(args: argparse.Namespace) -> int:
         raise ValueError("--concurrency must be at least 1")
     params = {query_name(name): str(getattr(args, name)) for name in CONVERSION_PARAMS
               if getattr(args, name) is not None}
-    options = BatchOptions(model_id=args.model, fmt=args.format, params=params, concurrency=args.concurrency,
+    model_ids = tuple(model.strip() for model in args.model.split(",") if model.strip())
+    options = BatchOptions(model_ids=model_ids, fmt=args.format, params=params, concurrency=args.concurrency,
                            overwrite=args.overwrite)
     if args.ray_address:
         from .batch_ray import ServeHandleBackend, connect
@@ -239,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "application's Serve handle (--ray-address).")
     bat.add_argument("input", type=Path, help="folder (searched recursively for .wav/.mp3/.flac) or a text "
                      "file naming one input a line (relative to its folder)")
-    bat.add_argument("--model", required=True, help="voice model id (see GET /v1/models-vc)")
+    bat.add_argument("--model", required=True,
+                     help="voice model id (see GET /v1/models-vc); several, comma-separated: every input in "
+                          "each voice, each voice's outputs in a folder named for it")
     bat.add_argument("-o", "--output-dir", type=Path, required=True)
     bat.add_argument("--format", default="mp3", choices=["mp3", "flac", "wav"],
                      help="output format (flac and wav need --ray-address)")

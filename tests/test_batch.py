@@ -65,8 +65,15 @@ def test_plan_mirrors_the_folder_and_keeps_colliding_names_apart(inputs, tmp_pat
         root, files = find_inputs(inputs, out)
     finally:
         shutil.rmtree(out)
-    items = plan(root, files, out, "mp3")
+    items = plan(root, files, out, "mp3", ("m",))
     assert {i.name: i.output.relative_to(out).as_posix() for i in items} == {**outputs("mp3"), CORRUPT: "a/broken.mp3"}
+    # several voices: a folder each, an input's voices one after the other
+    items = plan(root, files, out, "mp3", ("m", "n"))
+    assert [(i.name, i.model_id) for i in items[:4]] == [(items[0].name, "m"), (items[0].name, "n"),
+                                                          (items[2].name, "m"), (items[2].name, "n")]
+    assert {(i.label, i.output.relative_to(out).as_posix()) for i in items} == {
+        (f"{voice}/{name}", f"{voice}/{target}") for voice in ("m", "n")
+        for name, target in {**outputs("mp3"), CORRUPT: "a/broken.mp3"}.items()}
     listing = tmp_path / "list.txt"
     listing.write_text(f"# two of them\n{inputs.name}/b/x.wav\n\n{inputs.name}/a/x.wav\n")
     root, files = find_inputs(listing, tmp_path / "o")
@@ -81,10 +88,12 @@ class _Recorder:
 
     def __init__(self, fail: set[str] = frozenset()):
         self.calls: list[str] = []
+        self.voices: list[str] = []
         self.fail = fail
 
-    def convert(self, source: Path, dest: Path) -> None:
+    def convert(self, source: Path, dest: Path, model_id: str) -> None:
         self.calls.append(source.name)
+        self.voices.append(model_id)
         if source.name in self.fail:
             raise RuntimeError(f"cannot convert {source.name}\nmore detail")
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -94,8 +103,8 @@ class _Recorder:
 def test_rerun_skips_done_retries_failed_and_never_overwrites(inputs, tmp_path):
     out = tmp_path / "out"
     root, files = find_inputs(inputs, out)
-    items = plan(root, files, out, "mp3")
-    options = BatchOptions(model_id="m", params={"indexRate": "0.5"}, concurrency=2)
+    items = plan(root, files, out, "mp3", ("m",))
+    options = BatchOptions(model_ids=("m",), params={"indexRate": "0.5"}, concurrency=2)
     first = _Recorder(fail={"y.flac"})
     summary = run_batch(items, first, options, Manifest(out / MANIFEST_NAME), progress=False)
     assert sorted(summary.done) == sorted(set(GOOD + [CORRUPT]) - {"b/deep/y.flac"})
@@ -107,17 +116,39 @@ def test_rerun_skips_done_retries_failed_and_never_overwrites(inputs, tmp_path):
     assert second.calls == ["y.flac"] and summary.already_done == 4 and summary.done == ["b/deep/y.flac"]
 
     # Other settings: nothing counts as done, and the outputs there are not replaced ...
-    other = BatchOptions(model_id="m", params={"indexRate": "0.9"})
+    other = BatchOptions(model_ids=("m",), params={"indexRate": "0.9"})
     third = _Recorder()
     summary = run_batch(items, third, other, Manifest(out / MANIFEST_NAME), progress=False)
     assert third.calls == [] and len(summary.exists) == 5 and "use --overwrite" in summary.text()
     # ... unless asked to.
-    summary = run_batch(items, third, BatchOptions(model_id="m", overwrite=True), Manifest(out / MANIFEST_NAME),
+    summary = run_batch(items, third, BatchOptions(model_ids=("m",), overwrite=True), Manifest(out / MANIFEST_NAME),
                         progress=False)
     assert len(third.calls) == 5 and len(summary.done) == 5
     with (out / MANIFEST_NAME).open("a") as f:
         f.write('{"input": "cut sho')  # a line a killed run left half written
     assert len(Manifest(out / MANIFEST_NAME).records) == 5
+
+
+def test_several_voices_each_with_its_own_record(inputs, tmp_path):
+    out = tmp_path / "out"
+    root, files = find_inputs(inputs, out)
+    voices = ("m", "n")
+    items = plan(root, files, out, "mp3", voices)
+    first = _Recorder(fail={"y.flac"})
+    options = BatchOptions(model_ids=voices, concurrency=1)
+    summary = run_batch(items, first, options, Manifest(out / MANIFEST_NAME), progress=False)
+    assert first.voices == ["m", "n"] * 5  # one file after the other, in each voice
+    assert summary.failed == {"m/b/deep/y.flac": "cannot convert y.flac", "n/b/deep/y.flac": "cannot convert y.flac"}
+    assert len(summary.done) == 8 and (out / "n" / outputs("mp3")["a/x.wav"]).is_file()
+    # a rerun with one voice more converts the failed file in both and every file in the new one
+    again = _Recorder()
+    summary = run_batch(plan(root, files, out, "mp3", (*voices, "o")), again, BatchOptions(model_ids=(*voices, "o")),
+                        Manifest(out / MANIFEST_NAME), progress=False)
+    assert summary.already_done == 8 and len(summary.done) == 7
+    assert sorted(zip(again.calls, again.voices)) == sorted(
+        [("y.flac", "m"), ("y.flac", "n")] + [(Path(f).name, "o") for f in files])
+    with pytest.raises(ValueError, match="give each voice once"):
+        BatchOptions(model_ids=("m", "m"))
 
 
 # --- the real service ----------------------------------------------------------------------------
@@ -130,6 +161,7 @@ def service(tmp_path_factory, serve_url, fixture_set):
     data = tmp_path_factory.mktemp("batch-svc")
     voice = fixture_set["voices"][VOICE]
     add_model(data, "voice", voice["pth"], voice["index"])
+    add_model(data, "voice-b", voice["pth"], voice["index"])  # the same weights under another id
     app = build_app({"data_dir": str(data), "hubert_path": fixture_set["hubert"],
                      "api_keys_file": str(write_keys(data / "keys", KEY)), "rate_limit_per_minute": 10000,
                      "job_timeout_s": 300, "stages": TEST_STAGES})
@@ -167,6 +199,31 @@ def test_ray_mode_converts_through_the_serve_handle(service, inputs, tmp_path, c
     assert cli_main([*args[:4], "-o", str(tmp_path / "bad"), *args[6:], "--index-rate", "2"]) == 1
     assert "failed a/x.wav: 422" in capsys.readouterr().out and "less than or equal to 1" in \
         (tmp_path / "bad" / MANIFEST_NAME).read_text()
+
+
+def test_several_voices_share_each_inputs_features(service, inputs, tmp_path, capsys):
+    """Each file in two voices, its two jobs sent together: the second takes the first's
+    features from the conversion replica's input cache, and both outputs are the same (the
+    two ids hold the same weights)."""
+    import httpx
+    import numpy as np
+
+    from bench.load import parse_service_metrics
+
+    def input_cache_hits() -> float:
+        return parse_service_metrics(httpx.get(f"{service['url']}/metrics", timeout=30).text)["input_cache:hit"]
+
+    out = tmp_path / "out"
+    before = input_cache_hits()
+    assert cli_main(["batch", str(inputs), "--model", "voice,voice-b", "-o", str(out), "--ray-address", "auto",
+                     "--app", APP, "--format", "wav", "--concurrency", "2", "-q"]) == 1
+    summary = capsys.readouterr().out
+    assert "done 8, failed 2" in summary and f"failed voice-b/{CORRUPT}: 402" in summary
+    for name in GOOD:
+        first, _ = sf.read(out / "voice" / outputs("wav")[name], dtype="int16")
+        second, _ = sf.read(out / "voice-b" / outputs("wav")[name], dtype="int16")
+        assert first.shape == second.shape and np.abs(first.astype(np.int32) - second).max() <= 1, name
+    assert input_cache_hits() - before >= len(GOOD)
 
 
 def test_http_mode_interrupted_then_resumed(service, inputs, tmp_path, capsys):
