@@ -210,7 +210,7 @@ def test_synthesis_replica_killed_mid_chunk(e2e, tmp_path):
     ray.kill(synthesis, no_restart=True)
 
     def finished():
-        body = e2e.client.get(f"/v1/inferences-vc/{job_id}", headers={"x-api-key": key}).json()
+        body = e2e.client.get(f"/v1/inferences-vc/{job_id}").json()
         return body if body["status"] != "RUNNING" else None
 
     done = wait_for(finished, 600, interval_s=1)
