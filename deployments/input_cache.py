@@ -2,15 +2,14 @@
 
 A chunk's content features depend on its audio and the HuBERT version, an input's f0 track on
 its audio, the f0 method and the seed; neither depends on the voice or on the job's other
-parameters. So the same upload converted with ten voices (or ten keys) runs the features and
-pitch stages once: later jobs take the arrays kept here, and jobs that ask while the first is
-still computing wait for that computation instead of starting their own.
+parameters. So the same upload converted with ten voices (or ten pitch shifts) runs the
+features and pitch stages once: later jobs take the arrays kept here, and jobs that ask while the
+first is still computing wait for that computation instead of starting their own.
 
-One per conversion replica, bounded in bytes, the least recently used out first; the
-conversion keys entries by tenant too, so one API key's jobs never reveal (by their speed) what
-another key uploaded. A computation
-is cancelled only when every job waiting for it is gone; a failed one is not kept (the jobs
-waiting for it fail with its error, as each would have alone).
+One per conversion replica, bounded in bytes, the least recently used out first; the conversion
+keys entries by tenant too, so one API key's jobs never reveal (by their speed) what another key
+uploaded. A computation is cancelled only when every job waiting for it is gone; a failed one is
+not kept (the jobs waiting for it fail with its error, as each would have alone).
 """
 from __future__ import annotations
 
