@@ -126,7 +126,7 @@ class PitchEstimator:
 
     async def estimate(self, prepared, params) -> tuple[np.ndarray, BatchRun]:
         """The f0 track of the whole padded input (dithered from the job's seed), before
-        `finish_pitch` (the job's filter radius and key)."""
+        `finish_input_pitch` (the job's filter radius and key)."""
         return await self._estimate(prepared, params)
 
     async def estimate_piece(self, piece, method: str) -> tuple[tuple[np.ndarray, np.ndarray], BatchRun]:
@@ -294,8 +294,7 @@ class Conversion:
 
     async def convert(self, request: dict) -> dict:
         from pipeline.audio import load_audio, to_int16, write_audio
-        from pipeline.convert import ChunkingConfig, ConversionParams, finish_output, input_pitch_request, prepare_input
-        from pipeline.pitch import finish_pitch
+        from pipeline.convert import ChunkingConfig, ConversionParams, finish_input_pitch, finish_output, prepare_input
 
         inference_id, model_id = request["inference_id"], request["model_id"]
         extra = {"inference_id": inference_id, "model_id": model_id}
@@ -350,7 +349,7 @@ class Conversion:
             job's filter radius and key."""
             track = await cached(("pitch", params.f0_method, params.seed), lambda: timed(
                 "pitch", self._pitch_track(prepared, params, slots["pitch"], batched)))
-            return await asyncio.to_thread(lambda: finish_pitch(track, input_pitch_request(prepared, params)))
+            return await asyncio.to_thread(finish_input_pitch, track, prepared, params)
 
         pitch = asyncio.ensure_future(input_pitch()) if info.f0 else None
         synthesis = self.synthesis.options(multiplexed_model_id=model_id)

@@ -200,13 +200,22 @@ def estimate_input_pitch_batch(inputs: Sequence[tuple[PreparedInput, ConversionP
                                models: PitchModels) -> list[tuple[np.ndarray, np.ndarray]]:
     """`estimate_input_pitch` of several inputs; those of one f0 method run together."""
     tracks = input_pitch_tracks_batch(inputs, models)
-    return [finish_pitch(track, input_pitch_request(*item)) for item, track in zip(inputs, tracks)]
+    return [finish_input_pitch(track, *item) for item, track in zip(inputs, tracks)]
+
+
+def finish_input_pitch(track: np.ndarray, prepared: PreparedInput,
+                       params: ConversionParams) -> tuple[np.ndarray, np.ndarray]:
+    """(coarse, pitchf) of an input's f0 track: the job's filter radius and key, cut to p_len
+    (`finish_pitch`; no dither is drawn, the track has it already)."""
+    return finish_pitch(track, PitchRequest(prepared.audio_pad, prepared.p_len, params.f0_up_key,
+                                            params.filter_radius))
 
 
 def input_pitch_tracks_batch(inputs: Sequence[tuple[PreparedInput, ConversionParams]],
                              models: PitchModels) -> list[np.ndarray]:
     """The f0 tracks of whole padded inputs before `finish_pitch` (the job's filter radius and
-    key): what depends only on the audio, the f0 method and the seed. One method's run together."""
+    key; `finish_input_pitch`): what depends only on the audio, the f0 method and the seed. One
+    method's run together."""
     return per_group([params.f0_method for _, params in inputs], lambda method, mine: pitch_tracks_batch(
         [input_pitch_request(*inputs[i]) for i in mine], method, models))
 
