@@ -14,6 +14,7 @@ from ray.serve import Application
 
 from .ingress import Ingress
 from .registry import list_voices, write_meta
+from .routing import upload_affinity_routing
 from .settings import AppSettings, configured_api_keys, demo_api_key
 from .stages import Conversion, ContentFeatures, PitchEstimator, Synthesis
 
@@ -32,9 +33,14 @@ def build_app(args: dict) -> Application:
     features = ContentFeatures.options(**stages.features.deployment_options("features", gpu)).bind(settings)
     pitch = PitchEstimator.options(**stages.pitch.deployment_options("pitch", gpu)).bind(settings)
     synthesis = Synthesis.options(**stages.synthesis.deployment_options("synthesis", gpu)).bind(settings)
-    conversion = Conversion.options(**stages.conversion.deployment_options("conversion", gpu)).bind(
-        settings, features, pitch, synthesis)
+    conversion = Conversion.options(**conversion_options(settings, gpu)).bind(settings, features, pitch, synthesis)
     return ingress_app(settings, conversion, gpu)
+
+
+def conversion_options(settings: AppSettings, gpu: bool = False) -> dict:
+    """The conversion deployment's options (the tests give a stand-in the same): its stage
+    settings, and the router that sends an upload's conversions to one replica."""
+    return {**settings.stages.conversion.deployment_options("conversion", gpu), **upload_affinity_routing()}
 
 
 def ingress_app(settings: AppSettings, conversion: Application, gpu: bool = False) -> Application:

@@ -26,6 +26,7 @@ from pipeline.audio import duration_s
 from .logs import get_logger
 from .results import LocalResultStore, result_formats
 from .retention import prune_once
+from .routing import AFFINITY_FIELD, upload_affinity
 from .settings import AppSettings
 from .store import FAILED, RUNNING, SUCCESS, Job, open_job_store
 
@@ -84,6 +85,15 @@ def one_line_error(exc: BaseException, data_dir: Path | None = None) -> str:
     if data_dir is not None:
         text = text.replace(f"{data_dir}/", "")
     return text[:300]
+
+
+def _affinity_of(job: Job) -> str | None:
+    """The job's upload's routing name (deployments/routing.py); None if it cannot be read (the
+    conversion then fails with the reason)."""
+    try:
+        return upload_affinity(job.tenant, job.upload_path)
+    except OSError:
+        return None
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -282,11 +292,12 @@ class JobTracker:
         job = await asyncio.to_thread(self.store.get, inference_id)
         # what the header declares (0 if unreadable: the attempt then fails with the reason)
         audio_s = 0.0 if job is None else await asyncio.to_thread(duration_s, job.upload_path)
+        affinity = None if job is None else await asyncio.to_thread(_affinity_of, job)
         with self.metrics.waiting.track_inprogress():
             await self.slots.acquire(tenant, audio_s)
         try:
             with self.metrics.running.track_inprogress():
-                while await self._attempt(inference_id, audio_s):
+                while await self._attempt(inference_id, audio_s, affinity):
                     self.metrics.retries.inc()
                     await asyncio.sleep(RETRY_DELAY_S)
         except Exception:  # noqa: BLE001 - a bug here must not leave the job RUNNING forever
@@ -295,7 +306,7 @@ class JobTracker:
         finally:
             self.slots.release(tenant, audio_s)
 
-    async def _attempt(self, inference_id: str, audio_s: float) -> bool:
+    async def _attempt(self, inference_id: str, audio_s: float, affinity: str | None) -> bool:
         """Run one attempt of a job of `audio_s` seconds of input; True when it should be tried again."""
         extra = {"inference_id": inference_id}
         job = await asyncio.to_thread(self.store.get, inference_id)
@@ -309,7 +320,7 @@ class JobTracker:
         self.log.info("job attempt started", extra={**extra, "attempt": attempt, "model_id": job.model_id})
         request = {"inference_id": job.inference_id, "tenant": job.tenant, "model_id": job.model_id,
                    "upload_path": job.upload_path, "params": job.params,
-                   "formats": result_formats(job.tenant, self.settings.lossless_results)}
+                   "formats": result_formats(job.tenant, self.settings.lossless_results), AFFINITY_FIELD: affinity}
         timeout_s = self.settings.job_timeout_s + self.settings.job_timeout_per_audio_s * audio_s
         response = self.conversion.convert.remote(request)
         try:

@@ -3,8 +3,8 @@
 Its behaviour is picked by the voice's model id, so one app serves every scenario:
 `*-fail` raises, `*-slow` takes 3 s, `*-hang` outlives the job timeout; anything else writes
 a short tone as the job's MP3 and FLAC at once. Every call is appended to `<data>/calls.log`
-(replicas are other processes) so tests can count attempts; a call cancelled while it waits
-is appended to `<data>/cancelled.log`.
+(replicas are other processes) so tests can count attempts, and with the replica that took it to
+`<data>/replicas.log`; a call cancelled while it waits is appended to `<data>/cancelled.log`.
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ class FakeConversion:
         model_id, inference_id = request["model_id"], request["inference_id"]
         with open(self.settings.data_dir / "calls.log", "a") as log:
             log.write(f"{inference_id} {model_id}\n")
+        with open(self.settings.data_dir / "replicas.log", "a") as log:
+            log.write(f"{inference_id} {serve.get_replica_context().replica_id.unique_id}\n")
         if model_id.endswith("-fail"):
             raise ValueError("synthetic failure: the input could not be converted\nsecond line")
         try:

@@ -1,0 +1,73 @@
+"""Conversions of one upload go to one conversion replica, whose input cache
+(deployments/input_cache.py) then holds the upload's content features and f0 track.
+
+A client that converts an upload again (another voice, key, index rate, ...) would otherwise reach
+any of the conversion replicas, and each would compute the upload's features and pitch anew.
+`UploadAffinityRouter` plugs into Serve's request-router extension (the router runs in the
+caller: the job actor): it routes as Serve's default router does (the less busy of two random
+replicas, this node's first), except that a conversion of an upload it routed before is offered
+first to the replica that took it, and goes there whenever that one has room. A replica that
+is full, gone or new changes nothing but the hit rate: the cache is keyed by content in the
+replica, so a conversion routed anywhere converts the same.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import OrderedDict
+from pathlib import Path
+
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import LocalityMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+# The conversion request's field naming its upload (see `upload_affinity`).
+AFFINITY_FIELD = "affinity"
+# Uploads whose replica the router remembers: at one GPU's ~50 jobs a second, the last ~80 s.
+REMEMBERED_UPLOADS = 4096
+
+
+def upload_affinity(tenant: str, path: Path | str) -> str:
+    """The upload's name for routing: SHA-256 of the tenant and the file's bytes (a tenant's
+    uploads never share a replica with another's on content alone)."""
+    digest = hashlib.sha256(tenant.encode() + b"\0")
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _affinity(pending_request: PendingRequest | None) -> str | None:
+    args = pending_request.args if pending_request is not None else ()
+    return args[0].get(AFFINITY_FIELD) if args and isinstance(args[0], dict) else None
+
+
+class UploadAffinityRouter(LocalityMixin, RequestRouter):
+    def initialize_state(self, remembered_uploads: int = REMEMBERED_UPLOADS) -> None:
+        self._holders: OrderedDict[str, ReplicaID] = OrderedDict()  # affinity -> replica, oldest first
+        self._remembered_uploads = remembered_uploads
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        """Ranks to try in order: the upload's last replica if it is still up, then two random
+        ones (Serve takes the less busy of a rank and backs off when no rank has room)."""
+        ranks = []
+        holder = self._holders.get(_affinity(pending_request) or "")
+        if holder is not None and holder in self._replicas:
+            ranks.append([self._replicas[holder]])
+        candidates = [self._replicas[i] for i in self.apply_locality_routing(pending_request) if i in self._replicas]
+        ranks.append(random.sample(candidates, min(2, len(candidates))))
+        return ranks
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        key = _affinity(pending_request)
+        if key is None:
+            return
+        self._holders[key] = replica_id
+        self._holders.move_to_end(key)
+        while len(self._holders) > self._remembered_uploads:
+            self._holders.popitem(last=False)
+
+
+def upload_affinity_routing() -> dict:
+    """`Deployment.options()` that route a deployment's calls by `UploadAffinityRouter`."""
+    return {"request_router_config": RequestRouterConfig(request_router_class=UploadAffinityRouter)}
