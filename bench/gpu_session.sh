@@ -63,7 +63,7 @@ esac
 # One upload in three voices, again and again (a batch team's song in many voices): the conversion
 # replicas' input cache spares its features and pitch, so this is the synthesis stage's own rate.
 case ",$parts," in *,reuse,*)
-  run service_reuse "$python" "${load[@]}" --voices 3 --same-upload --audio-seconds 10 --concurrency 16 \
+  run service_reuse "$python" "${load[@]}" --voices 3 --upload-repeats 0 --audio-seconds 10 --concurrency 16 \
     --jobs 128 --time-limit-s 90 --out "$results/service_reuse.json" ;;
 esac
 # The three model-stage processes share the GPU by time-slicing: their kernels never overlap. Under

@@ -3,7 +3,7 @@
     .venv/bin/python bench/load.py [--full] [--concurrency 1,4] [--voices 1,3] [--jobs N]
         [--audio-seconds 1 | --upload-mb 5] [--f0-method crepe-tiny|crepe|rmvpe] [--mode jobs|posts]
         [--conversion real|fake] [--think-s 0] [--poll-s 0.5,2 | --hold-s 10] [--replicas synthesis=2,... | --autoscale]
-        [--voices-per-replica 4] [--overlay gpu-prod] [--warm] [--same-upload] [--time-limit-s 240]
+        [--voices-per-replica 4] [--overlay gpu-prod] [--warm] [--upload-repeats 1] [--time-limit-s 240]
         [--out bench/results/load.json]
 
 It starts its own local Ray and Serve (the app of serve_config.yaml through `build_app`, or with
@@ -289,18 +289,20 @@ def multipart_body(audio: bytes) -> tuple[bytes, str]:
 class Uploads:
     """The body of each POST: each a distinct upload (4 bytes in the middle of the audio number
     it), as users send, since the service keeps inputs' features and f0 tracks by content and
-    repeats of one upload skip those stages; `same`: every POST the same bytes (what that
-    cache is worth). Numbered across cells, so no cell repeats an earlier one's upload."""
+    repeats of one upload skip those stages; with `repeats` N > 1 each upload goes N times in a row
+    (a client converting each file in N voices), with 0 every POST is the same bytes (what that
+    cache is worth at most). Numbered across cells, so no cell repeats an earlier one's upload."""
 
-    def __init__(self, body: bytes, same: bool = False) -> None:
-        self.body, self.same = body, same
-        self._numbers = itertools.count(1)
+    def __init__(self, body: bytes, repeats: int = 1) -> None:
+        self.body, self.repeats = body, repeats
+        self._posts = itertools.count(0)
 
     def next(self) -> bytes:
-        if self.same:
+        if self.repeats == 0:
             return self.body
+        number = 1 + next(self._posts) // self.repeats
         middle = len(self.body) // 2
-        return self.body[:middle] + next(self._numbers).to_bytes(4, "little") + self.body[middle + 4:]
+        return self.body[:middle] + number.to_bytes(4, "little") + self.body[middle + 4:]
 
 
 async def run_clients(base_url: str, uploads: Uploads, content_type: str, voices: list[str], *, concurrency: int,
@@ -650,9 +652,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--voices-per-replica", type=int, help="default: the config's")
     ap.add_argument("--overlay", help="the app args of this k8s overlay (e.g. gpu-prod) instead of serve_config.yaml's")
     ap.add_argument("--warm", action="store_true", help="convert once with every voice before the cells")
-    ap.add_argument("--same-upload", action="store_true",
-                    help="every POST the same bytes (the service's input cache then spares their features and "
-                         "pitch); default: each POST a distinct upload")
+    ap.add_argument("--upload-repeats", type=int, default=1,
+                    help="POSTs of each distinct upload, in a row (a file in N voices: the service's input cache "
+                         "spares the repeats' features and pitch); 0: every POST the same bytes")
     ap.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--ray-gpus", type=int, help="default: the GPUs Ray finds")
     ap.add_argument("--cell-time-limit-s", type=float, help="default 120 (--full: 900)")
@@ -698,7 +700,7 @@ def main(argv: list[str] | None = None) -> None:
         audio = audio_path.read_bytes()
         audio_seconds = (len(audio) - 44) / (2 * 44100)
         body, content_type = multipart_body(audio)
-        uploads = Uploads(body, same=args.same_upload)
+        uploads = Uploads(body, repeats=args.upload_repeats)
         result["config"]["upload_bytes"] = len(audio)
         query = {"f0Method": args.f0_method}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import json
 import os
 import secrets
@@ -40,7 +41,7 @@ from .registry import get_voice, list_voices, models_page
 from .results import RESULT_FORMATS, RESULT_ROUTE, URL_LIFETIME_S, LocalResultStore, check_key, signed_url, verify
 from .settings import AppSettings, load_api_keys, url_secret
 from .store import FAILED, HANDLE_TENANT, SUCCESS, Job, format_timestamp
-from .uploads import MAX_FILE_BYTES, PayloadTooLarge, declared_too_large, disk_short, receive_upload
+from .uploads import MAX_FILE_BYTES, PayloadTooLarge, Upload, declared_too_large, disk_short, receive_upload
 
 FORBIDDEN = {"message": "Forbidden"}
 NOT_FOUND = {"message": "Not found"}
@@ -163,19 +164,19 @@ class Ingress:
                 raise
             return _disk_full(headers)
         try:
-            return await self._accept(request, tenant, headers, upload.path)
+            return await self._accept(request, tenant, headers, upload)
         finally:
             if upload.path is not None:
                 upload.path.unlink(missing_ok=True)
 
-    async def _accept(self, request: Request, tenant: str, headers: dict[str, str], upload) -> Response:
+    async def _accept(self, request: Request, tenant: str, headers: dict[str, str], upload: Upload) -> Response:
         admitted = await self._admit(tenant, request.query_params, upload, request.headers.get(IDEMPOTENCY_HEADER))
         if isinstance(admitted, Job):
             return JSONResponse(self._job_view(admitted, request), 200, headers=headers)
         status, body = admitted
         return JSONResponse(body, status, headers=headers)
 
-    async def _admit(self, tenant: str, query: Mapping[str, str], upload: Path | None,
+    async def _admit(self, tenant: str, query: Mapping[str, str], upload: Upload,
                      idempotency_key: str | None = None) -> Job | tuple[int, dict]:
         """The create checks after key, rate limit and size (422, 402, 404), then the job stored
         and handed to the job actor: the job (an earlier one of the same idempotency key), or
@@ -183,12 +184,12 @@ class Ingress:
         values, errors = parse_query(CREATE_PARAMS, query, self.f0_methods)
         if (error := check_idempotency_key(idempotency_key)) is not None:
             errors.append(error)
-        if upload is None:
+        if upload.path is None:
             errors.append(missing(["body", "audioInfer"]))
         if errors:
             return 422, {"detail": errors}
         try:
-            fmt = await asyncio.to_thread(sniff_and_probe, upload, self.settings.max_audio_seconds)
+            fmt = await asyncio.to_thread(sniff_and_probe, upload.path, self.settings.max_audio_seconds)
         except AudioTooLong as exc:
             return 422, {"detail": [audio_too_long(exc.max_seconds)]}
         except AudioDecodeError:
@@ -201,11 +202,11 @@ class Ingress:
 
         inference_id = uuid.uuid4().hex
         stored_upload = self.settings.uploads_dir / f"{inference_id}.{fmt}"
-        os.rename(upload, stored_upload)
+        os.rename(upload.path, stored_upload)
         await asyncio.to_thread(_fsync_dir, self.settings.uploads_dir)
         job = Job(inference_id=inference_id, tenant=tenant, model_id=model_id,
                   params={**values, "seed": self.settings.seed}, upload_path=str(stored_upload),
-                  idempotency_key=idempotency_key)
+                  idempotency_key=idempotency_key, upload_sha256=upload.sha256)
         size = stored_upload.stat().st_size
         try:
             job = await self.tracker.submit.remote(job)
@@ -236,7 +237,8 @@ class Ingress:
         upload = self.settings.uploads_dir / f".upload-{secrets.token_hex(8)}"
         try:
             await asyncio.to_thread(_write_durably, upload, audio)
-            admitted = await self._admit(HANDLE_TENANT, query, upload)
+            sha256 = await asyncio.to_thread(lambda: hashlib.sha256(audio).hexdigest())
+            admitted = await self._admit(HANDLE_TENANT, query, Upload(upload, len(audio), sha256))
         finally:
             upload.unlink(missing_ok=True)
         if not isinstance(admitted, Job):

@@ -87,15 +87,6 @@ def one_line_error(exc: BaseException, data_dir: Path | None = None) -> str:
     return text[:300]
 
 
-def _affinity_of(job: Job) -> str | None:
-    """The job's upload's routing name (deployments/routing.py); None if it cannot be read (the
-    conversion then fails with the reason)."""
-    try:
-        return upload_affinity(job.tenant, job.upload_path)
-    except OSError:
-        return None
-
-
 def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, RETRYABLE) or isinstance(getattr(exc, "cause", None), RETRYABLE)
 
@@ -292,12 +283,11 @@ class JobTracker:
         job = await asyncio.to_thread(self.store.get, inference_id)
         # what the header declares (0 if unreadable: the attempt then fails with the reason)
         audio_s = 0.0 if job is None else await asyncio.to_thread(duration_s, job.upload_path)
-        affinity = None if job is None else await asyncio.to_thread(_affinity_of, job)
         with self.metrics.waiting.track_inprogress():
             await self.slots.acquire(tenant, audio_s)
         try:
             with self.metrics.running.track_inprogress():
-                while await self._attempt(inference_id, audio_s, affinity):
+                while await self._attempt(inference_id, audio_s):
                     self.metrics.retries.inc()
                     await asyncio.sleep(RETRY_DELAY_S)
         except Exception:  # noqa: BLE001 - a bug here must not leave the job RUNNING forever
@@ -306,7 +296,7 @@ class JobTracker:
         finally:
             self.slots.release(tenant, audio_s)
 
-    async def _attempt(self, inference_id: str, audio_s: float, affinity: str | None) -> bool:
+    async def _attempt(self, inference_id: str, audio_s: float) -> bool:
         """Run one attempt of a job of `audio_s` seconds of input; True when it should be tried again."""
         extra = {"inference_id": inference_id}
         job = await asyncio.to_thread(self.store.get, inference_id)
@@ -320,7 +310,8 @@ class JobTracker:
         self.log.info("job attempt started", extra={**extra, "attempt": attempt, "model_id": job.model_id})
         request = {"inference_id": job.inference_id, "tenant": job.tenant, "model_id": job.model_id,
                    "upload_path": job.upload_path, "params": job.params,
-                   "formats": result_formats(job.tenant, self.settings.lossless_results), AFFINITY_FIELD: affinity}
+                   "formats": result_formats(job.tenant, self.settings.lossless_results),
+                   AFFINITY_FIELD: upload_affinity(job.tenant, job.upload_sha256)}
         timeout_s = self.settings.job_timeout_s + self.settings.job_timeout_per_audio_s * audio_s
         response = self.conversion.convert.remote(request)
         try:

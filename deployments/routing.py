@@ -12,10 +12,8 @@ replica, so a conversion routed anywhere converts the same.
 """
 from __future__ import annotations
 
-import hashlib
 import random
 from collections import OrderedDict
-from pathlib import Path
 
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import LocalityMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -26,14 +24,11 @@ AFFINITY_FIELD = "affinity"
 REMEMBERED_UPLOADS = 4096
 
 
-def upload_affinity(tenant: str, path: Path | str) -> str:
-    """The upload's name for routing: SHA-256 of the tenant and the file's bytes (a tenant's
-    uploads never share a replica with another's on content alone)."""
-    digest = hashlib.sha256(tenant.encode() + b"\0")
-    with open(path, "rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+def upload_affinity(tenant: str, upload_sha256: str | None) -> str | None:
+    """A conversion's name for routing: its tenant and its upload's digest (the ingress takes it
+    as the bytes arrive), so one tenant's uploads never share a replica with another's on content
+    alone; None for a job stored without a digest (routed as Serve's default router would)."""
+    return None if upload_sha256 is None else f"{tenant}/{upload_sha256}"
 
 
 def _affinity(pending_request: PendingRequest | None) -> str | None:

@@ -50,6 +50,7 @@ class Job:
     results: dict[str, str] | None = None  # format → result-store key
     attempts: int = 0
     idempotency_key: str | None = None  # the client's Idempotency-Key, unique per tenant
+    upload_sha256: str | None = None  # hex digest of the upload's bytes (None: a job stored before it was kept)
 
 
 class JobStore(Protocol):
@@ -90,7 +91,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     results TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
-    idempotency_key TEXT
+    idempotency_key TEXT,
+    upload_sha256 TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_us);
 CREATE INDEX IF NOT EXISTS jobs_ended ON jobs (ended_us);
@@ -99,7 +101,7 @@ CREATE INDEX IF NOT EXISTS jobs_ended ON jobs (ended_us);
 _IDEMPOTENCY_INDEX = ("CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (tenant, idempotency_key) "
                       "WHERE idempotency_key IS NOT NULL")
 _COLUMNS = ("inference_id", "tenant", "model_id", "params", "upload_path", "status", "created_us",
-            "ended_us", "error", "results", "attempts", "idempotency_key")
+            "ended_us", "error", "results", "attempts", "idempotency_key", "upload_sha256")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 
 
@@ -115,14 +117,16 @@ class SQLiteJobStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        if "idempotency_key" not in columns:
-            self._db.execute("ALTER TABLE jobs ADD COLUMN idempotency_key TEXT")
+        for column in ("idempotency_key", "upload_sha256"):  # stores created before the column
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
         self._db.execute(_IDEMPOTENCY_INDEX)
 
     def create(self, job: Job) -> Job:
         row = (job.inference_id, job.tenant, job.model_id, json.dumps(job.params), job.upload_path, job.status,
                job.created_us, job.ended_us, job.error,
-               None if job.results is None else json.dumps(job.results), job.attempts, job.idempotency_key)
+               None if job.results is None else json.dumps(job.results), job.attempts, job.idempotency_key,
+               job.upload_sha256)
         with self._lock:
             # Either unique constraint (id, or tenant + key) makes the insert a no-op.
             self._db.execute(f"INSERT OR IGNORE INTO jobs ({', '.join(_COLUMNS)}) "

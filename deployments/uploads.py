@@ -7,6 +7,7 @@ the file (50 × 1024 × 1024 bytes); the body as a whole may add a little multip
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import secrets
 import shutil
@@ -56,6 +57,7 @@ def disk_short(directory: Path, content_length: str | None, reserve_bytes: int) 
 class Upload:
     path: Path | None  # the complete file part on disk; None when the body had no such part
     size: int = 0
+    sha256: str | None = None  # hex digest of the file's bytes (deployments/routing.py)
 
 
 class _FilePart:
@@ -67,6 +69,7 @@ class _FilePart:
         self.writing = False
         self.complete = False
         self.size = 0
+        self.digest = hashlib.sha256()
         self._headers: dict[bytes, bytes] = {}
         self._field = bytearray()
         self._value = bytearray()
@@ -103,7 +106,9 @@ class _FilePart:
             self.size += end - start
             if self.size > MAX_FILE_BYTES:
                 raise PayloadTooLarge
-            self.file.write(data[start:end])
+            chunk = memoryview(data)[start:end]
+            self.file.write(chunk)
+            self.digest.update(chunk)
 
     def _part_end(self) -> None:
         if self.writing:
@@ -163,4 +168,4 @@ async def receive_upload(content_type: str | None, body: AsyncIterator[bytes], d
         part.close()
         part.path.unlink(missing_ok=True)
         raise
-    return Upload(part.path, part.size)
+    return Upload(part.path, part.size, part.digest.hexdigest())

@@ -77,7 +77,7 @@ def test_prebuilt_body_is_the_upload_the_service_receives(tmp_path):
     assert upload.path.read_bytes() == audio
 
 
-def test_each_post_is_a_distinct_upload_unless_asked_for_the_same(tmp_path):
+def test_each_post_is_a_distinct_upload_unless_asked_for_repeats(tmp_path):
     audio = bytes(range(256)) * 1000
     body, content_type = multipart_body(audio)
     uploads = Uploads(body)
@@ -92,8 +92,12 @@ def test_each_post_is_a_distinct_upload_unless_asked_for_the_same(tmp_path):
     assert len(set(received)) == 3
     for upload in received:  # the same audio but for 4 bytes in its middle
         assert len(upload) == len(audio) and sum(a != b for a, b in zip(upload, audio)) <= 4
-    same = Uploads(body, same=True)
+    same = Uploads(body, repeats=0)
     assert same.next() == same.next() == body
+    threes = Uploads(body, repeats=3)
+    posted = [threes.next() for _ in range(7)]
+    assert posted[0] == posted[1] == posted[2] != posted[3] == posted[4] == posted[5] != posted[6]
+    assert len(set(posted)) == 3 and body not in posted
 
 
 def test_glue_compile_ends_are_counted_from_the_replicas_json_log_lines(tmp_path):

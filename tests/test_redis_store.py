@@ -59,11 +59,12 @@ def _ids(jobs: list[Job]) -> list[str]:
 
 def test_roundtrip_keeps_every_field(store):
     job = _job("a", key="client-key-1")
+    job.upload_sha256 = "0f" * 32
     assert store.create(job) == job
     assert store.get("a") == job
     plain = _job("b")
     store.create(plain)
-    assert store.get("b") == plain and store.get("b").idempotency_key is None
+    assert store.get("b") == plain and store.get("b").idempotency_key is None and plain.upload_sha256 is None
     assert store.get("missing") is None
 
 

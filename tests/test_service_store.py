@@ -142,7 +142,7 @@ def test_prune_deletes_only_finished_jobs_before_the_cutoff(tmp_path):
     assert [j.inference_id for j in store.running()] == ["running", "fresh"]
 
 
-def test_store_from_before_idempotency_keys_is_upgraded(tmp_path):
+def test_store_from_before_idempotency_keys_and_upload_digests_is_upgraded(tmp_path):
     path = tmp_path / "jobs.sqlite3"
     db = sqlite3.connect(path)
     db.executescript("""CREATE TABLE jobs (inference_id TEXT PRIMARY KEY, tenant TEXT NOT NULL,
@@ -152,6 +152,8 @@ def test_store_from_before_idempotency_keys_is_upgraded(tmp_path):
         INSERT INTO jobs VALUES ('old', 't1', 'demo', '{}', '/u/old.wav', 'RUNNING', 1, NULL, NULL, NULL, 0);""")
     db.close()
     store = SQLiteJobStore(path)
-    assert store.get("old").idempotency_key is None
-    assert store.create(_keyed("new", "k")).idempotency_key == "k"
+    assert store.get("old").idempotency_key is None and store.get("old").upload_sha256 is None
+    new = _keyed("new", "k")
+    new.upload_sha256 = "0f" * 32
+    assert store.create(new) == new and store.get("new") == new
     assert store.create(_keyed("newer", "k")).inference_id == "new"

@@ -3,6 +3,7 @@ writes, the voice registry, the streaming upload reader, the Serve config check,
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import stat
 from pathlib import Path
@@ -422,6 +423,7 @@ def test_upload_reader_writes_only_the_file_part(tmp_path):
     ctype, body = _multipart([("other", b"ignored"), ("audioInfer", payload), ("audioInfer", b"second")])
     up = _receive(ctype, body, tmp_path)
     assert up.path.read_bytes() == payload and up.size == len(payload)
+    assert up.sha256 == hashlib.sha256(payload).hexdigest()  # of the part's bytes, cut at any chunk size
 
 
 def test_upload_reader_without_a_file_part(tmp_path):
