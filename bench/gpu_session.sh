@@ -60,10 +60,11 @@ case ",$parts," in *,service,*)
   run service_crepe "$python" "${load[@]/rmvpe/crepe}" --audio-seconds 10 --concurrency 16 --jobs 64 \
     --time-limit-s 90 --out "$results/service_crepe.json" ;;
 esac
-# One upload in three voices, again and again (a batch team's song in many voices): the conversion
-# replicas' input cache spares its features and pitch, so this is the synthesis stage's own rate.
+# Each upload in three voices in a row (a batch team's song in many voices): the router sends an
+# upload's jobs to one of the 4 conversion replicas, whose input cache spares the repeats' features
+# and pitch (input-cache hits: 2 of 3 jobs' lookups at best).
 case ",$parts," in *,reuse,*)
-  run service_reuse "$python" "${load[@]}" --voices 3 --upload-repeats 0 --audio-seconds 10 --concurrency 16 \
+  run service_reuse "$python" "${load[@]}" --voices 3 --upload-repeats 3 --audio-seconds 10 --concurrency 16 \
     --jobs 128 --time-limit-s 90 --out "$results/service_reuse.json" ;;
 esac
 # The three model-stage processes share the GPU by time-slicing: their kernels never overlap. Under
