@@ -7,26 +7,19 @@ features and pitch stages once: later jobs take the arrays kept here, and jobs t
 first is still computing wait for that computation instead of starting their own.
 
 One per conversion replica, bounded in bytes, the least recently used out first; the conversion
-keys entries by tenant too, so one API key's jobs never reveal (by their speed) what another key
-uploaded. A computation is cancelled only when every job waiting for it is gone; a failed one is
-not kept (the jobs waiting for it fail with its error, as each would have alone).
+keys entries by the upload's key (its tenant and the digest of its bytes, deployments/routing.py),
+so one API key's jobs never reveal (by their speed) what another key uploaded. A computation is
+cancelled only when every job waiting for it is gone; a failed one is not kept (the jobs waiting
+for it fail with its error, as each would have alone).
 """
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 
 import numpy as np
-
-
-def content_key(audio: np.ndarray) -> str:
-    """The key of an input's audio: a digest of its samples (dtype and length included)."""
-    digest = hashlib.sha256(str(audio.dtype).encode())
-    digest.update(np.ascontiguousarray(audio).data)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pipeline.audio import duration_s
 from .logs import get_logger
 from .results import LocalResultStore, result_formats
 from .retention import prune_once
-from .routing import AFFINITY_FIELD, upload_affinity
+from .routing import UPLOAD_KEY_FIELD, upload_key
 from .settings import AppSettings
 from .store import FAILED, RUNNING, SUCCESS, Job, open_job_store
 
@@ -311,7 +311,7 @@ class JobTracker:
         request = {"inference_id": job.inference_id, "tenant": job.tenant, "model_id": job.model_id,
                    "upload_path": job.upload_path, "params": job.params,
                    "formats": result_formats(job.tenant, self.settings.lossless_results),
-                   AFFINITY_FIELD: upload_affinity(job.tenant, job.upload_sha256)}
+                   UPLOAD_KEY_FIELD: upload_key(job.tenant, job.upload_sha256)}
         timeout_s = self.settings.job_timeout_s + self.settings.job_timeout_per_audio_s * audio_s
         response = self.conversion.convert.remote(request)
         try:

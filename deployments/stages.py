@@ -31,10 +31,11 @@ import numpy as np
 import ray
 from ray import serve
 
-from .input_cache import InputCache, content_key
+from .input_cache import InputCache
 from .logs import get_logger
 from .registry import get_voice
 from .results import LocalResultStore
+from .routing import UPLOAD_KEY_FIELD
 from .settings import MODEL_STAGES, AppSettings, StageSettings
 
 
@@ -327,20 +328,24 @@ class Conversion:
                 return await timed(stage, batched(stage, call()))
 
         # Lookups in the input cache: a hit is a model-stage computation this job was spared. Its
-        # entries are the tenant's own: a job's speed tells nobody what another key uploaded.
+        # entries are by upload key (deployments/routing.py), the tenant's own: a job's speed tells
+        # nobody what another key uploaded.
         reuse = {"hit": 0, "miss": 0}
+        upload = request.get(UPLOAD_KEY_FIELD)
 
         async def cached(key: tuple, compute: Callable[[], Awaitable[np.ndarray]]) -> np.ndarray:
-            array, spared = await self.input_cache.get((request["tenant"], audio_key, *key), compute)
+            if upload is None:  # a job stored before uploads had digests
+                array, spared = await compute(), False
+            else:
+                array, spared = await self.input_cache.get((upload, *key), compute)
             reuse["hit" if spared else "miss"] += 1
             return array
 
-        def load() -> tuple:
+        def load():
             audio = load_audio(request["upload_path"], max_seconds=self.settings.max_audio_seconds)
-            prepared = prepare_input(audio, ChunkingConfig(**self.settings.chunking))
-            return prepared, content_key(prepared.audio_pad)
+            return prepare_input(audio, ChunkingConfig(**self.settings.chunking))
 
-        prepared, audio_key = await timed("load", asyncio.to_thread(load))
+        prepared = await timed("load", asyncio.to_thread(load))
         self.log.info("conversion started", extra={**extra, "chunks": len(prepared.chunks),
                                                    "seconds": round(prepared.audio_hp.shape[0] / 16000, 3)})
 

@@ -92,13 +92,13 @@ def test_other_uploads_spread_and_a_full_replica_is_passed_over(svc):
 def test_the_router_remembers_a_bounded_number_of_uploads():
     from types import SimpleNamespace
 
-    from deployments.routing import AFFINITY_FIELD, UploadAffinityRouter, upload_affinity
+    from deployments.routing import UPLOAD_KEY_FIELD, UploadAffinityRouter, upload_key
 
     router = UploadAffinityRouter.__new__(UploadAffinityRouter)  # its memory alone, no Serve around it
     router.initialize_state(remembered_uploads=2)
 
-    def routed(affinity: str | None, replica: str) -> None:
-        router.on_request_routed(SimpleNamespace(args=[{AFFINITY_FIELD: affinity}]), replica, None)
+    def routed(key: str | None, replica: str) -> None:
+        router.on_request_routed(SimpleNamespace(args=[{UPLOAD_KEY_FIELD: key}]), replica, None)
 
     routed("a", "r1")
     routed("b", "r2")
@@ -106,5 +106,5 @@ def test_the_router_remembers_a_bounded_number_of_uploads():
     routed("c", "r1")  # b, the least recent, is forgotten
     routed(None, "r1")  # a job without a digest leaves no trace
     assert dict(router._holders) == {"a": "r2", "c": "r1"}
-    assert upload_affinity("tenant", None) is None
-    assert upload_affinity("t1", "00" * 32) != upload_affinity("t2", "00" * 32)
+    assert upload_key("tenant", None) is None
+    assert upload_key("t1", "00" * 32) != upload_key("t2", "00" * 32)
