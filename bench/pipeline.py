@@ -38,6 +38,7 @@ from pipeline.convert import (  # noqa: E402
 from pipeline.demo import synthetic_speech  # noqa: E402
 from pipeline.index import load_index  # noqa: E402
 from pipeline.memory import reuse_freed_memory  # noqa: E402
+from pipeline.pitch import PITCH_METHODS  # noqa: E402
 from pipeline.synthesizer import load_voice  # noqa: E402
 from tests.fixtures import build_fixtures, default_cache_dir  # noqa: E402
 
@@ -122,7 +123,7 @@ def bench_reference(fx: dict, source: Path, inputs: dict[float, Path], args: arg
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", default="10,60,600")
-    ap.add_argument("--f0-method", default="crepe", choices=["crepe", "crepe-tiny", "rmvpe"])
+    ap.add_argument("--f0-method", default="crepe", choices=PITCH_METHODS)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="fp32", choices=PRECISIONS,
                     help="ours (pipeline.convert.network_precision); the reference runs its own fp32")

@@ -207,7 +207,7 @@ CONVERSION_PARAMS = {"index_rate": (float, 0.76), "rms_mix_rate": (float, 1.0), 
 
 def _conversion_options(parser: argparse.ArgumentParser, with_defaults: bool) -> None:
     for name, (kind, default) in CONVERSION_PARAMS.items():
-        extra = {"choices": ["crepe", "crepe-tiny", "rmvpe"]} if name == "f0_method" else {}
+        extra = {"choices": ["crepe", "crepe-tiny", "rmvpe", "pm", "harvest"]} if name == "f0_method" else {}
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default if with_defaults else None,
                             **extra)
 

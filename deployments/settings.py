@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib.util
 import os
 import secrets
 from pathlib import Path
@@ -257,7 +258,11 @@ class AppSettings(BaseModel):
 
     @property
     def f0_methods(self) -> tuple[str, ...]:
-        return ("crepe", "crepe-tiny", "rmvpe") if self.rmvpe is not None else ("crepe", "crepe-tiny")
+        """The pitch methods offered: rmvpe where its weights are, pm and harvest where their
+        libraries import (praat-parselmouth, pyworld: dependencies, but not carried everywhere)."""
+        host = tuple(method for method, module in (("pm", "parselmouth"), ("harvest", "pyworld"))
+                     if importlib.util.find_spec(module) is not None)
+        return ("crepe", "crepe-tiny", *(("rmvpe",) if self.rmvpe is not None else ()), *host)
 
 
 def hash_key(key: str) -> str:

@@ -7,6 +7,7 @@ same dither per frame, wherever each piece runs):
     ContentFeatures   HuBERT/ContentVec features of chunks             (chunk_features_batch)
     PitchEstimator    f0 tracks of whole padded inputs, or of 512-    (input_pitch_tracks_batch,
                       frame-aligned crepe pieces of long ones           crepe_piece_batch)
+                      (pm and harvest: on its CPU, beside the batches)
     Synthesis         index blend + synthesizer for chunks of one      (chunk_synthesis,
                       voice (+ its index) cached per model id (LRU)     synthesize_chunks)
     Conversion        load → prepare → pitch ∥ features → synthesis per chunk → join → write
@@ -21,6 +22,7 @@ the one the call would get alone.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections import defaultdict
@@ -124,10 +126,21 @@ class PitchEstimator:
         self.models.get("crepe")  # the default method is loaded before the replica reports ready
         self._estimate = _batched(self._estimate_batch, settings.stages.pitch)
         self._estimate_pieces = _batched(self._estimate_pieces_batch, settings.stages.pitch)
+        # pm and harvest have no network and no batch to share: each input runs in a thread of its
+        # own, as many at once as the replica has CPUs, beside the batches (a harvest of a long
+        # input in the batch queue would hold crepe and rmvpe back for minutes).
+        self._host_slots = asyncio.Semaphore(max(1, math.ceil(settings.stages.pitch.num_cpus)))
 
     async def estimate(self, prepared, params) -> tuple[np.ndarray, BatchRun]:
         """The f0 track of the whole padded input (dithered from the job's seed), before
         `finish_input_pitch` (the job's filter radius and key)."""
+        from pipeline.convert import input_pitch_tracks_batch
+        from pipeline.pitch import HOST_METHODS
+
+        if params.f0_method in HOST_METHODS:
+            async with self._host_slots:
+                [result] = await _run_batch(lambda: input_pitch_tracks_batch([(prepared, params)], self.models))
+                return result
         return await self._estimate(prepared, params)
 
     async def estimate_piece(self, piece, method: str) -> tuple[tuple[np.ndarray, np.ndarray], BatchRun]:
@@ -399,10 +412,10 @@ class Conversion:
         512-frame-aligned pieces spread over the replicas (`slots` of them at once) and joined
         here (the same track). `batched` unpacks each call's result and keeps its batch."""
         from pipeline.convert import input_pitch_request
-        from pipeline.pitch import crepe_pieces, crepe_track
+        from pipeline.pitch import CREPE_METHODS, crepe_pieces, crepe_track
 
         piece_frames = self.settings.pitch_piece_frames
-        if params.f0_method == "rmvpe" or prepared.p_len < piece_frames:
+        if params.f0_method not in CREPE_METHODS or prepared.p_len < piece_frames:
             return await batched("pitch", self.pitch.estimate.remote(prepared, params))
         request = input_pitch_request(prepared, params)
         pieces = crepe_pieces(request.audio_pad, request.dither, piece_frames)

@@ -24,7 +24,7 @@ from .batching import batches_by_length, halving_on_device_oom, max_padding
 from .hubert import Hubert, HubertConfig, content_features, load_hubert
 from .index import RetrievalIndex, blend, blend_on_device
 from .memory import model_pass, to_device
-from .pitch import PitchModels, PitchRequest, finish_pitch, pitch_tracks_batch
+from .pitch import CREPE_METHODS, PitchModels, PitchRequest, finish_pitch, pitch_tracks_batch
 from .synthesizer import SynthNoise, Voice, compile_pointwise, resblock_precision
 
 WINDOW = 160  # samples per f0 frame at 16 kHz (10 ms)
@@ -179,9 +179,10 @@ def estimate_input_pitch(prepared: PreparedInput, params: ConversionParams,
 
 
 def input_pitch_request(prepared: PreparedInput, params: ConversionParams) -> PitchRequest:
-    """The pitch estimation of a whole padded input, dithered from the job's seed."""
-    return PitchRequest(prepared.audio_pad, prepared.p_len, params.f0_up_key, params.filter_radius,
-                        dither_for(params.seed, prepared.audio_pad.shape[0] // WINDOW + 1))
+    """The pitch estimation of a whole padded input, dithered from the job's seed (crepe's)."""
+    dither = (dither_for(params.seed, prepared.audio_pad.shape[0] // WINDOW + 1)
+              if params.f0_method in CREPE_METHODS else None)
+    return PitchRequest(prepared.audio_pad, prepared.p_len, params.f0_up_key, params.filter_radius, dither)
 
 
 def per_group(keys: Sequence, run: Callable[[object, list[int]], Sequence]) -> list:

@@ -1,7 +1,8 @@
 """Pitch track for RVC: f0 per 10 ms frame, smoothed, key-shifted and quantised.
 
 Follows the reference ``Pipeline.get_f0`` (RVC branch 20240604) for the methods the service
-offers: crepe (full), crepe-tiny and rmvpe.
+offers: crepe (full), crepe-tiny and rmvpe (networks, batched), and pm (Praat's autocorrelation)
+and harvest (WORLD), computed on the host CPU one input at a time.
 """
 
 import os
@@ -27,7 +28,9 @@ __all__ = [
     "PITCH_METHODS",
     "SAMPLE_RATE",
     "PitchModels",
+    "CREPE_METHODS",
     "CrepePiece",
+    "HOST_METHODS",
     "PitchRequest",
     "coarse_pitch",
     "estimate_pitch",
@@ -36,15 +39,22 @@ __all__ = [
     "crepe_track",
     "estimate_pitch_batch",
     "finish_pitch",
+    "harvest_f0",
     "median_filter_f0",
     "pitch_tracks_batch",
+    "pm_f0",
     "shift_f0",
 ]
 
 F0_MIN = 50.0
 F0_MAX = 1100.0
-PITCH_METHODS = ("crepe", "crepe-tiny", "rmvpe")
+CREPE_METHODS = ("crepe", "crepe-tiny")
+# Methods without a network: no weights, no device, nothing to batch; harvest is slow (~0.2 CPU s
+# per audio second), and both are deterministic.
+HOST_METHODS = ("pm", "harvest")
+PITCH_METHODS = (*CREPE_METHODS, "rmvpe", *HOST_METHODS)
 _CREPE_CAPACITY = {"crepe": "full", "crepe-tiny": "tiny"}
+_PM_VOICING_THRESHOLD = 0.6
 _RMVPE_THRESHOLD = 0.03  # salience below which rmvpe calls a frame unvoiced
 _MEL_MIN = 1127 * np.log(1 + F0_MIN / 700)
 _MEL_MAX = 1127 * np.log(1 + F0_MAX / 700)
@@ -71,6 +81,8 @@ class PitchModels:
 
     def get(self, method: str) -> "Crepe | Rmvpe":
         _check_method(method)
+        if method in HOST_METHODS:
+            raise ValueError(f"f0 method {method!r} has no network to load")
         with self._lock:
             if method not in self._models:
                 self._models[method] = self._load(method)
@@ -134,9 +146,10 @@ def estimate_pitch(
 
     Order: f0 of `method` -> median filter of `filter_radius` -> shift by `f0_up_key` semitones
     -> coarse. Unlike the reference, the median filter applies to every method; the reference
-    filters only harvest (which we do not offer), so output equals the reference for crepe and
-    rmvpe when filter_radius <= 2. `dither`: crepe's per-frame cent noise, a Generator or the
-    recorded draws; None draws from a fresh unseeded Generator (random, as in the reference).
+    filters only harvest, and only with width 3 (for any r > 2), so output equals the reference
+    for harvest when filter_radius <= 3 and for the other methods when filter_radius <= 2.
+    `dither`: crepe's per-frame cent noise, a Generator or the recorded draws; None draws from a
+    fresh unseeded Generator (random, as in the reference).
     """
     return estimate_pitch_batch([PitchRequest(audio_pad, p_len, f0_up_key, filter_radius, dither)], method,
                                 models)[0]
@@ -162,13 +175,41 @@ def estimate_pitch_batch(requests: Sequence[PitchRequest], method: str,
 def pitch_tracks_batch(requests: Sequence[PitchRequest], method: str, models: PitchModels) -> list[np.ndarray]:
     """The f0 tracks [L // 160 + 1] (Hz, 0 = unvoiced) of several inputs of one method, before
     `finish_pitch` (what depends on the audio and the dither alone): crepe decodes them in shared
-    passes, rmvpe runs them as batches (see rmvpe_f0_batch)."""
+    passes, rmvpe runs them as batches (see rmvpe_f0_batch), pm and harvest one after the other."""
+    if method == "pm":
+        return [pm_f0(r.audio_pad, r.p_len) for r in requests]
+    if method == "harvest":
+        return [harvest_f0(r.audio_pad) for r in requests]
     if method == "rmvpe":
         from pipeline.rmvpe import rmvpe_f0_batch
 
         return rmvpe_f0_batch(models.get(method), [r.audio_pad for r in requests], threshold=_RMVPE_THRESHOLD)
     pieces = [crepe_pieces(r.audio_pad, np.random.default_rng() if r.dither is None else r.dither)[0] for r in requests]
     return [crepe_track(*track) for track in crepe_piece_batch(pieces, method, models)]
+
+
+def pm_f0(audio_pad: np.ndarray, p_len: int) -> np.ndarray:
+    """Praat's autocorrelation pitch (10 ms steps, voicing threshold 0.6, 50-1100 Hz) of the
+    16 kHz padded input, float64 Hz, zero-padded to `p_len` frames as the reference does: the
+    missing frames' larger half on the left. A longer track is kept whole (the p_len cut follows)."""
+    import parselmouth  # imported where pm is used
+
+    sound = parselmouth.Sound(np.asarray(audio_pad, dtype=np.float64), SAMPLE_RATE)
+    f0 = sound.to_pitch_ac(time_step=HOP_LENGTH / SAMPLE_RATE, voicing_threshold=_PM_VOICING_THRESHOLD,
+                           pitch_floor=F0_MIN, pitch_ceiling=F0_MAX).selected_array["frequency"]
+    missing = p_len - f0.shape[0]
+    return np.pad(f0, ((missing + 1) // 2, missing // 2)) if missing > 0 else f0
+
+
+def harvest_f0(audio_pad: np.ndarray) -> np.ndarray:
+    """WORLD's harvest refined by stonemask (10 ms frames, 50-1100 Hz) of the 16 kHz padded input:
+    [L // 160 + 1] float64 Hz. The reference's median filter for harvest is `finish_pitch`'s."""
+    import pyworld  # imported where harvest is used
+
+    x = np.ascontiguousarray(audio_pad, dtype=np.float64)
+    f0, times = pyworld.harvest(x, fs=SAMPLE_RATE, f0_ceil=F0_MAX, f0_floor=F0_MIN,
+                                frame_period=1000 * HOP_LENGTH / SAMPLE_RATE)
+    return pyworld.stonemask(x, f0, times, SAMPLE_RATE)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ CASES = golden_names()
 
 
 def test_all_goldens_present():
-    assert {"v2_40k_crepe_index", "v1_32k_rmvpe_index", "v2_48k_nof0", "v2_40k_chunked"} <= set(CASES)
+    assert {"v2_40k_crepe_index", "v1_32k_rmvpe_index", "v2_48k_nof0", "v2_40k_chunked", "v2_40k_harvest",
+            "v2_40k_pm"} <= set(CASES)
 
 
 @pytest.fixture(scope="module", params=CASES)
@@ -41,8 +42,9 @@ def case(request, fixture_set):
     params = ConversionParams(
         index_rate=args["index_rate"], rms_mix_rate=args["rms_mix_rate"], protect=args["protect"],
         f0_up_key=args["f0_up_key"], f0_method=args["f0_method"], seed=meta["seed"], sid=args["sid"],
-        # the reference applies filter_radius to harvest only: for crepe/rmvpe r = 3 there is our r = 2
-        filter_radius=min(args["filter_radius"], 2))
+        # the reference filters harvest only (3 taps for any r > 2, ours for r = 3): for the other
+        # methods its r = 3 is our r = 2
+        filter_radius=args["filter_radius"] if args["f0_method"] == "harvest" else min(args["filter_radius"], 2))
     return {"name": request.param, "golden": golden, "voice": voice, "index": index, "chunking": chunking,
             "params": params}
 
@@ -101,7 +103,7 @@ def test_pitch(case, pitch_models):
 def test_features_retrieval_synthesis_chunk0(case, hubert):
     g, params, voice = case["golden"], case["params"], case["voice"]
     if "c0_feats" not in g:
-        pytest.skip("intermediates are kept for single-chunk cases only")
+        pytest.skip("this golden keeps no intermediates (a chunked or a pitch-method case)")
     prepared = prepare_input(g["audio_load"], case["chunking"])
     chunk = prepared.chunks[0]
     samples = prepared.audio_pad[chunk.start:chunk.end]

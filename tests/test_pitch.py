@@ -21,7 +21,9 @@ from pipeline.pitch import (
     crepe_track,
     estimate_pitch,
     finish_pitch,
+    harvest_f0,
     median_filter_f0,
+    pm_f0,
     shift_f0,
 )
 
@@ -194,7 +196,7 @@ def test_rmvpe_without_path_is_a_clear_error(fake_rmvpe):
 
 def test_unknown_method_names_the_valid_ones():
     with pytest.raises(ValueError) as error:
-        estimate_pitch(np.zeros(1600), 10, "harvest", PitchModels())
+        estimate_pitch(np.zeros(1600), 10, "yin", PitchModels())
     assert all(method in str(error.value) for method in PITCH_METHODS)
 
 
@@ -225,3 +227,77 @@ def test_crepe_pieces_computed_apart_join_into_the_whole_track():
 def test_crepe_pieces_must_follow_the_viterbi_period():
     with pytest.raises(ValueError, match="multiple of 512"):
         crepe_pieces(np.zeros(16000 * 12), np.zeros(1201), piece_frames=500)
+
+
+def reference_get_f0_host(method: str, audio_pad: np.ndarray, p_len: int, f0_up_key: int, filter_radius: int):
+    """The reference get_f0's pm and harvest branches and its tail, on the libraries themselves."""
+    import parselmouth
+    import pyworld
+
+    if method == "pm":
+        f0 = parselmouth.Sound(audio_pad, SR).to_pitch_ac(
+            time_step=160 / SR * 1000 / 1000, voicing_threshold=0.6, pitch_floor=50, pitch_ceiling=1100,
+        ).selected_array["frequency"]
+        pad_size = (p_len - len(f0) + 1) // 2
+        if pad_size > 0 or p_len - len(f0) - pad_size > 0:
+            f0 = np.pad(f0, [[pad_size, p_len - len(f0) - pad_size]], mode="constant")
+    else:
+        x = audio_pad.astype(np.double)
+        f0, t = pyworld.harvest(x, fs=SR, f0_ceil=1100, f0_floor=50, frame_period=10)
+        f0 = pyworld.stonemask(x, f0, t, SR)
+        if filter_radius > 2:
+            f0 = scipy.signal.medfilt(f0, 3)
+    f0 = f0 * pow(2, f0_up_key / 12)
+    f0bak = f0.copy()
+    f0_mel = 1127 * np.log(1 + f0 / 700)
+    mel_min, mel_max = 1127 * np.log(1 + 50 / 700), 1127 * np.log(1 + 1100 / 700)
+    f0_mel[f0_mel > 0] = (f0_mel[f0_mel > 0] - mel_min) * 254 / (mel_max - mel_min) + 1
+    f0_mel[f0_mel <= 1] = 1
+    f0_mel[f0_mel > 255] = 255
+    return np.rint(f0_mel).astype(np.int32)[:p_len], f0bak[:p_len].astype(np.float32)
+
+
+@pytest.mark.parametrize("method,filter_radius", [("pm", 2), ("harvest", 3), ("harvest", 0)])
+@pytest.mark.parametrize("f0_up_key", [0, -5])
+def test_host_methods_match_reference_get_f0(method, filter_radius, f0_up_key):
+    audio_pad = voiced_signal(1.5)
+    p_len = audio_pad.shape[0] // HOP_LENGTH
+    coarse, pitchf = estimate_pitch(audio_pad, p_len, method, PitchModels(), f0_up_key=f0_up_key,
+                                    filter_radius=filter_radius)
+    ref_coarse, ref_pitchf = reference_get_f0_host(method, audio_pad, p_len, f0_up_key, filter_radius)
+    assert (pitchf > 0).mean() > 0.5  # the glide is found voiced
+    np.testing.assert_array_equal(coarse, ref_coarse)
+    np.testing.assert_array_equal(pitchf, ref_pitchf)
+
+
+@pytest.mark.parametrize("method", ["pm", "harvest"])
+def test_host_methods_follow_the_glide(method):
+    seconds = 2.0
+    audio_pad = voiced_signal(seconds)
+    f0 = estimate_pitch(audio_pad, audio_pad.shape[0] // HOP_LENGTH, method, PitchModels(), filter_radius=0)[1]
+    t = np.arange(f0.shape[0]) * HOP_LENGTH / SR
+    inner = (t > 0.3) & (t < seconds - 0.3)
+    expected = 150 * (5 / 3) ** (t / seconds)
+    assert (f0[inner] > 0).mean() > 0.95
+    voiced = inner & (f0 > 0)
+    assert np.median(np.abs(f0[voiced] / expected[voiced] - 1)) < 0.02
+
+
+def test_pm_track_is_padded_to_p_len_larger_half_left():
+    audio_pad = voiced_signal(1.0)
+    natural = pm_f0(audio_pad, 0)
+    padded = pm_f0(audio_pad, natural.shape[0] + 3)
+    np.testing.assert_array_equal(padded[2:-1], natural)
+    assert padded[:2].tolist() == [0, 0] and padded[-1] == 0
+    assert pm_f0(audio_pad, natural.shape[0] - 2).shape == natural.shape  # longer: cut later, by p_len
+
+
+def test_harvest_track_has_one_frame_per_hop_plus_one():
+    audio_pad = voiced_signal(1.0)
+    assert harvest_f0(audio_pad).shape == (audio_pad.shape[0] // HOP_LENGTH + 1,)
+    assert harvest_f0(audio_pad).dtype == np.float64
+
+
+def test_host_methods_have_no_network_to_load():
+    with pytest.raises(ValueError, match="no network"):
+        PitchModels().get("harvest")

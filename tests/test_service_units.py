@@ -67,10 +67,18 @@ def test_settings_defaults_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("RVC_RATE_LIMIT_PER_MINUTE", "9")
     s = settings.AppSettings()
     assert s.data_dir == tmp_path / "d" and s.rate_limit_per_minute == 9
-    assert s.f0_methods == ("crepe", "crepe-tiny")  # no rmvpe.pt: rmvpe is not offered
+    assert s.f0_methods == ("crepe", "crepe-tiny", "pm", "harvest")  # no rmvpe.pt: rmvpe is not offered
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "rmvpe.pt").write_bytes(b"x")
-    assert settings.AppSettings().f0_methods == ("crepe", "crepe-tiny", "rmvpe")
+    assert settings.AppSettings().f0_methods == ("crepe", "crepe-tiny", "rmvpe", "pm", "harvest")
+
+
+def test_host_f0_methods_offered_only_where_their_libraries_import(tmp_path, monkeypatch):
+    monkeypatch.setenv("RVC_DATA_DIR", str(tmp_path))
+    real_find_spec = settings.importlib.util.find_spec
+    monkeypatch.setattr(settings.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pyworld" else real_find_spec(name, *a))
+    assert settings.AppSettings().f0_methods == ("crepe", "crepe-tiny", "pm")
 
 
 def test_gpu_share_only_when_the_cluster_has_gpus():

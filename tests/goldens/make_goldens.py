@@ -67,6 +67,10 @@ CASES = {
     # small chunking constants split a 7 s input into 3 chunks
     "v2_40k_chunked": Case("v2-40k-f0", "speech_7s", index_rate=0.5, protect=0.2, chunking=(1, 1, 3, 4),
                            intermediates=False),
+    # WORLD's harvest and its 3-tap median filter (filter radius 3), a key down
+    "v2_40k_harvest": Case("v2-40k-f0", "speech_2s", f0_method="harvest", f0_up_key=-2, intermediates=False),
+    # Praat's autocorrelation pitch, padded to p_len
+    "v2_40k_pm": Case("v2-40k-f0", "speech_2s", f0_method="pm", intermediates=False),
 }
 
 # What the tests compare against or inject (c* = every chunk); the rest of a dump is either
