@@ -188,10 +188,12 @@ class Ingress:
             errors.append(missing(["body", "audioInfer"]))
         if errors:
             return 422, {"detail": errors}
+        f0_method = values["f0_method"]
         try:
-            fmt = await asyncio.to_thread(sniff_and_probe, upload.path, self.settings.max_audio_seconds)
+            fmt = await asyncio.to_thread(sniff_and_probe, upload.path, self.settings.audio_limit(f0_method))
         except AudioTooLong as exc:
-            return 422, {"detail": [audio_too_long(exc.max_seconds)]}
+            by_method = exc.max_seconds < self.settings.max_audio_seconds
+            return 422, {"detail": [audio_too_long(exc.max_seconds, f0_method if by_method else None)]}
         except AudioDecodeError:
             return 402, INVALID_FILE
         model_id = values.pop("model_id")
@@ -337,7 +339,8 @@ class Ingress:
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(self, request: Request) -> Response:
-        return JSONResponse(openapi_document(self.f0_methods, self.settings.max_audio_seconds))
+        return JSONResponse(openapi_document(self.f0_methods, self.settings.max_audio_seconds,
+                                             self.settings.audio_limit("harvest")))
 
     def _base_url(self, request: Request) -> str:
         return self.settings.public_base_url or str(request.base_url).rstrip("/")

@@ -78,7 +78,7 @@ _PREFER_WAIT = {
 }
 
 
-def openapi_document(f0_methods: tuple[str, ...], max_audio_seconds: float) -> dict:
+def openapi_document(f0_methods: tuple[str, ...], max_audio_seconds: float, harvest_audio_seconds: float) -> dict:
     return {
         "openapi": "3.1.0",
         "info": {"title": "rvc-serve voice conversion API", "version": "1.0.0",
@@ -134,8 +134,8 @@ def openapi_document(f0_methods: tuple[str, ...], max_audio_seconds: float) -> d
                     "properties": {"audioInfer": {
                         "type": "string", "format": "binary",
                         "description": f"wav, mp3 or flac (decided by content), at most {MAX_FILE_BYTES} bytes "
-                                       f"and {max_audio_seconds:g} s of audio (longer: 422 "
-                                       f"value_error.audio.too_long)"}},
+                                       f"and {max_audio_seconds:g} s of audio ({harvest_audio_seconds:g} s with "
+                                       f"f0Method harvest; longer: 422 value_error.audio.too_long)"}},
                 }}}},
                 "responses": {
                     "200": _job_response("Accepted; status RUNNING. With an Idempotency-Key used before: "

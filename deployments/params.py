@@ -54,10 +54,12 @@ def missing(loc: list[str]) -> dict:
     return {"loc": loc, "msg": "field required", "type": "value_error.missing"}
 
 
-def audio_too_long(max_seconds: float) -> dict:
-    """The 422 entry for an upload holding more audio than the service converts."""
+def audio_too_long(max_seconds: float, f0_method: str | None = None) -> dict:
+    """The 422 entry for an upload holding more audio than the service converts (with
+    `f0_method`: than it converts with that pitch method)."""
     limit = _limit(max_seconds)
-    return {"loc": ["body", "audioInfer"], "msg": f"ensure this audio is at most {limit} seconds long",
+    method = "" if f0_method is None else f" with f0Method {f0_method}"
+    return {"loc": ["body", "audioInfer"], "msg": f"ensure this audio is at most {limit} seconds long{method}",
             "type": "value_error.audio.too_long", "ctx": {"limit_value": limit}}
 
 

@@ -160,6 +160,10 @@ class AppSettings(BaseModel):
     # rmvpe pitch pass (whole, as the reference runs it; docs/performance.md). 30 min by default;
     # gpu-prod allows an hour.
     max_audio_seconds: float = Field(1800.0, gt=0)
+    # ... and with f0Method harvest: WORLD's harvest holds ~7 MB per second of input on the pitch
+    # replica (its whole-input FFTs and candidates; in pieces its track would not be the
+    # reference's), 4.2 GB for 10 min.
+    harvest_max_audio_seconds: float = Field(600.0, gt=0)
     # Creates are refused (503, Retry-After) while the data directory's file system would have
     # less than this free after the upload: room kept for running jobs' results and the job
     # records, which a full disk would fail.
@@ -255,6 +259,12 @@ class AppSettings(BaseModel):
         """The rmvpe weights if they exist: rmvpe is offered only when it is there."""
         path = self.rmvpe_path or self.data_dir / "rmvpe.pt"
         return path if path.is_file() else None
+
+    def audio_limit(self, f0_method: str) -> float:
+        """The longest audio a job of `f0_method` converts (seconds)."""
+        if f0_method == "harvest":
+            return min(self.max_audio_seconds, self.harvest_max_audio_seconds)
+        return self.max_audio_seconds
 
     @property
     def f0_methods(self) -> tuple[str, ...]:

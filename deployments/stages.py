@@ -355,7 +355,7 @@ class Conversion:
             return array
 
         def load():
-            audio = load_audio(request["upload_path"], max_seconds=self.settings.max_audio_seconds)
+            audio = load_audio(request["upload_path"], max_seconds=self.settings.audio_limit(params.f0_method))
             return prepare_input(audio, ChunkingConfig(**self.settings.chunking))
 
         prepared = await timed("load", asyncio.to_thread(load))

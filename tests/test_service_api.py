@@ -230,6 +230,26 @@ def test_audio_longer_than_allowed_is_422_and_leaves_nothing(svc, tmp_path):
     assert sorted((svc.data / "uploads").iterdir()) == uploads
 
 
+def test_harvest_has_its_own_audio_limit(svc, tmp_path):
+    """harvest holds ~7 MB per second of input: 11 min is refused with it, not with crepe."""
+    import numpy as np
+    import soundfile as sf
+
+    path = tmp_path / "eleven-minutes.flac"
+    with sf.SoundFile(path, "w", 8000, 1, format="FLAC", subtype="PCM_16") as f:
+        for _ in range(11):
+            f.write(np.zeros(60 * 8000, np.int16))
+    uploads = sorted((svc.data / "uploads").iterdir())
+    limit = svc.settings.harvest_max_audio_seconds
+    assert limit < 660 < svc.settings.max_audio_seconds
+    response = _post(svc, {"modelId": "nope", "f0Method": "harvest"}, path.read_bytes(), filename="long.flac")
+    assert response.status_code == 422 and response.json() == {"detail": [{
+        "loc": ["body", "audioInfer"], "msg": f"ensure this audio is at most {limit:g} seconds long with f0Method "
+        "harvest", "type": "value_error.audio.too_long", "ctx": {"limit_value": limit}}]}
+    assert _post(svc, {"modelId": "nope"}, path.read_bytes(), filename="long.flac").status_code == 404  # crepe
+    assert sorted((svc.data / "uploads").iterdir()) == uploads
+
+
 def test_404_unknown_model(svc):
     for model_id in ("nope", "../voices/voice-a", "voice-a/../voice-b", ""):
         response = _post(svc, {"modelId": model_id}, wav_bytes())

@@ -73,6 +73,12 @@ def test_settings_defaults_from_environment(tmp_path, monkeypatch):
     assert settings.AppSettings().f0_methods == ("crepe", "crepe-tiny", "rmvpe", "pm", "harvest")
 
 
+def test_harvest_audio_limit_is_the_smaller_of_the_two():
+    assert settings.AppSettings().audio_limit("harvest") == 600
+    assert settings.AppSettings().audio_limit("crepe") == settings.AppSettings().audio_limit("pm") == 1800
+    assert settings.AppSettings(max_audio_seconds=300).audio_limit("harvest") == 300
+
+
 def test_host_f0_methods_offered_only_where_their_libraries_import(tmp_path, monkeypatch):
     monkeypatch.setenv("RVC_DATA_DIR", str(tmp_path))
     real_find_spec = settings.importlib.util.find_spec
@@ -531,7 +537,7 @@ def test_serve_config_typos_are_refused(mutate):
 
 
 def test_openapi_matches_the_validation_tables():
-    doc = openapi_document(("crepe", "rmvpe"), 1800)
+    doc = openapi_document(("crepe", "rmvpe"), 1800, 600)
     post = doc["paths"]["/v1/inferences-vc"]["post"]
     by_name = {p["name"]: p for p in post["parameters"]}
     assert list(by_name) == [p.name for p in params.CREATE_PARAMS] + [params.IDEMPOTENCY_HEADER]
