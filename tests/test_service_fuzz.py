@@ -159,7 +159,7 @@ content_types = st.sampled_from(["audio/wav", "audio/mpeg", "audio/flac", "appli
 
 NUMBERS = {"indexRate": (0, 1), "rmsMixRate": (0, 1), "protect": (0, 0.5)}
 INTEGERS = {"filterRadius": (0, 7), "f0UpKey": (-24, 24)}
-F0_METHODS = ["crepe", "crepe-tiny"]  # no rmvpe.pt in the fuzz data directory
+F0_METHODS = ["crepe", "crepe-tiny", "pm", "harvest"]  # no rmvpe.pt in the fuzz data directory
 ORDER = ["modelId", "indexRate", "rmsMixRate", "filterRadius", "f0UpKey", "protect", "f0Method"]
 ODD_STRINGS = ["", " ", "nan", "NaN", "-nan", "inf", "-inf", "Infinity", "1e400", "-1e400", "9" * 5000, "0x10",
                "1,5", "½", "²", "1e", "--1", "0.5.1", "\x00", "1\x00", "true", "null", "[]", "%00", "٣", "1_0"]
@@ -187,7 +187,7 @@ QUERY_VALUES = {
     "modelId": st.one_of(st.sampled_from(MODEL_IDS), st.text(max_size=80)),
     **{name: _number_values(*bounds) for name, bounds in NUMBERS.items()},
     **{name: _integer_values(*bounds) for name, bounds in INTEGERS.items()},
-    "f0Method": st.one_of(st.sampled_from(F0_METHODS + ["rmvpe", "CREPE", "harvest", ""]), st.text(max_size=20)),
+    "f0Method": st.one_of(st.sampled_from(F0_METHODS + ["rmvpe", "CREPE", "Harvest", "yin", ""]), st.text(max_size=20)),
 }
 
 
@@ -245,7 +245,8 @@ def expected_query_error(name: str, raw: str) -> dict | None:
             return {"loc": loc, "msg": "value is not a valid integer", "type": "type_error.integer"}
         return _bound_errors(loc, value, *INTEGERS[name])
     if name == "f0Method" and raw not in F0_METHODS:
-        return {"loc": loc, "msg": "value is not a valid enumeration member; permitted: 'crepe', 'crepe-tiny'",
+        permitted = ", ".join(f"'{method}'" for method in F0_METHODS)
+        return {"loc": loc, "msg": f"value is not a valid enumeration member; permitted: {permitted}",
                 "type": "type_error.enum", "ctx": {"enum_values": F0_METHODS}}
     return None
 

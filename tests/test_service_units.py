@@ -140,7 +140,7 @@ def test_422_entries_match_pydantic_v1():
         {"loc": ["query", "protect"], "msg": "ensure this value is less than or equal to 0.5",
          "type": "value_error.number.not_le", "ctx": {"limit_value": 0.5}}]
     assert _errors({"modelId": "m", "f0UpKey": "-25"})[0]["ctx"] == {"limit_value": -24}
-    assert _errors({"modelId": "m", "f0Method": "harvest"}) == [
+    assert _errors({"modelId": "m", "f0Method": "yin"}) == [
         {"loc": ["query", "f0Method"], "msg": "value is not a valid enumeration member; permitted: 'crepe', "
          "'crepe-tiny'", "type": "type_error.enum", "ctx": {"enum_values": ["crepe", "crepe-tiny"]}}]
     assert _errors({"modelId": "m", "indexRate": "nan"})[0]["type"] == "value_error.number.not_finite_number"
