@@ -173,9 +173,10 @@ def estimate_pitch_batch(requests: Sequence[PitchRequest], method: str,
 
 
 def pitch_tracks_batch(requests: Sequence[PitchRequest], method: str, models: PitchModels) -> list[np.ndarray]:
-    """The f0 tracks [L // 160 + 1] (Hz, 0 = unvoiced) of several inputs of one method, before
-    `finish_pitch` (what depends on the audio and the dither alone): crepe decodes them in shared
-    passes, rmvpe runs them as batches (see rmvpe_f0_batch), pm and harvest one after the other."""
+    """The f0 tracks [L // 160 + 1] (pm's: [p_len] or longer) in Hz, 0 = unvoiced, of several
+    inputs of one method, before `finish_pitch` (what depends on the audio and the dither alone):
+    crepe decodes them in shared passes, rmvpe runs them as batches (see rmvpe_f0_batch), pm and
+    harvest one after the other."""
     if method == "pm":
         return [pm_f0(r.audio_pad, r.p_len) for r in requests]
     if method == "harvest":
