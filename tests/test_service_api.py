@@ -186,7 +186,8 @@ def test_422_not_multipart_at_all(svc):
     ({"f0Method": "rmvpe"}, {"loc": ["query", "f0Method"],  # no rmvpe.pt in this data dir
                              "msg": "value is not a valid enumeration member; permitted: 'crepe', 'crepe-tiny', "
                                     "'pm', 'harvest'",
-                             "type": "type_error.enum", "ctx": {"enum_values": ["crepe", "crepe-tiny", "pm", "harvest"]}}),
+                             "type": "type_error.enum",
+                             "ctx": {"enum_values": ["crepe", "crepe-tiny", "pm", "harvest"]}}),
 ])
 def test_422_each_parameter(svc, query, expected):
     response = _post(svc, {"modelId": "voice-a", **query}, b"not audio either")  # 422 comes before 402
