@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from deployments.settings import AppSettings, StagesSettings
 
 from deployments.backpressure import PROXY_CALLBACK, PROXY_CALLBACK_ENV  # noqa: E402
+from pipeline.pitch_methods import PITCH_METHODS  # noqa: E402
 
 os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # as scripts/serve.sh: bounded request bodies
 os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")  # as scripts/serve.sh
@@ -641,7 +642,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--audio-seconds", type=float, default=1.0, help="length of the uploaded speech")
     ap.add_argument("--upload-mb", type=float, default=0.0,
                     help="instead of --audio-seconds: an upload of this size (44.1 kHz mono PCM16 wav)")
-    ap.add_argument("--f0-method", default="crepe-tiny", choices=["crepe", "crepe-tiny", "rmvpe", "pm", "harvest"])
+    ap.add_argument("--f0-method", default="crepe-tiny", choices=PITCH_METHODS)
     scaling = ap.add_mutually_exclusive_group()
     scaling.add_argument("--replicas", type=replica_counts, default={},
                          help="fixed replicas of some stages, e.g. synthesis=2,conversion=4 (others: their minimum)")

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.pitch_methods import PITCH_METHODS
+
 
 def _convert(args: argparse.Namespace) -> int:
     import torch
@@ -207,7 +209,7 @@ CONVERSION_PARAMS = {"index_rate": (float, 0.76), "rms_mix_rate": (float, 1.0), 
 
 def _conversion_options(parser: argparse.ArgumentParser, with_defaults: bool) -> None:
     for name, (kind, default) in CONVERSION_PARAMS.items():
-        extra = {"choices": ["crepe", "crepe-tiny", "rmvpe", "pm", "harvest"]} if name == "f0_method" else {}
+        extra = {"choices": PITCH_METHODS} if name == "f0_method" else {}
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default if with_defaults else None,
                             **extra)
 

@@ -21,6 +21,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.pitch_methods import HOST_METHOD_MODULES, PITCH_METHODS
+
 from .results import URL_LIFETIME_S
 
 ENV_DATA_DIR = "RVC_DATA_DIR"
@@ -270,9 +272,13 @@ class AppSettings(BaseModel):
     def f0_methods(self) -> tuple[str, ...]:
         """The pitch methods offered: rmvpe where its weights are, pm and harvest where their
         libraries import (praat-parselmouth, pyworld: dependencies, but not carried everywhere)."""
-        host = tuple(method for method, module in (("pm", "parselmouth"), ("harvest", "pyworld"))
-                     if importlib.util.find_spec(module) is not None)
-        return ("crepe", "crepe-tiny", *(("rmvpe",) if self.rmvpe is not None else ()), *host)
+        def offered(method: str) -> bool:
+            if method == "rmvpe":
+                return self.rmvpe is not None
+            module = HOST_METHOD_MODULES.get(method)
+            return module is None or importlib.util.find_spec(module) is not None
+
+        return tuple(filter(offered, PITCH_METHODS))
 
 
 def hash_key(key: str) -> str:

@@ -58,7 +58,8 @@ class BatchRun:
 
 
 async def _run_batch(compute: Callable[[], list]) -> list[tuple[object, BatchRun]]:
-    """A `@serve.batch` method's compute, off the event loop: each call's result with its batch."""
+    """A `@serve.batch` method's compute (or a lone call's), off the event loop: each call's
+    result with its batch."""
     started = time.perf_counter()
     results = await asyncio.to_thread(compute)
     run = BatchRun(len(results), time.perf_counter() - started)

@@ -17,6 +17,7 @@ import torch
 
 from pipeline.crepe import (BATCH_FRAMES as CREPE_PERIOD, HOP_LENGTH, SAMPLE_RATE, WINDOW_SIZE, Crepe, crepe_f0_batch,
                             dither_draws, load_crepe, rvc_crepe_postprocess)
+from pipeline.pitch_methods import CREPE_METHODS, HOST_METHODS, PITCH_METHODS
 
 if TYPE_CHECKING:
     from pipeline.rmvpe import Rmvpe
@@ -48,11 +49,6 @@ __all__ = [
 
 F0_MIN = 50.0
 F0_MAX = 1100.0
-CREPE_METHODS = ("crepe", "crepe-tiny")
-# Methods without a network: no weights, no device, nothing to batch; harvest is slow (~0.3 CPU s
-# and ~7 MB per audio second, whole), and both are deterministic.
-HOST_METHODS = ("pm", "harvest")
-PITCH_METHODS = (*CREPE_METHODS, "rmvpe", *HOST_METHODS)
 _CREPE_CAPACITY = {"crepe": "full", "crepe-tiny": "tiny"}
 _PM_VOICING_THRESHOLD = 0.6
 _RMVPE_THRESHOLD = 0.03  # salience below which rmvpe calls a frame unvoiced
