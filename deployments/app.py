@@ -2,6 +2,7 @@
 
     Ingress ─▶ (job actor) ─▶ Conversion ─┬▶ ContentFeatures   (per chunk)
                                           ├▶ PitchEstimator    (whole input)
+                                          ├▶ HostPitch         (whole input: pm, harvest)
                                           └▶ Synthesis         (per chunk, multiplexed per voice)
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from .ingress import Ingress
 from .registry import list_voices, write_meta
 from .routing import upload_affinity_routing
 from .settings import AppSettings, configured_api_keys, demo_api_key
-from .stages import Conversion, ContentFeatures, PitchEstimator, Synthesis
+from .stages import Conversion, ContentFeatures, HostPitch, PitchEstimator, Synthesis
 
 DEMO_VOICE = "demo"
 
@@ -32,8 +33,10 @@ def build_app(args: dict) -> Application:
     gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
     features = ContentFeatures.options(**stages.features.deployment_options("features", gpu)).bind(settings)
     pitch = PitchEstimator.options(**stages.pitch.deployment_options("pitch", gpu)).bind(settings)
+    host_pitch = HostPitch.options(**stages.host_pitch.deployment_options("host_pitch", gpu)).bind(settings)
     synthesis = Synthesis.options(**stages.synthesis.deployment_options("synthesis", gpu)).bind(settings)
-    conversion = Conversion.options(**conversion_options(settings, gpu)).bind(settings, features, pitch, synthesis)
+    conversion = Conversion.options(**conversion_options(settings, gpu)).bind(settings, features, pitch, host_pitch,
+                                                                              synthesis)
     return ingress_app(settings, conversion, gpu)
 
 

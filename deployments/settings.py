@@ -101,6 +101,8 @@ STAGE_DEFAULTS: dict[str, dict] = {
     "conversion": {"max_queued_requests": 16, "num_gpus": 0},
     "features": {"num_cpus": 0.25},
     "pitch": {"num_cpus": 0.25},
+    # pm and harvest (no network, CPUs only): one input per CPU of num_cpus (rounded up) at a time.
+    "host_pitch": {"max_replicas": 1, "num_gpus": 0},
     "synthesis": {"num_cpus": 0.25, "max_ongoing_requests": 2},
 }
 
@@ -112,6 +114,7 @@ class StagesSettings(BaseModel):
     conversion: StageSettings = StageSettings(**STAGE_DEFAULTS["conversion"])
     features: StageSettings = StageSettings(**STAGE_DEFAULTS["features"])
     pitch: StageSettings = StageSettings(**STAGE_DEFAULTS["pitch"])
+    host_pitch: StageSettings = StageSettings(**STAGE_DEFAULTS["host_pitch"])
     synthesis: StageSettings = StageSettings(**STAGE_DEFAULTS["synthesis"])
 
     @model_validator(mode="before")
@@ -209,15 +212,21 @@ class AppSettings(BaseModel):
 
     @model_validator(mode="after")
     def _stage_queues_hold_their_callers_calls(self) -> "AppSettings":
-        calls = self.stages.conversion.max_ongoing_requests * self.chunks_in_flight
+        jobs = self.stages.conversion.max_ongoing_requests
+        calls = jobs * self.chunks_in_flight
         for name in MODEL_STAGES:
             queued = getattr(self.stages, name).max_queued_requests
             if queued != -1 and queued < calls:
                 raise ValueError(
                     f"stages.{name}.max_queued_requests ({queued}) must be -1 or at least "
                     f"stages.conversion.max_ongoing_requests x chunks_in_flight "
-                    f"({self.stages.conversion.max_ongoing_requests} x {self.chunks_in_flight} = {calls}): "
+                    f"({jobs} x {self.chunks_in_flight} = {calls}): "
                     f"a conversion replica's calls to it would otherwise be refused")
+        queued = self.stages.host_pitch.max_queued_requests
+        if queued != -1 and queued < jobs:
+            raise ValueError(f"stages.host_pitch.max_queued_requests ({queued}) must be -1 or at least "
+                             f"stages.conversion.max_ongoing_requests ({jobs}): a conversion replica's "
+                             f"calls to it (one per job) would otherwise be refused")
         queued = self.stages.conversion.max_queued_requests
         if queued != -1 and queued < self.max_concurrent_jobs:
             raise ValueError(f"stages.conversion.max_queued_requests ({queued}) must be -1 or at least "

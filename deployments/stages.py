@@ -7,7 +7,8 @@ same dither per frame, wherever each piece runs):
     ContentFeatures   HuBERT/ContentVec features of chunks             (chunk_features_batch)
     PitchEstimator    f0 tracks of whole padded inputs, or of 512-    (input_pitch_tracks_batch,
                       frame-aligned crepe pieces of long ones           crepe_piece_batch)
-                      (pm and harvest: on its CPU, beside the batches)
+    HostPitch         f0 tracks of the methods without a network     (pipeline.pitch_methods.host_f0)
+                      (pm, harvest): CPUs only, one input per CPU
     Synthesis         index blend + synthesizer for chunks of one      (chunk_synthesis,
                       voice (+ its index) cached per model id (LRU)     synthesize_chunks)
     Conversion        load → prepare → pitch ∥ features → synthesis per chunk → join → write
@@ -127,21 +128,10 @@ class PitchEstimator:
         self.models.get("crepe")  # the default method is loaded before the replica reports ready
         self._estimate = _batched(self._estimate_batch, settings.stages.pitch)
         self._estimate_pieces = _batched(self._estimate_pieces_batch, settings.stages.pitch)
-        # pm and harvest have no network and no batch to share: each input runs in a thread of its
-        # own, as many at once as the replica has CPUs, beside the batches (a harvest of a long
-        # input in the batch queue would hold crepe and rmvpe back for minutes).
-        self._host_slots = asyncio.Semaphore(max(1, math.ceil(settings.stages.pitch.num_cpus)))
 
     async def estimate(self, prepared, params) -> tuple[np.ndarray, BatchRun]:
         """The f0 track of the whole padded input (dithered from the job's seed), before
         `finish_input_pitch` (the job's filter radius and key)."""
-        from pipeline.convert import input_pitch_tracks_batch
-        from pipeline.pitch import HOST_METHODS
-
-        if params.f0_method in HOST_METHODS:
-            async with self._host_slots:
-                [result] = await _run_batch(lambda: input_pitch_tracks_batch([(prepared, params)], self.models))
-                return result
         return await self._estimate(prepared, params)
 
     async def estimate_piece(self, piece, method: str) -> tuple[tuple[np.ndarray, np.ndarray], BatchRun]:
@@ -166,6 +156,28 @@ class PitchEstimator:
                 return input_pitch_tracks_batch(list(zip(prepared, params)), self.models)
 
         return await _run_batch(run)
+
+    async def ready(self) -> bool:
+        return True
+
+
+@serve.deployment
+class HostPitch:
+    """pm and harvest: no network, no device, no batch to share. A deployment of its own, on CPUs,
+    so that slow harvests (~0.3 CPU s per audio second) scale with CPU workers and never hold the
+    request slots of the (GPU) pitch replicas; it loads no torch. Each input runs in a thread, as
+    many at once as the replica has CPUs (its `num_cpus`, rounded up)."""
+
+    def __init__(self, settings: AppSettings) -> None:
+        self._slots = asyncio.Semaphore(max(1, math.ceil(settings.stages.host_pitch.num_cpus)))
+
+    async def estimate(self, audio_pad: np.ndarray, p_len: int, method: str) -> tuple[np.ndarray, BatchRun]:
+        """The f0 track of a whole padded input, before `finish_input_pitch` (as `PitchEstimator.estimate`)."""
+        from pipeline.pitch_methods import host_f0
+
+        async with self._slots:
+            [result] = await _run_batch(lambda: [host_f0(method, audio_pad, p_len)])
+            return result
 
     async def ready(self) -> bool:
         return True
@@ -293,18 +305,18 @@ class Synthesis:
 class Conversion:
     """Runs one job through the stages and writes its results; returns their keys and stats."""
 
-    def __init__(self, settings: AppSettings, features, pitch, synthesis) -> None:
+    def __init__(self, settings: AppSettings, features, pitch, host_pitch, synthesis) -> None:
         import pipeline.convert  # noqa: F401 - import torch and the pipeline now, not in the first job
 
         self.settings = settings
-        self.features, self.pitch, self.synthesis = features, pitch, synthesis
+        self.features, self.pitch, self.host_pitch, self.synthesis = features, pitch, host_pitch, synthesis
         self.results = LocalResultStore(settings.results_dir)
         self.input_cache = InputCache(settings.input_cache_mb * 2**20)
         self.log = get_logger()
 
     async def ready(self) -> bool:
         await asyncio.gather(self.features.ready.remote(), self.pitch.ready.remote(),
-                             self.synthesis.ready.remote())
+                             self.host_pitch.ready.remote(), self.synthesis.ready.remote())
         return True
 
     async def convert(self, request: dict) -> dict:
@@ -409,12 +421,16 @@ class Conversion:
 
     async def _pitch_track(self, prepared, params, slots: asyncio.Semaphore,
                            batched: Callable[[str, Awaitable], Awaitable]) -> np.ndarray:
-        """The input's f0 track: whole on one pitch replica, or for a long crepe input in
-        512-frame-aligned pieces spread over the replicas (`slots` of them at once) and joined
-        here (the same track). `batched` unpacks each call's result and keeps its batch."""
+        """The input's f0 track: whole on one pitch replica (pm and harvest: a host pitch replica),
+        or for a long crepe input in 512-frame-aligned pieces spread over the replicas (`slots`
+        of them at once) and joined here (the same track). `batched` unpacks each call's result
+        and keeps its batch."""
         from pipeline.convert import input_pitch_request
-        from pipeline.pitch import CREPE_METHODS, crepe_pieces, crepe_track
+        from pipeline.pitch import CREPE_METHODS, HOST_METHODS, crepe_pieces, crepe_track
 
+        if params.f0_method in HOST_METHODS:
+            return await batched("host_pitch", self.host_pitch.estimate.remote(
+                prepared.audio_pad, prepared.p_len, params.f0_method))
         piece_frames = self.settings.pitch_piece_frames
         if params.f0_method not in CREPE_METHODS or prepared.p_len < piece_frames:
             return await batched("pitch", self.pitch.estimate.remote(prepared, params))

@@ -2,7 +2,7 @@
 
 Follows the reference ``Pipeline.get_f0`` (RVC branch 20240604) for the methods the service
 offers: crepe (full), crepe-tiny and rmvpe (networks, batched), and pm (Praat's autocorrelation)
-and harvest (WORLD), computed on the host CPU one input at a time.
+and harvest (WORLD), computed on the host CPU one input at a time (`pipeline.pitch_methods`).
 """
 
 import os
@@ -17,7 +17,8 @@ import torch
 
 from pipeline.crepe import (BATCH_FRAMES as CREPE_PERIOD, HOP_LENGTH, SAMPLE_RATE, WINDOW_SIZE, Crepe, crepe_f0_batch,
                             dither_draws, load_crepe, rvc_crepe_postprocess)
-from pipeline.pitch_methods import CREPE_METHODS, HOST_METHODS, PITCH_METHODS
+from pipeline.pitch_methods import (CREPE_METHODS, F0_MAX, F0_MIN, HOST_METHODS, PITCH_METHODS, harvest_f0,
+                                     host_f0, pm_f0)
 
 if TYPE_CHECKING:
     from pipeline.rmvpe import Rmvpe
@@ -47,10 +48,7 @@ __all__ = [
     "shift_f0",
 ]
 
-F0_MIN = 50.0
-F0_MAX = 1100.0
 _CREPE_CAPACITY = {"crepe": "full", "crepe-tiny": "tiny"}
-_PM_VOICING_THRESHOLD = 0.6
 _RMVPE_THRESHOLD = 0.03  # salience below which rmvpe calls a frame unvoiced
 _MEL_MIN = 1127 * np.log(1 + F0_MIN / 700)
 _MEL_MAX = 1127 * np.log(1 + F0_MAX / 700)
@@ -173,40 +171,14 @@ def pitch_tracks_batch(requests: Sequence[PitchRequest], method: str, models: Pi
     inputs of one method, before `finish_pitch` (what depends on the audio and the dither alone):
     crepe decodes them in shared passes, rmvpe runs them as batches (see rmvpe_f0_batch), pm and
     harvest one after the other."""
-    if method == "pm":
-        return [pm_f0(r.audio_pad, r.p_len) for r in requests]
-    if method == "harvest":
-        return [harvest_f0(r.audio_pad) for r in requests]
+    if method in HOST_METHODS:
+        return [host_f0(method, r.audio_pad, r.p_len) for r in requests]
     if method == "rmvpe":
         from pipeline.rmvpe import rmvpe_f0_batch
 
         return rmvpe_f0_batch(models.get(method), [r.audio_pad for r in requests], threshold=_RMVPE_THRESHOLD)
     pieces = [crepe_pieces(r.audio_pad, np.random.default_rng() if r.dither is None else r.dither)[0] for r in requests]
     return [crepe_track(*track) for track in crepe_piece_batch(pieces, method, models)]
-
-
-def pm_f0(audio_pad: np.ndarray, p_len: int) -> np.ndarray:
-    """Praat's autocorrelation pitch (10 ms steps, voicing threshold 0.6, 50-1100 Hz) of the
-    16 kHz padded input, float64 Hz, zero-padded to `p_len` frames as the reference does: the
-    missing frames' larger half on the left. A longer track is kept whole (the p_len cut follows)."""
-    import parselmouth  # imported where pm is used
-
-    sound = parselmouth.Sound(np.asarray(audio_pad, dtype=np.float64), SAMPLE_RATE)
-    f0 = sound.to_pitch_ac(time_step=HOP_LENGTH / SAMPLE_RATE, voicing_threshold=_PM_VOICING_THRESHOLD,
-                           pitch_floor=F0_MIN, pitch_ceiling=F0_MAX).selected_array["frequency"]
-    missing = p_len - f0.shape[0]
-    return np.pad(f0, ((missing + 1) // 2, missing // 2)) if missing > 0 else f0
-
-
-def harvest_f0(audio_pad: np.ndarray) -> np.ndarray:
-    """WORLD's harvest refined by stonemask (10 ms frames, 50-1100 Hz) of the 16 kHz padded input:
-    [L // 160 + 1] float64 Hz. The reference's median filter for harvest is `finish_pitch`'s."""
-    import pyworld  # imported where harvest is used
-
-    x = np.ascontiguousarray(audio_pad, dtype=np.float64)
-    f0, times = pyworld.harvest(x, fs=SAMPLE_RATE, f0_ceil=F0_MAX, f0_floor=F0_MIN,
-                                frame_period=1000 * HOP_LENGTH / SAMPLE_RATE)
-    return pyworld.stonemask(x, f0, times, SAMPLE_RATE)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import pytest
 import soundfile as sf
 
 from deployments.backpressure import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+from deployments.settings import STAGE_DEFAULTS
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -32,7 +33,7 @@ _state: dict = {}
 # Every stage of a test app: one replica, no CPU reserved (2 cores are shared), fast stop.
 TEST_STAGE = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0, "num_gpus": 0,
               "graceful_shutdown_timeout_s": 0.5}
-TEST_STAGES = {name: dict(TEST_STAGE) for name in ("ingress", "conversion", "features", "pitch", "synthesis")}
+TEST_STAGES = {name: dict(TEST_STAGE) for name in STAGE_DEFAULTS}
 
 
 def _free_port() -> int:

@@ -515,12 +515,12 @@ def test_serve_config_is_strictly_valid():
     config = load_serve_config(ROOT / "serve_config.yaml")
     (app_settings,) = check_serve_config(config)
     assert [a["name"] for a in config["applications"]] == ["rvc"]
-    for name in ("ingress", "conversion", "features", "pitch", "synthesis"):
-        stage = getattr(app_settings.stages, name)
+    stages = [getattr(app_settings.stages, name) for name in settings.STAGE_DEFAULTS]
+    assert len(stages) == len(settings.StagesSettings.model_fields)
+    for stage in stages:
         assert stage.min_replicas >= 1 and stage.max_queued_requests > 0 and stage.num_cpus <= 0.25
-    # Everything at min_replicas fits on 2 CPUs with room for the proxy and controller.
-    assert sum(getattr(app_settings.stages, n).num_cpus * getattr(app_settings.stages, n).max_replicas
-               for n in ("ingress", "conversion", "features", "pitch", "synthesis")) <= 2
+    # Every stage at its max_replicas fits on 2 CPUs.
+    assert sum(stage.num_cpus * stage.max_replicas for stage in stages) <= 2
 
 
 @pytest.mark.parametrize("mutate", [
