@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from .batching import batches_by_length, halving_on_device_oom, max_padding
 from .hubert import Hubert, HubertConfig, content_features, load_hubert
 from .index import RetrievalIndex, blend, blend_on_device
 from .memory import model_pass, to_device
-from .pitch import CREPE_METHODS, PitchModels, PitchRequest, finish_pitch, pitch_tracks_batch
+from .pitch import CREPE_METHODS, HOST_METHODS, PitchModels, PitchRequest, finish_pitch, pitch_tracks_batch
 from .synthesizer import SynthNoise, Voice, compile_pointwise, resblock_precision
 
 WINDOW = 160  # samples per f0 frame at 16 kHz (10 ms)
@@ -526,23 +527,49 @@ class Converter:
 
         With the same seed this is the reference's output after seeding torch and numpy.
         `progress(done, total)` is called after each chunk; `timings` (if given) accumulates
-        seconds per stage: prepare, pitch, features, retrieval, synthesis, finish."""
+        seconds per stage: prepare, pitch, features, retrieval, synthesis, finish (pm and harvest
+        run in a thread while the chunks' features are computed ahead: their pitch time is the
+        wait that was left)."""
         if index is not None and index.dim != voice.feature_dim:
             raise ValueError(f"index has {index.dim}-d vectors, the {voice.version} voice uses {voice.feature_dim}")
         clock = _StageClock(timings)
         with clock("prepare"):
             prepared = prepare_input(audio16k, self.chunking)
+        with ThreadPoolExecutor(1) as pool:  # its thread starts only for a host pitch method
+            return self._convert_prepared(prepared, voice, index, params, progress, clock, pool)
+
+    def _convert_prepared(self, prepared: PreparedInput, voice: Voice, index: RetrievalIndex | None,
+                          params: ConversionParams, progress: Callable[[int, int], None] | None,
+                          clock: "_StageClock", pool: ThreadPoolExecutor) -> np.ndarray:
+        pitch: Future | None = None
         coarse = pitchf = None
-        if voice.f0:
+        if voice.f0 and params.f0_method in HOST_METHODS:
+            # No network: it runs in `pool` while the next chunks' features are computed ahead.
+            pitch = pool.submit(estimate_input_pitch, prepared, params, self.pitch_models)
+        elif voice.f0:
             with clock("pitch"), self._networks():
                 coarse, pitchf = estimate_input_pitch(prepared, params, self.pitch_models)
+
+        def chunk_audio_of(i: int) -> np.ndarray:
+            return prepared.audio_pad[prepared.chunks[i].start:prepared.chunks[i].end]
+
+        def features_of(i: int) -> torch.Tensor:
+            with clock("features"), self._networks():
+                return chunk_features(self.hubert, chunk_audio_of(i), voice.version)
+
+        ahead: dict[int, torch.Tensor] = {}  # chunks i+1.. whose features were computed early
         trim = voice.sample_rate * self.chunking.x_pad
         noise = chunk_noise(params.seed, [], voice)  # one stream, chunk after chunk
         pieces = []
         for i, chunk in enumerate(prepared.chunks):
-            chunk_audio = prepared.audio_pad[chunk.start:chunk.end]
-            with clock("features"), self._networks():
-                feats0 = chunk_features(self.hubert, chunk_audio, voice.version)
+            chunk_audio = chunk_audio_of(i)
+            feats0 = ahead.pop(i) if i in ahead else features_of(i)
+            if pitch is not None:
+                while not pitch.done() and (j := i + 1 + len(ahead)) < len(prepared.chunks):
+                    ahead[j] = features_of(j)
+                with clock("pitch"):  # what is left of it
+                    coarse, pitchf = pitch.result()
+                pitch = None
             with clock("retrieval"):
                 feats = retrieve(feats0, index, params)
             f0_slice = slice(chunk.f0_start, chunk.f0_end)

@@ -1,6 +1,7 @@
 """Every conversion parameter's effect and the edges of the input, on the fixture voices."""
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -276,6 +277,40 @@ def test_a_batch_of_requests_equals_each_converted_alone(fixture_set, converter,
         assert out.shape == alone.shape
         np.testing.assert_allclose(out, alone, atol=2e-5, rtol=0)
     assert np.abs(batch[1] - batch[3]).max() > 1e-3  # same input, other seed and index: differs
+
+
+def test_a_host_pitch_method_runs_while_the_chunks_features_are_computed(converter, voice, index, monkeypatch):
+    """pm and harvest (no network) run in a thread while the next chunks' features are computed
+    ahead; the output is the one of pitch first, then chunk after chunk."""
+    from pipeline import convert
+
+    chunked = Converter(converter.hubert, converter.pitch_models, ChunkingConfig(1, 1, 2, 2))
+    audio = synthetic_speech(6.0, sample_rate=16000, seed=8)
+    params = ConversionParams(f0_method="pm", seed=2)
+    n_chunks = len(prepare_input(audio, chunked.chunking).chunks)
+    assert n_chunks >= 3
+    with monkeypatch.context() as m:
+        m.setattr(convert, "HOST_METHODS", ())  # pitch first, as for the networks
+        in_order = chunked.convert(audio, voice, index, params)
+
+    features_done, seen_by_pitch = [], []
+    chunk_features, estimate_input_pitch = convert.chunk_features, convert.estimate_input_pitch
+
+    def counted_features(*args):
+        features_done.append(chunk_features(*args))
+        return features_done[-1]
+
+    def pitch_after_the_features(*args):  # a pitch slower than every chunk's features
+        deadline = time.monotonic() + 10
+        while len(features_done) < n_chunks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen_by_pitch.append(len(features_done))
+        return estimate_input_pitch(*args)
+    monkeypatch.setattr(convert, "chunk_features", counted_features)
+    monkeypatch.setattr(convert, "estimate_input_pitch", pitch_after_the_features)
+    overlapped = chunked.convert(audio, voice, index, params)
+    assert seen_by_pitch == [n_chunks] and len(features_done) == n_chunks  # all ahead, each once
+    np.testing.assert_array_equal(overlapped, in_order)
 
 
 def test_precisions_on_a_cpu(converter, voice, index, speech):
