@@ -13,9 +13,14 @@ handler has not read. Neither queue blocks anything but the next body message: a
 always drains as its consumer reads, and Serve cancels both pulling tasks when the response
 is done, so a handler that answers without reading the body (403, 429) still finishes.
 
-Ray offers no setting for this, so both queue classes are wrapped in place, once per process:
-the replica side by the ingress at start (`bound_replica_receive`), the proxy side by the
-proxy's start-up hook (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.backpressure:install_in_proxy`
+Ray's opt-in direct ingress (`RAY_SERVE_ENABLE_DIRECT_INGRESS=1`, with HAProxy in front:
+`RAY_SERVE_ENABLE_HA_PROXY=1`) has no proxy hop: the ingress replica runs its own HTTP server, and
+`ASGIDIReceiveProxy` drains uvicorn's `receive` into an unbounded queue for the handler. Bounding
+that one as well makes uvicorn stop reading the socket once HIGH_WATER_BYTES wait for the handler.
+
+Ray offers no setting for this, so the queue classes are wrapped in place, once per process:
+the replica side by the ingress at start (`bound_replica_receive`, `bound_direct_ingress_receive`),
+the proxy side by the proxy's start-up hook (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.backpressure:install_in_proxy`
 in the environment of every Ray node; scripts/serve.sh, the Dockerfile and the k8s manifests
 set it). Both check the Ray internals they rely on and leave Ray as it is, with a warning,
 when those are not there.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import Any
 
 HIGH_WATER_BYTES = 2 * 1024 * 1024  # per queue: 1 MiB cost 40 % of loopback upload speed, 2 MiB 25 %
@@ -153,5 +159,78 @@ def bound_replica_receive(receive_class: type | None = None) -> bool:
         self._queue = queue
 
     receive_class.__init__ = bounded_init
+    receive_class._bounded_body = True
+    return True
+
+
+class _BodyRoom:
+    """Body bytes pulled from uvicorn and not yet read by the handler. The pulls run in Serve's
+    event loop, the reads in the user code's (another thread's, by default), so the count is
+    locked and the waiting puller is woken through its own loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._room: asyncio.Event | None = None
+
+    async def wait(self) -> None:
+        """Return once less than HIGH_WATER_BYTES wait for the handler (in the pulling loop)."""
+        if self._room is None:
+            self._loop, self._room = asyncio.get_running_loop(), asyncio.Event()
+        while True:
+            with self._lock:
+                if self._bytes < HIGH_WATER_BYTES:
+                    return
+                self._room.clear()
+            await self._room.wait()
+
+    def pulled(self, n: int) -> None:
+        with self._lock:
+            self._bytes += n
+
+    def read(self, n: int) -> None:
+        with self._lock:
+            self._bytes -= n
+            wake = self._room is not None and self._bytes < HIGH_WATER_BYTES
+        if wake:
+            self._loop.call_soon_threadsafe(self._room.set)
+
+
+def bound_direct_ingress_receive(receive_class: type | None = None) -> bool:
+    """Make Ray's direct-ingress `ASGIDIReceiveProxy` pull the next message from uvicorn only while
+    less than HIGH_WATER_BYTES of body waits for the handler. Returns whether it is bounded."""
+    if receive_class is None:
+        try:
+            from ray.serve._private.direct_ingress_http_util import ASGIDIReceiveProxy as receive_class
+        except ImportError:
+            log.warning("Ray has no ASGIDIReceiveProxy: direct-ingress request bodies are not back-pressured")
+            return False
+    if getattr(receive_class, "_bounded_body", False):
+        return True
+    probe = receive_class({"type": "http"}, None, None)
+    if not (hasattr(probe, "_receive") and hasattr(receive_class, "_fetch_until_disconnect")):
+        log.warning("Ray's ASGIDIReceiveProxy changed: direct-ingress request bodies are not back-pressured")
+        return False
+    init, call = receive_class.__init__, receive_class.__call__
+
+    def bounded_init(self, scope, receive, user_event_loop) -> None:
+        room = _BodyRoom()
+
+        async def pull():
+            await room.wait()
+            message = await receive()
+            room.pulled(_body_bytes(message))
+            return message
+        init(self, scope, pull, user_event_loop)
+        self._body_room = room
+
+    async def bounded_call(self):
+        message = await call(self)
+        self._body_room.read(_body_bytes(message))
+        return message
+
+    receive_class.__init__ = bounded_init
+    receive_class.__call__ = bounded_call
     receive_class._bounded_body = True
     return True

@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from pipeline.audio import AudioDecodeError, AudioTooLong, sniff_and_probe
 
-from .backpressure import bound_replica_receive
+from .backpressure import bound_direct_ingress_receive, bound_replica_receive
 from .jobs import RETRYABLE, get_or_create, job_tracker, limiter_name, one_line_error
 from .logs import get_logger
 from .openapi import openapi_document
@@ -60,6 +60,7 @@ MEDIA_TYPES = {".mp3": "audio/mpeg", ".flac": "audio/flac", ".wav": "audio/x-wav
 class Ingress:
     async def __init__(self, settings: AppSettings, conversion) -> None:
         bound_replica_receive()
+        bound_direct_ingress_receive()
         self.settings = settings
         self.conversion = conversion
         self.keys = load_api_keys(settings)

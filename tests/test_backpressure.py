@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import threading
+from collections.abc import Iterator
 
 import pytest
+from ray.serve._private.direct_ingress_http_util import ASGIDIReceiveProxy
 from ray.serve._private.http_util import ASGIReceiveProxy, MessageQueue
 
-from deployments.backpressure import HIGH_WATER_BYTES, bound_proxy_receive, bound_replica_receive
+from deployments.backpressure import (HIGH_WATER_BYTES, bound_direct_ingress_receive, bound_proxy_receive,
+                                      bound_replica_receive)
 
 CHUNK = 64 * 1024  # what uvicorn hands over per read
 
@@ -132,3 +136,65 @@ def test_the_proxy_count_follows_messages_taken_one_at_a_time():
         await asyncio.wait_for(blocked, 1)
         assert len(queue.get_messages_nowait()) == HIGH_WATER_BYTES // CHUNK
     asyncio.run(run())
+
+
+class _Uvicorn:
+    """uvicorn's `receive` for one request of `chunks` body messages, then the disconnect."""
+
+    def __init__(self, chunks: int) -> None:
+        self.left, self.pulls = chunks, 0
+
+    async def receive(self) -> dict:
+        self.pulls += 1
+        self.left -= 1
+        return _body(more=self.left > 0) if self.left >= 0 else {"type": "http.disconnect"}
+
+
+@pytest.fixture
+def user_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """The user code's event loop, in a thread of its own (Serve's default for replicas)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
+
+
+async def _direct_ingress_request(receive_class: type, user_loop, chunks: int) -> tuple[int, int, int]:
+    """(pulls before the handler read anything, body bytes the handler read, pulls in all).
+    `user_loop` None: the user code runs in Serve's own loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0)."""
+    uvicorn = _Uvicorn(chunks)
+    receive = receive_class({"type": "http"}, uvicorn.receive, user_loop or asyncio.get_running_loop())
+    fetch = receive.fetch_until_disconnect_task()
+    await asyncio.sleep(0.1)
+    pulled_unread = uvicorn.pulls
+
+    async def handler() -> int:  # reads the body in the user's loop, as Starlette's request.stream()
+        got = 0
+        while True:
+            message = await asyncio.wait_for(receive(), 2)
+            got += len(message.get("body", b""))
+            if not message.get("more_body"):
+                return got
+    got = await (handler() if user_loop is None
+                 else asyncio.wrap_future(asyncio.run_coroutine_threadsafe(handler(), user_loop)))
+    await asyncio.wait_for(fetch, 2)
+    return pulled_unread, got, uvicorn.pulls
+
+
+@pytest.mark.parametrize("separate_thread", [True, False])
+def test_direct_ingress_pulls_only_while_the_handler_keeps_up(user_loop, separate_thread):
+    receive_class = type("DirectIngressReceive", (ASGIDIReceiveProxy,), {})
+    assert bound_direct_ingress_receive(receive_class)
+    unread, got, pulls = asyncio.run(_direct_ingress_request(receive_class, user_loop if separate_thread else None,
+                                                             100))
+    assert unread == HIGH_WATER_BYTES // CHUNK  # full: uvicorn is not read (its socket neither)
+    assert (got, pulls) == (100 * CHUNK, 101)  # the whole body, then the disconnect
+
+
+def test_an_unbounded_direct_ingress_receive_pulls_everything(user_loop):
+    """The behaviour bounded above, on Ray's class as it ships (so the test above can fail)."""
+    unread, got, pulls = asyncio.run(_direct_ingress_request(ASGIDIReceiveProxy, user_loop, 100))
+    assert (unread, got, pulls) == (101, 100 * CHUNK, 101)
