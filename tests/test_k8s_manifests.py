@@ -193,6 +193,13 @@ def test_gpu_prod_deployment_rules(rendered):
     assert gpu["minReplicas"] * gpus_per_pod >= sum(s["min_replicas"] * s["num_gpus"] for s in model_stages)
     assert gpu["maxReplicas"] * gpus_per_pod >= sum(s["max_replicas"] * s["num_gpus"] for s in model_stages)
     assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
+    # pm and harvest ask for no GPU; the CPU group holds them with the ingress and conversion
+    # replicas at their max (Ray's autoscaler adds CPU pods, not GPU ones, for that demand).
+    cpu_stages = [stages[s] for s in ("ingress", "conversion", "host_pitch")]
+    assert stages["host_pitch"]["num_gpus"] == 0 and stages["host_pitch"]["num_cpus"] >= 1
+    cpu = groups["cpu"]
+    cpus_per_pod = float(cpu["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    assert cpu["maxReplicas"] * cpus_per_pod >= sum(s["max_replicas"] * s["num_cpus"] for s in cpu_stages)
 
     # GCS fault tolerance in an external Redis, its password from a Secret; the job store in the
     # same Redis; nothing the operator refuses beside gcsFaultToleranceOptions.
