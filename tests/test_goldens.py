@@ -1,9 +1,16 @@
 """Parity with the reference RVC, stage by stage, on CPU fp32 (goldens: tests/goldens/README.md).
 
 Every golden was made with seed 0 (torch and numpy seeded before the request), which our
-seeded generators reproduce, so the whole conversion is compared with nothing injected.
-Tolerance: max-abs 1e-4 for every float stage; int16 output within 4 LSB (1e-4 · 32768 plus
-truncation).
+seeded generators reproduce, so the whole conversion is compared with nothing injected but the
+f0 track (below). Tolerance: max-abs 1e-4 for every float stage; int16 output within 4 LSB
+(1e-4 · 32768 plus truncation).
+
+The f0 track is the one stage whose float32 last bits follow the CPU: rmvpe's network (torch's
+MKL and oneDNN kernels) gave f0 up to 1e-5 relative apart (median 2e-7, no voicing decision
+moved) on an Intel AMX machine and on the AMD Zen 4 one the rmvpe goldens were made on, and the
+synthesizer's sine source integrates that into its phase (54 LSB over 7 s). The track is
+compared within F0_RTOL of the reference's, and the whole conversion runs on the reference's
+track, so the rest of the pipeline is held to 4 LSB on any CPU.
 """
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import pytest
 import torch
 
 from pipeline import audio as audio_io
+from pipeline import convert
 from pipeline.convert import (ChunkingConfig, ConversionParams, Converter, chunk_features, chunk_noise,
                               dither_for, estimate_input_pitch, prepare_input, retrieve, split_points,
                               synthesize_chunk)
@@ -23,6 +31,7 @@ from pipeline.synthesizer import load_voice
 from tests.goldens import golden_names, load_golden
 
 TOL = 1e-4
+F0_RTOL = 2e-5  # the CPU-to-CPU spread of a float32 pitch network (module docstring), doubled
 CASES = golden_names()
 
 
@@ -59,11 +68,13 @@ def pitch_models(fixture_set):
     return PitchModels(rmvpe_path=fixture_set["rmvpe"])
 
 
-def _close(ours, theirs, what, tol=TOL):
-    ours, theirs = np.asarray(ours), np.asarray(theirs)
+def _close(ours, theirs, what, tol=TOL, rtol=0.0):
+    """max-abs within `tol` (+ `rtol` of the reference's magnitude, element by element)."""
+    ours, theirs = np.asarray(ours).astype(np.float64), np.asarray(theirs).astype(np.float64)
     assert ours.shape == theirs.shape, f"{what}: shape {ours.shape} vs reference {theirs.shape}"
-    diff = np.abs(ours.astype(np.float64) - theirs.astype(np.float64)).max() if ours.size else 0.0
-    assert diff <= tol, f"{what}: max-abs {diff:.3g} > {tol}"
+    excess = np.abs(ours - theirs) - rtol * np.abs(theirs)
+    diff = excess.max() if ours.size else 0.0
+    assert diff <= tol, f"{what}: max-abs {diff:.3g} > {tol}" + (f" + {rtol:g} relative" if rtol else "")
 
 
 def test_input_conditioning_and_split(case, fixture_set):
@@ -97,7 +108,7 @@ def test_pitch(case, pitch_models):
     coarse, pitchf = estimate_input_pitch(prepared, params, pitch_models)
     mismatched = int((coarse != g["pitch"]).sum())
     assert mismatched == 0, f"{mismatched} coarse pitch values differ"
-    _close(pitchf, g["pitchf"], "pitchf (Hz)", tol=1e-3)
+    _close(pitchf, g["pitchf"], "pitchf (Hz)", tol=1e-3, rtol=F0_RTOL)
 
 
 def test_features_retrieval_synthesis_chunk0(case, hubert):
@@ -125,8 +136,11 @@ def test_features_retrieval_synthesis_chunk0(case, hubert):
     _close(out, g["audio_concat"], "synthesizer output")
 
 
-def test_whole_conversion(case, hubert, pitch_models):
+def test_whole_conversion(case, hubert, pitch_models, monkeypatch):
     g, params, voice = case["golden"], case["params"], case["voice"]
+    if voice.f0:  # the reference's f0 track (compared in test_pitch), whatever this CPU's last bits
+        track = (g["pitch"].astype(np.int64), g["pitchf"].astype(np.float32))
+        monkeypatch.setattr(convert, "estimate_input_pitch", lambda *_: track)
     converter = Converter(hubert, pitch_models, case["chunking"])
     out = converter.convert(g["audio_load"], voice, case["index"], params)
     assert out.shape[0] == g["audio_out"].shape[0] == g["meta"]["output_samples"]

@@ -229,7 +229,7 @@ def test_audio_longer_than_allowed_is_422_and_leaves_nothing(svc, tmp_path):
     assert response.json() == {"detail": [{
         "loc": ["body", "audioInfer"], "msg": f"ensure this audio is at most {limit:g} seconds long",
         "type": "value_error.audio.too_long", "ctx": {"limit_value": limit}}]}
-    assert sorted((svc.data / "uploads").iterdir()) == uploads
+    assert set((svc.data / "uploads").iterdir()) <= set(uploads)  # nothing kept (an earlier job's may end)
 
 
 def test_harvest_has_its_own_audio_limit(svc, tmp_path):
@@ -249,7 +249,7 @@ def test_harvest_has_its_own_audio_limit(svc, tmp_path):
         "loc": ["body", "audioInfer"], "msg": f"ensure this audio is at most {limit:g} seconds long with f0Method "
         "harvest", "type": "value_error.audio.too_long", "ctx": {"limit_value": limit}}]}
     assert _post(svc, {"modelId": "nope"}, path.read_bytes(), filename="long.flac").status_code == 404  # crepe
-    assert sorted((svc.data / "uploads").iterdir()) == uploads
+    assert set((svc.data / "uploads").iterdir()) <= set(uploads)  # nothing kept (an earlier job's may end)
 
 
 def test_404_unknown_model(svc):
