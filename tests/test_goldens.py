@@ -7,7 +7,8 @@ f0 track (below). Tolerance: max-abs 1e-4 for every float stage; int16 output wi
 
 The f0 track is the one stage whose float32 last bits follow the CPU: rmvpe's network (torch's
 MKL and oneDNN kernels) gave f0 up to 1e-5 relative apart (median 2e-7, no voicing decision
-moved) on an Intel AMX machine and on the AMD Zen 4 one the rmvpe goldens were made on, and the
+moved) on an Intel AMX machine and on the AMD Zen 4 one the rmvpe goldens were made on — the
+reference's own f0 as much as ours, which equalled it bit for bit on each — and the
 synthesizer's sine source integrates that into its phase (54 LSB over 7 s). The track is
 compared within F0_RTOL of the reference's, and the whole conversion runs on the reference's
 track, so the rest of the pipeline is held to 4 LSB on any CPU.
