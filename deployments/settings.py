@@ -212,26 +212,20 @@ class AppSettings(BaseModel):
 
     @model_validator(mode="after")
     def _stage_queues_hold_their_callers_calls(self) -> "AppSettings":
-        jobs = self.stages.conversion.max_ongoing_requests
-        calls = jobs * self.chunks_in_flight
-        for name in MODEL_STAGES:
+        jobs, chunks = self.stages.conversion.max_ongoing_requests, self.chunks_in_flight
+        per_job = (f"stages.conversion.max_ongoing_requests x chunks_in_flight ({jobs} x {chunks} = {jobs * chunks})",
+                   jobs * chunks, "a conversion replica's calls to it")
+        # (stage, (the calls its callers may have queued at once, how many, who calls))
+        callers = {**{name: per_job for name in MODEL_STAGES},
+                   "host_pitch": (f"stages.conversion.max_ongoing_requests ({jobs})", jobs,
+                                  "a conversion replica's calls to it (one per job)"),
+                   "conversion": (f"max_concurrent_jobs ({self.max_concurrent_jobs})", self.max_concurrent_jobs,
+                                  "the job actor's calls")}
+        for name, (what, calls, who) in callers.items():
             queued = getattr(self.stages, name).max_queued_requests
             if queued != -1 and queued < calls:
-                raise ValueError(
-                    f"stages.{name}.max_queued_requests ({queued}) must be -1 or at least "
-                    f"stages.conversion.max_ongoing_requests x chunks_in_flight "
-                    f"({jobs} x {self.chunks_in_flight} = {calls}): "
-                    f"a conversion replica's calls to it would otherwise be refused")
-        queued = self.stages.host_pitch.max_queued_requests
-        if queued != -1 and queued < jobs:
-            raise ValueError(f"stages.host_pitch.max_queued_requests ({queued}) must be -1 or at least "
-                             f"stages.conversion.max_ongoing_requests ({jobs}): a conversion replica's "
-                             f"calls to it (one per job) would otherwise be refused")
-        queued = self.stages.conversion.max_queued_requests
-        if queued != -1 and queued < self.max_concurrent_jobs:
-            raise ValueError(f"stages.conversion.max_queued_requests ({queued}) must be -1 or at least "
-                             f"max_concurrent_jobs ({self.max_concurrent_jobs}): the job actor's calls would "
-                             f"otherwise be refused")
+                raise ValueError(f"stages.{name}.max_queued_requests ({queued}) must be -1 or at least {what}: "
+                                 f"{who} would otherwise be refused")
         return self
 
     @field_validator("data_dir", "api_keys_file", "hubert_path", "rmvpe_path")

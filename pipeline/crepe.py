@@ -23,9 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.memory import to_device
-
-SAMPLE_RATE = 16000
-HOP_LENGTH = 160  # 10 ms, CREPE's native frame rate and the one RVC uses
+from pipeline.pitch_methods import HOP_LENGTH  # 10 ms: RVC's f0 frame, and CREPE's native one
 WINDOW_SIZE = 1024
 PITCH_BINS = 360
 CENTS_PER_BIN = 20

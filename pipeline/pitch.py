@@ -15,10 +15,11 @@ import numpy as np
 import scipy.signal
 import torch
 
-from pipeline.crepe import (BATCH_FRAMES as CREPE_PERIOD, HOP_LENGTH, SAMPLE_RATE, WINDOW_SIZE, Crepe, crepe_f0_batch,
-                            dither_draws, load_crepe, rvc_crepe_postprocess)
-from pipeline.pitch_methods import (CREPE_METHODS, F0_MAX, F0_MIN, HOST_METHODS, PITCH_METHODS, harvest_f0,
-                                     host_f0, pm_f0)
+from pipeline.audio import SAMPLE_RATE
+from pipeline.crepe import (BATCH_FRAMES as CREPE_PERIOD, WINDOW_SIZE, Crepe, crepe_f0_batch, dither_draws, load_crepe,
+                            rvc_crepe_postprocess)
+from pipeline.pitch_methods import (CREPE_METHODS, F0_MAX, F0_MIN, HOP_LENGTH, HOST_METHODS, PITCH_METHODS,
+                                     host_f0)
 
 if TYPE_CHECKING:
     from pipeline.rmvpe import Rmvpe
@@ -41,10 +42,8 @@ __all__ = [
     "crepe_track",
     "estimate_pitch_batch",
     "finish_pitch",
-    "harvest_f0",
     "median_filter_f0",
     "pitch_tracks_batch",
-    "pm_f0",
     "shift_f0",
 ]
 

@@ -15,7 +15,7 @@ PITCH_METHODS = (*CREPE_METHODS, "rmvpe", *HOST_METHODS)
 
 F0_MIN = 50.0
 F0_MAX = 1100.0
-HOP_LENGTH = SAMPLE_RATE // 100  # 10 ms frames, every method's
+HOP_LENGTH = SAMPLE_RATE // 100  # 10 ms f0 frames, every method's
 _PM_VOICING_THRESHOLD = 0.6
 
 

@@ -10,6 +10,7 @@ import scipy.stats
 import torch
 import torchcrepe
 
+from pipeline.pitch_methods import harvest_f0, pm_f0
 from pipeline.pitch import (
     HOP_LENGTH,
     PITCH_METHODS,
@@ -21,9 +22,7 @@ from pipeline.pitch import (
     crepe_track,
     estimate_pitch,
     finish_pitch,
-    harvest_f0,
     median_filter_f0,
-    pm_f0,
     shift_f0,
 )
 

@@ -60,6 +60,10 @@ def test_stage_queues_must_hold_their_callers_calls(tmp_path):
     # The job actor's conversion calls (max_concurrent_jobs) likewise fit the conversion's queue.
     with pytest.raises(ValidationError, match=r"stages.conversion.max_queued_requests \(16\).*\(17\)"):
         settings.AppSettings.model_validate({**base, "max_concurrent_jobs": 17})
+    # The host pitch stage gets one call per job.
+    with pytest.raises(ValidationError, match=r"stages.host_pitch.max_queued_requests \(3\).*\(4\)"):
+        settings.AppSettings.model_validate({**base, "stages": {"host_pitch": {"max_queued_requests": 3}}})
+    settings.AppSettings.model_validate({**base, "stages": {"host_pitch": {"max_queued_requests": 4}}})
 
 
 def test_settings_defaults_from_environment(tmp_path, monkeypatch):
