@@ -694,6 +694,36 @@ def test_model_stage_batches_run_at_most_max_concurrent_batches_at_once(serve_ur
             serve.delete(name)
 
 
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_host_pitch_runs_as_many_inputs_at_once_as_it_has_cpus(tmp_path, serve_url, cpus):
+    """Three harvests sent at once to a HostPitch replica (the settings' num_cpus; the test actor
+    reserves none): with 1 CPU their runs never overlap (their compute times add up to at most
+    the wall time of all three), with 2 two run together (more than the wall time, at most twice)."""
+    pytest.importorskip("pyworld")
+    import numpy as np
+    from ray import serve
+
+    from deployments.stages import HostPitch
+
+    settings = AppSettings(data_dir=tmp_path, stages={"host_pitch": {**TEST_STAGES["host_pitch"], "num_cpus": cpus}})
+    name = f"hostpitch{cpus}"
+    handle = serve.run(HostPitch.options(max_ongoing_requests=4, ray_actor_options={"num_cpus": 0}).bind(settings),
+                       name=name, route_prefix=None)
+    try:
+        audio = np.random.default_rng(0).standard_normal(24000).astype(np.float32) * 0.1
+        started = time.perf_counter()
+        calls = [handle.estimate.remote(audio, len(audio) // 160, "harvest") for _ in range(3)]
+        runs = [call.result(timeout_s=120)[1] for call in calls]
+        wall = time.perf_counter() - started
+        busy = sum(run.seconds for run in runs)
+        if cpus == 1:
+            assert busy <= wall, (busy, wall)
+        else:
+            assert wall < busy <= 2 * wall, (busy, wall)
+    finally:
+        serve.delete(name)
+
+
 def test_long_inputs_take_turns_within_the_audio_budget(tmp_path_factory, serve_url):
     """Two seconds of audio in flight at most: of three 1.5 s jobs one converts at a time (the
     others queue in the job actor), whatever max_concurrent_jobs allows."""
