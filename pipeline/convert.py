@@ -26,11 +26,11 @@ from .hubert import Hubert, HubertConfig, content_features, load_hubert
 from .index import RetrievalIndex, blend, blend_on_device
 from .memory import model_pass, to_device
 from .pitch import CREPE_METHODS, HOST_METHODS, PitchModels, PitchRequest, finish_pitch, pitch_tracks_batch
+from .pitch_methods import HOP_LENGTH
 from .synthesizer import SynthNoise, Voice, compile_pointwise, resblock_precision
 
-WINDOW = 160  # samples per f0 frame at 16 kHz (10 ms)
 SR = audio_io.SAMPLE_RATE
-MIN_INPUT_SAMPLES = WINDOW  # 10 ms: anything shorter has no frame to convert
+MIN_INPUT_SAMPLES = HOP_LENGTH  # 10 ms: anything shorter has no frame to convert
 
 
 @dataclass(frozen=True)
@@ -108,14 +108,15 @@ def prepare_input(audio16k: np.ndarray, chunking: ChunkingConfig = ChunkingConfi
     start = 0
     split = None
     for point in split_points(audio_hp, chunking):
-        split = point // WINDOW * WINDOW
-        chunks.append(ChunkSpec(start, split + 2 * t_pad + WINDOW, start // WINDOW, (split + 2 * t_pad) // WINDOW))
+        split = point // HOP_LENGTH * HOP_LENGTH
+        end = split + 2 * t_pad
+        chunks.append(ChunkSpec(start, end + HOP_LENGTH, start // HOP_LENGTH, end // HOP_LENGTH))
         start = split
     if split is None:
         chunks.append(ChunkSpec(0, None, 0, None))
     else:
-        chunks.append(ChunkSpec(split, None, split // WINDOW, None))
-    return PreparedInput(audio_pad, audio_pad.shape[0] // WINDOW, chunks, t_pad)
+        chunks.append(ChunkSpec(split, None, split // HOP_LENGTH, None))
+    return PreparedInput(audio_pad, audio_pad.shape[0] // HOP_LENGTH, chunks, t_pad)
 
 
 def split_points(audio_hp: np.ndarray, chunking: ChunkingConfig) -> list[int]:
@@ -123,15 +124,15 @@ def split_points(audio_hp: np.ndarray, chunking: ChunkingConfig) -> list[int]:
     160-sample sum of |x| within ±x_query. Only the searched windows are summed, in the
     reference's order, so the chosen points are identical at a fraction of the cost."""
     n = audio_hp.shape[0]
-    if n + WINDOW <= SR * chunking.x_max:
+    if n + HOP_LENGTH <= SR * chunking.x_max:
         return []
     t_query, t_center = SR * chunking.x_query, SR * chunking.x_center
-    padded = np.pad(audio_hp, (WINDOW // 2, WINDOW // 2), mode="reflect")
+    padded = np.pad(audio_hp, (HOP_LENGTH // 2, HOP_LENGTH // 2), mode="reflect")
     points = []
     for t in range(t_center, n, t_center):
         lo, hi = t - t_query, min(t + t_query, n)
         window_sum = np.zeros(hi - lo)
-        for i in range(WINDOW):
+        for i in range(HOP_LENGTH):
             window_sum += np.abs(padded[lo + i:hi + i])
         points.append(lo + int(np.argmin(window_sum)))
     return points
@@ -148,7 +149,7 @@ def dither_for(seed: int, frames: int) -> np.ndarray:
 
 def chunk_p_len(chunk_samples: int) -> int:
     """Frames the synthesizer makes for a chunk: the f0 frames, cut to twice the content frames."""
-    return min(chunk_samples // WINDOW, 2 * HubertConfig().num_frames(chunk_samples))
+    return min(chunk_samples // HOP_LENGTH, 2 * HubertConfig().num_frames(chunk_samples))
 
 
 def chunk_noise(seed: int, preceding_chunks: Sequence[int], voice: Voice) -> SynthNoise:
@@ -181,7 +182,7 @@ def estimate_input_pitch(prepared: PreparedInput, params: ConversionParams,
 
 def input_pitch_request(prepared: PreparedInput, params: ConversionParams) -> PitchRequest:
     """The pitch estimation of a whole padded input, dithered from the job's seed (crepe's)."""
-    dither = (dither_for(params.seed, prepared.audio_pad.shape[0] // WINDOW + 1)
+    dither = (dither_for(params.seed, prepared.audio_pad.shape[0] // HOP_LENGTH + 1)
               if params.f0_method in CREPE_METHODS else None)
     return PitchRequest(prepared.audio_pad, prepared.p_len, params.f0_up_key, params.filter_radius, dither)
 
@@ -292,7 +293,7 @@ def _synth_inputs(voice: Voice, item: ChunkSynthesis) -> tuple[torch.Tensor, tor
     device = item.feats.device
     # nearest ×2: each 20 ms vector covers two 10 ms f0 frames
     feats = item.feats.repeat_interleave(2, dim=0)
-    p_len = min(item.chunk_samples // WINDOW, feats.shape[0])
+    p_len = min(item.chunk_samples // HOP_LENGTH, feats.shape[0])
     feats = feats[:p_len]
     if not voice.f0:
         return feats, None, None
@@ -607,7 +608,8 @@ class Converter:
         for i, track in zip(voiced, tracks):
             pitches[i] = track
         # every chunk of every request: (request, chunk number, audio)
-        chunks = [(ri, ci, p.audio_pad[c.start:c.end]) for ri, p in enumerate(prepared) for ci, c in enumerate(p.chunks)]
+        chunks = [(ri, ci, p.audio_pad[c.start:c.end])
+                  for ri, p in enumerate(prepared) for ci, c in enumerate(p.chunks)]
         feats0: dict[tuple[int, int], torch.Tensor] = {}
         for version in {r.voice.version for r in requests}:
             mine = [(ri, ci, a) for ri, ci, a in chunks if requests[ri].voice.version == version]
