@@ -536,8 +536,13 @@ class Converter:
         clock = _StageClock(timings)
         with clock("prepare"):
             prepared = prepare_input(audio16k, self.chunking)
-        with ThreadPoolExecutor(1) as pool:  # its thread starts only for a host pitch method
+        pool = ThreadPoolExecutor(1)  # its thread starts only for a host pitch method
+        try:
             return self._convert_prepared(prepared, voice, index, params, progress, clock, pool)
+        finally:
+            # A conversion that failed while pm or harvest ran raises now; the pitch thread ends
+            # on its own (it cannot be stopped) and its result is dropped.
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _convert_prepared(self, prepared: PreparedInput, voice: Voice, index: RetrievalIndex | None,
                           params: ConversionParams, progress: Callable[[int, int], None] | None,

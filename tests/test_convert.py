@@ -1,6 +1,7 @@
 """Every conversion parameter's effect and the edges of the input, on the fixture voices."""
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 
@@ -311,6 +312,32 @@ def test_a_host_pitch_method_runs_while_the_chunks_features_are_computed(convert
     overlapped = chunked.convert(audio, voice, index, params)
     assert seen_by_pitch == [n_chunks] and len(features_done) == n_chunks  # all ahead, each once
     np.testing.assert_array_equal(overlapped, in_order)
+
+
+def test_a_failed_conversion_does_not_wait_for_its_host_pitch(converter, voice, index, monkeypatch):
+    """A chunk's features fail while harvest or pm still runs: the error comes at once (a batch of
+    files goes on to the next), not when the pitch thread ends."""
+    from pipeline import convert
+
+    release = threading.Event()
+
+    def slow_pitch(*args):
+        release.wait(30)
+        return np.zeros(1), np.zeros(1)
+
+    def failing_features(*args):
+        raise RuntimeError("features failed")
+
+    monkeypatch.setattr(convert, "estimate_input_pitch", slow_pitch)
+    monkeypatch.setattr(convert, "chunk_features", failing_features)
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match="features failed"):
+            converter.convert(synthetic_speech(1.0, sample_rate=16000, seed=1), voice, index,
+                              ConversionParams(f0_method="pm"))
+        assert time.monotonic() - started < 10
+    finally:
+        release.set()
 
 
 def test_precisions_on_a_cpu(converter, voice, index, speech):
