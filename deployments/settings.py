@@ -65,6 +65,11 @@ class StageSettings(BaseModel):
     # Model stages: batches a replica runs at once. Above 1, one batch's host work (its inputs,
     # kernel launches, outputs) overlaps another's GPU work; each holds its own activations.
     max_concurrent_batches: int = Field(1, ge=1)
+    # "idle": the replica's process runs under Linux's SCHED_IDLE policy, i.e. only on CPU time
+    # that the request path (ingress, job and rate-limit actors, Ray's proxy and daemons) leaves:
+    # the default of the stages that run conversions, so that a create or a poll is answered
+    # quickly while every core converts (docs/performance.md). "normal": as Ray started it.
+    cpu_priority: Literal["normal", "idle"] = "normal"
 
     @model_validator(mode="after")
     def _replica_range(self) -> "StageSettings":
@@ -95,15 +100,16 @@ class StageSettings(BaseModel):
 
 
 # Per-stage defaults; a stage given in the args overrides only the keys it names.
+IDLE = {"cpu_priority": "idle"}  # the stages that run conversions yield the CPU to the request path
 STAGE_DEFAULTS: dict[str, dict] = {
     "ingress": {"target_ongoing_requests": 8, "max_ongoing_requests": 32, "max_queued_requests": 64,
                 "num_gpus": 0},
-    "conversion": {"max_queued_requests": 16, "num_gpus": 0},
-    "features": {"num_cpus": 0.25},
-    "pitch": {"num_cpus": 0.25},
+    "conversion": {"max_queued_requests": 16, "num_gpus": 0, **IDLE},
+    "features": {"num_cpus": 0.25, **IDLE},
+    "pitch": {"num_cpus": 0.25, **IDLE},
     # pm and harvest (no network, CPUs only): one input per CPU of num_cpus (rounded up) at a time.
-    "host_pitch": {"max_replicas": 1, "num_gpus": 0},
-    "synthesis": {"num_cpus": 0.25, "max_ongoing_requests": 2},
+    "host_pitch": {"max_replicas": 1, "num_gpus": 0, **IDLE},
+    "synthesis": {"num_cpus": 0.25, "max_ongoing_requests": 2, **IDLE},
 }
 
 

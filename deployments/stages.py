@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -67,6 +69,19 @@ async def _run_batch(compute: Callable[[], list]) -> list[tuple[object, BatchRun
     return [(result, run) for result in results]
 
 
+def set_cpu_priority(priority: str) -> None:
+    """Put this replica's process under `priority` (StageSettings.cpu_priority). Linux keeps a
+    policy per thread and a new thread takes its creator's, so every thread running now is
+    moved: Ray's, the event loop's, and through them those started later (torch's, to_thread's)."""
+    if priority == "normal" or not hasattr(os, "SCHED_IDLE"):  # not Linux: left as started
+        return
+    for tid in (int(task.name) for task in Path("/proc/self/task").iterdir()):
+        try:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        except ProcessLookupError:  # the thread has ended
+            pass
+
+
 def _device() -> str:
     """The replica's torch device (Ray hides GPUs from replicas that did not ask for one), with
     torch's CPU threads matched to the CPUs the replica reserved and large activations served
@@ -93,6 +108,7 @@ class ContentFeatures:
     def __init__(self, settings: AppSettings) -> None:
         from pipeline.hubert import load_hubert
 
+        set_cpu_priority(settings.stages.features.cpu_priority)
         self.device = _device()
         self.precision = replica_precision(settings, self.device)
         self.hubert = load_hubert(settings.hubert, device=self.device)
@@ -122,6 +138,7 @@ class PitchEstimator:
     def __init__(self, settings: AppSettings) -> None:
         from pipeline.pitch import PitchModels
 
+        set_cpu_priority(settings.stages.pitch.cpu_priority)
         self.device = _device()
         self.precision = replica_precision(settings, self.device)
         self.models = PitchModels(device=self.device, rmvpe_path=settings.rmvpe)
@@ -169,6 +186,7 @@ class HostPitch:
     many at once as the replica has CPUs (its `num_cpus`, rounded up)."""
 
     def __init__(self, settings: AppSettings) -> None:
+        set_cpu_priority(settings.stages.host_pitch.cpu_priority)
         self._slots = asyncio.Semaphore(max(1, math.ceil(settings.stages.host_pitch.num_cpus)))
 
     async def estimate(self, audio_pad: np.ndarray, p_len: int, method: str) -> tuple[np.ndarray, BatchRun]:
@@ -210,6 +228,7 @@ class Synthesis:
     def __init__(self, settings: AppSettings) -> None:
         from pipeline.convert import ChunkingConfig
 
+        set_cpu_priority(settings.stages.synthesis.cpu_priority)
         self.settings = settings
         self.device = _device()
         self.precision = replica_precision(settings, self.device)
@@ -308,6 +327,7 @@ class Conversion:
     def __init__(self, settings: AppSettings, features, pitch, host_pitch, synthesis) -> None:
         import pipeline.convert  # noqa: F401 - import torch and the pipeline now, not in the first job
 
+        set_cpu_priority(settings.stages.conversion.cpu_priority)
         self.settings = settings
         self.features, self.pitch, self.host_pitch, self.synthesis = features, pitch, host_pitch, synthesis
         self.results = LocalResultStore(settings.results_dir)

@@ -6,6 +6,8 @@ Slow on CPU (the demo voice set has full-size random-weight models); marked `slo
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import time
 from types import SimpleNamespace
@@ -15,7 +17,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.service_support import TEST_STAGE, TEST_STAGES, delete_app, run_app, serve_url, wait_for, write_keys  # noqa: F401
+from tests.service_support import (TEST_STAGE, TEST_STAGES, delete_app, ray_process, run_app, serve_url,  # noqa: F401
+                                   wait_for, write_keys)
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("pipeline.pitch")
@@ -166,6 +169,21 @@ def test_host_f0_method_job_equals_local_conversion(e2e, tmp_path, method):
     expected, rate = _local_reference(e2e, wav, "other", f0_method=method, f0_up_key=-3)
     flac, flac_rate = sf.read(e2e.data / "results" / done["inferenceId"] / "output.flac", dtype="int16")
     assert flac_rate == rate and np.array_equal(flac, expected)
+
+
+def test_the_conversion_stages_run_below_the_request_path(e2e):
+    """Every thread of the replicas that convert runs under SCHED_IDLE (their default
+    cpu_priority); the ingress's do not."""
+    def policies(title: str) -> set[int]:
+        found = set()
+        for thread in ray_process(title).threads():
+            with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+                found.add(os.sched_getscheduler(thread.id))
+        return found
+
+    for stage in ("Conversion", "ContentFeatures", "PitchEstimator", "HostPitch", "Synthesis"):
+        assert policies(f"ray::ServeReplica:e2e:{stage}") == {os.SCHED_IDLE}, stage
+    assert os.SCHED_IDLE not in policies("ray::ServeReplica:e2e:Ingress")
 
 
 def test_more_voices_than_slots_each_output_is_its_voice(e2e, tmp_path):

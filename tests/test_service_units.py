@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,6 +92,40 @@ def test_host_f0_methods_offered_only_where_their_libraries_import(tmp_path, mon
     monkeypatch.setattr(settings.importlib.util, "find_spec",
                         lambda name, *a: None if name == "pyworld" else real_find_spec(name, *a))
     assert settings.AppSettings().f0_methods == ("crepe", "crepe-tiny", "pm")
+
+
+def test_the_stages_that_run_conversions_yield_the_cpu_to_the_request_path():
+    stages = settings.AppSettings().stages
+    assert {name: getattr(stages, name).cpu_priority for name in settings.STAGE_DEFAULTS} == {
+        "ingress": "normal", "conversion": "idle", "features": "idle", "pitch": "idle", "host_pitch": "idle",
+        "synthesis": "idle"}
+    normal = settings.AppSettings(stages={"synthesis": {"cpu_priority": "normal"}})
+    assert normal.stages.synthesis.cpu_priority == "normal"
+    with pytest.raises(ValidationError):
+        settings.StageSettings(cpu_priority="low")
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
+@pytest.mark.parametrize("priority, policy", [("idle", "SCHED_IDLE"), ("normal", "SCHED_OTHER")])
+def test_cpu_priority_moves_every_thread_and_the_threads_started_after(priority, policy):
+    """In a process of its own (SCHED_IDLE cannot be undone without privileges): a thread that
+    was running, the calling thread, and a thread started afterwards by the running one."""
+    script = f"""
+import os, threading
+from deployments.stages import set_cpu_priority
+go, started = threading.Event(), []
+def early():
+    go.wait()
+    later = threading.Thread(target=lambda: started.append(os.sched_getscheduler(threading.get_native_id())))
+    later.start(); later.join()
+thread = threading.Thread(target=early); thread.start()
+set_cpu_priority({priority!r})
+policies = [os.sched_getscheduler(tid) for tid in (os.getpid(), thread.native_id)]
+go.set(); thread.join()
+print(sorted(set(policies + started)) == [os.{policy}])
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "True", result.stdout + result.stderr
 
 
 def test_gpu_share_only_when_the_cluster_has_gpus():
