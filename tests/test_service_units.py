@@ -105,6 +105,23 @@ def test_the_stages_that_run_conversions_yield_the_cpu_to_the_request_path():
         settings.StageSettings(cpu_priority="low")
 
 
+def test_a_cpu_priority_the_system_refuses_is_logged_not_fatal(monkeypatch, caplog):
+    from deployments import stages
+
+    def refused(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(stages.os, "sched_setscheduler", refused, raising=False)
+    monkeypatch.setattr(stages.os, "SCHED_IDLE", 5, raising=False)
+    logger = stages.get_logger()  # does not propagate to caplog's root handler
+    logger.addHandler(caplog.handler)
+    try:
+        stages.set_cpu_priority("idle")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert [r.getMessage() for r in caplog.records] == ["cpu_priority not applied"]
+
+
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
 @pytest.mark.parametrize("priority, policy", [("idle", "SCHED_IDLE"), ("normal", "SCHED_OTHER")])
 def test_cpu_priority_moves_every_thread_and_the_threads_started_after(priority, policy):
