@@ -24,4 +24,5 @@ RUN test -f /opt/rvc/weights/hubert_base.pt \
  || (echo "weights/hubert_base.pt is missing: the image must carry the content encoder" >&2; exit 1)
 
 ENV RVC_DATA_DIR=/data RAY_USAGE_STATS_ENABLED=0 \
-    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.backpressure:install_in_proxy
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.backpressure:install_in_proxy \
+    RAY_SERVE_PROXY_USE_GRPC=1

@@ -65,10 +65,10 @@ import numpy as np  # noqa: E402
 if TYPE_CHECKING:
     from deployments.settings import AppSettings, StagesSettings
 
-from deployments.backpressure import PROXY_CALLBACK, PROXY_CALLBACK_ENV  # noqa: E402
+from deployments.ray_env import set_ray_node_env  # noqa: E402
 from pipeline.pitch_methods import PITCH_METHODS  # noqa: E402
 
-os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # as scripts/serve.sh: bounded request bodies
+set_ray_node_env()  # as scripts/serve.sh
 os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")  # as scripts/serve.sh
 
 API_KEY = "bench-load-" + secrets.token_hex(8)

@@ -20,13 +20,13 @@ import psutil
 import pytest
 import soundfile as sf
 
-from deployments.backpressure import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+from deployments.ray_env import set_ray_node_env
 from deployments.settings import STAGE_DEFAULTS
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Set before Ray starts: the Serve proxy reads it at its start (as scripts/serve.sh sets it).
-os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+# Set before Ray starts: the Serve proxy reads them at its start (as scripts/serve.sh sets them).
+set_ray_node_env()
 
 _state: dict = {}
 

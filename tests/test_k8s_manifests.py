@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from deployments.backpressure import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+from deployments.ray_env import RAY_NODE_ENV
 from deployments.k8s_manifests import Overlay, merge, rayservice
 from deployments.serve_config import check_serve_config
 
@@ -248,8 +248,9 @@ def test_every_ray_container_is_provisioned_and_probed(name, rendered):
         for container in pod["containers"]:
             assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
             assert _env(container)["RVC_DATA_DIR"] == "/data"
-            # Every node runs a Serve proxy: each must bound the request bodies it queues.
-            assert _env(container)[PROXY_CALLBACK_ENV] == PROXY_CALLBACK
+            # Every node runs a Serve proxy: each must bound the request bodies it queues, and
+            # hand requests on as the tests and benchmarks measured it.
+            assert RAY_NODE_ENV.items() <= _env(container).items()
             assert {"secretRef": {"name": "rvc-secrets"}} in container["envFrom"]  # API keys, URL secret
             requests, limits = container["resources"]["requests"], container["resources"]["limits"]
             assert {"cpu", "memory"} <= set(requests) and requests == limits
@@ -264,6 +265,14 @@ def test_every_ray_container_is_provisioned_and_probed(name, rendered):
     # The image bakes the weights where the Serve config looks for them.
     dockerfile = (REPO / "Dockerfile").read_text()
     assert str(Path(args["hubert_path"]).parent) in dockerfile
+
+
+def test_the_start_command_and_the_image_set_the_ray_node_environment():
+    serve_sh = (REPO / "scripts" / "serve.sh").read_text()
+    dockerfile = (REPO / "Dockerfile").read_text()
+    for name, value in RAY_NODE_ENV.items():
+        assert re.search(rf"^export {name}={re.escape(value)}$", serve_sh, re.M), name
+        assert re.search(rf"^\s*(ENV )?{name}={re.escape(value)}( \\)?$", dockerfile, re.M), name
 
 
 def test_merge_overrides_key_by_key_and_applications_by_name():

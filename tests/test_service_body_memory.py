@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from deployments.ray_env import RAY_NODE_ENV
 from deployments.uploads import MAX_BODY_BYTES, MAX_FILE_BYTES
 from tests.service_support import (TEST_STAGES, delete_app, peak_memory_growth, ray_process,  # noqa: F401
                                    register_fake_voice, run_app, serve_url, streamed_multipart, write_keys)
@@ -80,6 +81,11 @@ def _post(base: str, content_type: dict, body: Iterator[bytes] | None, content_l
         return response.status, response.read()
     finally:
         conn.close()
+
+
+def test_the_proxy_runs_with_the_ray_node_environment(svc):
+    """What these tests measure is the shipped path: the proxy has every RAY_NODE_ENV setting."""
+    assert RAY_NODE_ENV.items() <= ray_process("ray::ProxyActor").environ().items()
 
 
 def test_declared_length_over_the_limit_is_refused_before_any_body_byte(svc):
