@@ -16,6 +16,7 @@ from rvc_client.files import atomic_path
 
 from .batch import BatchOptions
 from .jobs import one_line_error
+from .ray_env import by_reference
 
 
 def connect(address: str) -> None:
@@ -27,7 +28,7 @@ def connect(address: str) -> None:
 
 class ServeHandleBackend:
     def __init__(self, app_name: str, options: BatchOptions, timeout_s: float):
-        self.handle = serve.get_app_handle(app_name)
+        self.handle = by_reference(serve.get_app_handle(app_name))  # whole files in and out
         self.options, self.timeout_s = options, timeout_s
         # wav is the FLAC result decoded here: the same 16-bit samples, no third copy in the store.
         self.result_format = "flac" if options.fmt == "wav" else options.fmt

@@ -1,4 +1,5 @@
-"""The environment every Ray node of the service starts with.
+"""How the service uses Ray's transport: the environment every Ray node starts with, and the
+transport of the service's own handles.
 
 Ray Serve reads these variables when its processes start, so they cannot live in the Serve
 config: scripts/serve.sh exports them, the Dockerfile bakes them into the image, every container
@@ -9,8 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import MutableMapping
+from typing import TYPE_CHECKING
 
 from .backpressure import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
 
 RAY_NODE_ENV: dict[str, str] = {
     # Request bodies flow at the pace the ingress reads them (deployments/backpressure.py).
@@ -25,3 +30,13 @@ def set_ray_node_env(environ: MutableMapping[str, str] = os.environ) -> None:
     """Put RAY_NODE_ENV into `environ` where it does not set them already (before Ray starts)."""
     for name, value in RAY_NODE_ENV.items():
         environ.setdefault(name, value)
+
+
+def by_reference(handle: DeploymentHandle) -> DeploymentHandle:
+    """`handle` passing arguments and results through Ray's object store, whatever Ray's default.
+
+    With `RAY_SERVE_USE_GRPC_BY_DEFAULT=1` (part of `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`, which Ray's
+    KubeRay high-throughput guide sets) handles send them over gRPC instead, in messages of at most
+    `RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH` (4 MiB): a 30 s input's samples, features or
+    converted audio are larger, and its conversion failed ("Received message larger than max")."""
+    return handle.options(_by_reference=True)

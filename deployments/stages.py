@@ -38,6 +38,7 @@ from ray import serve
 
 from .input_cache import InputCache
 from .logs import get_logger
+from .ray_env import by_reference
 from .registry import get_voice
 from .results import LocalResultStore
 from .routing import UPLOAD_KEY_FIELD
@@ -332,7 +333,10 @@ class Conversion:
 
         set_cpu_priority(settings.stages.conversion.cpu_priority)
         self.settings = settings
-        self.features, self.pitch, self.host_pitch, self.synthesis = features, pitch, host_pitch, synthesis
+        # Samples, features and audio travel between the stages through the object store (shared
+        # memory on one node), as measured, whatever Ray's default transport.
+        self.features, self.pitch, self.host_pitch, self.synthesis = (
+            by_reference(stage) for stage in (features, pitch, host_pitch, synthesis))
         self.results = LocalResultStore(settings.results_dir)
         self.input_cache = InputCache(settings.input_cache_mb * 2**20)
         self.log = get_logger()
