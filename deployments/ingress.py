@@ -232,7 +232,9 @@ class Ingress:
         then the job's result (`mp3` or `flac`) once it has ended. No key, no rate limit, and
         every voice, public or owned: whoever can call a handle has the cluster (and the
         registry's files) already. Its jobs belong to HANDLE_TENANT, which no key sees. A refusal
-        raises ValueError("<status> <body>"), a failed job RuntimeError(<its error>)."""
+        raises ValueError("<status> <body>"), a failed job RuntimeError(<its error>). Call it
+        through `ray_env.by_reference(handle)`: under Ray's gRPC transport between deployments
+        a file over 4 MiB would not arrive."""
         if result_format not in RESULT_FORMATS:
             raise ValueError(f"result_format must be one of {RESULT_FORMATS}")
         if len(audio) > MAX_FILE_BYTES:
