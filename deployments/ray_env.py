@@ -9,7 +9,6 @@ from here (tests/test_k8s_manifests.py checks that each of those places sets eve
 from __future__ import annotations
 
 import os
-from collections.abc import MutableMapping
 from typing import TYPE_CHECKING
 
 from .backpressure import PROXY_CALLBACK, PROXY_CALLBACK_ENV
@@ -26,10 +25,11 @@ RAY_NODE_ENV: dict[str, str] = {
 }
 
 
-def set_ray_node_env(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Put RAY_NODE_ENV into `environ` where it does not set them already (before Ray starts)."""
+def set_ray_node_env() -> None:
+    """Put RAY_NODE_ENV into this process's environment where it does not set them already, before
+    it starts a Ray (whose processes inherit it)."""
     for name, value in RAY_NODE_ENV.items():
-        environ.setdefault(name, value)
+        os.environ.setdefault(name, value)
 
 
 def by_reference(handle: DeploymentHandle) -> DeploymentHandle:
